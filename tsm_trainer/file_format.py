@@ -1,0 +1,151 @@
+"""The native ``.safetensors`` file (DESIGN.md section 4): atomic writes, sd-scripts hashes,
+strict validation. Only safetensors is ever read; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
+
+FORMAT_VERSION = "1"
+
+
+class TSMFileError(ValueError):
+    """A file that cannot be read, or does not fit the model it is loaded into."""
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) as sd-scripts computes them.
+
+    The model hash is the sha256 of the tensor-data section of the file serialised with only
+    the ``ss_*`` metadata (so later user metadata doesn't change it); the legacy hash is the
+    first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB of that serialisation.
+    """
+    data = serialize(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def tensor_data_sha256(path: str) -> str:
+    """sha256 of the tensor-data section of a safetensors file on disk (its ``sshs_model_hash``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
+                     add_hashes: bool = True) -> dict[str, str]:
+    """Write tensors to ``path`` via a temp file in the same folder and an atomic rename.
+
+    Returns the metadata written (with ``sshs_*`` hashes when ``add_hashes``).
+    """
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    if add_hashes:
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
+    data = serialize(tensors, metadata)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return metadata
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    _check_readable(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise TSMFileError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_file(path: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear :class:`TSMFileError` otherwise."""
+    _check_readable(path)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise TSMFileError(f"{path}: not a readable safetensors file, maybe truncated or corrupt ({e})") from None
+    return tensors, metadata
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.isfile(path):
+        raise TSMFileError(f"{path}: no such file")
+    if not str(path).endswith(".safetensors"):
+        raise TSMFileError(f"{path}: only .safetensors files are loaded (never pickle-based .pt/.ckpt/.bin)")
+
+
+def check_tsm_metadata(metadata: Mapping[str, str], path: str) -> dict:
+    """Parse and check the ``tsm.*`` metadata; returns scales, stage, mixture, T, space, interval."""
+    version = metadata.get("tsm.format_version")
+    if version is None:
+        raise TSMFileError(f"{path}: no 'tsm.format_version' metadata: not a TSM file (a plain LoRA?)")
+    if version != FORMAT_VERSION:
+        raise TSMFileError(f"{path}: tsm.format_version {version!r} is not supported (this version reads {FORMAT_VERSION!r})")
+    try:
+        scales = [int(n) for n in json.loads(metadata["tsm.scales"])]
+        info = {
+            "scales": scales,
+            "stage": metadata["tsm.stage"],
+            "mixture": metadata.get("tsm.mixture", "asymmetric"),
+            "num_train_timesteps": int(metadata["tsm.num_train_timesteps"]),
+            "timestep_space": metadata["tsm.timestep_space"],
+            "interval": int(metadata["tsm.interval"]) if metadata.get("tsm.interval") not in (None, "") else None,
+        }
+    except KeyError as e:
+        raise TSMFileError(f"{path}: metadata key {e.args[0]!r} is missing") from None
+    except (ValueError, TypeError) as e:
+        raise TSMFileError(f"{path}: malformed tsm.* metadata ({e})") from None
+    if info["stage"] not in ("foster", "assemble"):
+        raise TSMFileError(f"{path}: tsm.stage {info['stage']!r} is not 'foster' or 'assemble'")
+    if info["mixture"] not in ("asymmetric", "symmetric"):
+        raise TSMFileError(f"{path}: tsm.mixture {info['mixture']!r} is not 'asymmetric' or 'symmetric'")
+    return info
+
+
+def check_state_dict(expected: Mapping[str, torch.Size], tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """Every expected key present with its shape, no unknown key; the error names key and file."""
+    missing = [k for k in expected if k not in tensors]
+    unknown = [k for k in tensors if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s) (a file for another base model or targets?), e.g. {unknown[:3]}")
+    for k, shape in expected.items():
+        if k in tensors and tuple(tensors[k].shape) != tuple(shape):
+            problems.append(f"key {k!r} has shape {tuple(tensors[k].shape)}, the model needs {tuple(shape)}")
+            break
+    if problems:
+        raise TSMFileError(f"{path}: does not fit this model: " + "; ".join(problems))
+
+
+def to_bytes_io(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> io.BytesIO:
+    return io.BytesIO(serialize(dict(tensors), dict(metadata)))
