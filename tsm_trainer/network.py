@@ -8,7 +8,7 @@ trainer drives it directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,8 +104,8 @@ class TSMNetwork(nn.Module):
         multiplier: the user's strength ``s``.
     """
 
-    def __init__(self, config: TSMConfig, denoiser: nn.Module, text_encoders: Sequence[nn.Module] = (),
-                 family: Family | None = None, multiplier: float = 1.0):
+    def __init__(self, config: TSMConfig, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
+                 family: Family | None = None, multiplier: float = 1.0, module_ranks: Mapping[str, int] | None = None):
         super().__init__()
         self.config = config
         self.family = family or detect_family(denoiser)
@@ -114,32 +114,52 @@ class TSMNetwork(nn.Module):
         if config.interval is not None:
             self.context.allowed_interval = (config.interval, config.scales[0])
         self._capture: TimestepCapture | None = None
-        self.denoiser_loras: list[TSMLoRAModule] = []
-        self.text_encoder_loras: list[LoRAModule] = []
+        self._pre_calculated = False
         common = dict(multiplier=multiplier, dropout=config.dropout, rank_dropout=config.rank_dropout,
                       module_dropout=config.module_dropout)
+        experts = {config.scales[0]: [config.interval]} if config.interval is not None else None
 
-        patterns = compile_patterns(config.denoiser_targets or self.family.denoiser_patterns(denoiser))
-        conv_patterns = compile_patterns(CONV_TARGETS) if config.conv_rank else None
-        prefix, translate = denoiser_naming(denoiser, self.family)
-        experts = None
-        if config.interval is not None:
-            experts = {config.scales[0]: [config.interval]}
-        for path, module in find_targets(denoiser, patterns, conv_patterns):
+        def rank_alpha(name: str, module: nn.Module) -> tuple[int, float]:
             kxk = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
-            rank, alpha = (config.conv_rank, config.conv_alpha) if kxk else (config.rank, config.alpha)
-            lora = TSMLoRAModule(lora_name(prefix, translate(path)), module, self.context, config.scales, rank, alpha,
-                                 experts=experts, mixture=config.mixture_or_none, **common)
-            self.denoiser_loras.append(lora)
-        if not self.denoiser_loras:
+            if module_ranks is not None:
+                return module_ranks[name], config.alpha  # alpha is overwritten by the loaded buffer
+            return (config.conv_rank, config.conv_alpha) if kxk else (config.rank, config.alpha)
+
+        self.denoiser_loras: list[TSMLoRAModule] = []
+        prefix, translate = denoiser_naming(denoiser, self.family)
+        if module_ranks is None:
+            patterns = compile_patterns(config.denoiser_targets or self.family.denoiser_patterns(denoiser))
+            conv_patterns = compile_patterns(CONV_TARGETS) if config.conv_rank else None
+            candidates = find_targets(denoiser, patterns, conv_patterns)
+        else:
+            candidates = _all_layers(denoiser)
+        for path, module in candidates:
+            name = lora_name(prefix, translate(path))
+            if module_ranks is not None and name not in module_ranks:
+                continue
+            rank, alpha = rank_alpha(name, module)
+            self.denoiser_loras.append(TSMLoRAModule(name, module, self.context, config.scales, rank, alpha,
+                                                     experts=experts, mixture=config.mixture_or_none, **common))
+        if not self.denoiser_loras and module_ranks is None:
             raise ValueError(f"no module of {type(denoiser).__name__} matches the targets {patterns.pattern!r}")
 
+        self.text_encoder_loras: list[LoRAModule] = []
         for te, te_prefix in zip(text_encoders, text_encoder_prefixes(list(text_encoders))):
-            te_patterns = compile_patterns(config.text_encoder_targets
-                                           or self.family.text_encoder_targets.get(text_encoder_kind(te), ()))
-            for path, module in find_targets(te, te_patterns):
-                self.text_encoder_loras.append(
-                    LoRAModule(lora_name(te_prefix, text_encoder_key_path(te, path)), module, config.rank, config.alpha, **common))
+            if te is None:
+                continue
+            if module_ranks is None:
+                te_patterns = config.text_encoder_targets or self.family.text_encoder_targets.get(text_encoder_kind(te))
+                if not te_patterns:
+                    continue
+                candidates = find_targets(te, compile_patterns(te_patterns))
+            else:
+                candidates = _all_layers(te)
+            for path, module in candidates:
+                name = lora_name(te_prefix, text_encoder_key_path(te, path))
+                if module_ranks is not None and name not in module_ranks:
+                    continue
+                rank, alpha = rank_alpha(name, module)
+                self.text_encoder_loras.append(LoRAModule(name, module, rank, alpha, **common))
 
         names = set()
         for lora in self.all_loras:
@@ -147,7 +167,39 @@ class TSMNetwork(nn.Module):
                 raise ValueError(f"duplicate LoRA name {lora.lora_name}")
             names.add(lora.lora_name)
             self.add_module(lora.lora_name, lora)
+        if module_ranks is not None:
+            unmatched = sorted(set(module_ranks) - names)
+            if unmatched:
+                raise TSMFileError(f"{len(unmatched)} module(s) of the file are not in this model (a file for another "
+                                   f"base model?), e.g. {unmatched[:3]}")
         self.set_stage_trainable()
+
+    @classmethod
+    def from_file(cls, path: str, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
+                  multiplier: float = 1.0, family: Family | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
+                  load: bool = True) -> "TSMNetwork":
+        """Build the network a native file describes (scales, stage, modules, ranks) and load it.
+
+        Raises:
+            TSMFileError: the file is unreadable, not a TSM file, or does not fit the model.
+        """
+        if tensors is None:
+            tensors, metadata = load_file(path)
+        info = check_tsm_metadata(metadata or {}, path)
+        module_ranks: dict[str, int] = {}
+        for key, value in tensors.items():
+            if key.endswith(".lora_down.weight"):
+                module_ranks.setdefault(key.split(".", 1)[0], int(value.shape[0]))
+        if not module_ranks:
+            raise TSMFileError(f"{path}: holds no lora_down weights")
+        config = TSMConfig(scales=info["scales"], stage=info["stage"], mixture=info["mixture"],
+                           interval=info["interval"], rank=next(iter(module_ranks.values())),
+                           num_train_timesteps=info["num_train_timesteps"])
+        network = cls(config, denoiser, text_encoders, family=family, multiplier=multiplier, module_ranks=module_ranks)
+        if load:
+            network.load_weights(path, tensors, metadata)
+        return network
 
     # -- structure --------------------------------------------------------------------------
     @property
@@ -318,3 +370,10 @@ class TSMNetwork(nn.Module):
     def restore_weights(self) -> None:
         for lora in self.all_loras:
             lora.restore_weights()
+
+
+def _all_layers(root: nn.Module):
+    """Every Linear and (ungrouped) Conv2d of a model, for matching a file's module names."""
+    for path, module in root.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            yield path, module

@@ -144,12 +144,13 @@ def text_encoder_kind(text_encoder: nn.Module) -> str:
     raise ValueError(f"unknown text encoder class {cls}: supported are CLIP/OpenCLIP (transformers) and T5 encoders")
 
 
-def text_encoder_prefixes(text_encoders: list[nn.Module]) -> list[str]:
-    """``lora_te`` for a single encoder; ``lora_te1``/``lora_te2`` by position, T5 always ``lora_te3``."""
+def text_encoder_prefixes(text_encoders: list[nn.Module | None]) -> list[str]:
+    """``lora_te`` for a single encoder; else ``lora_te1``/``lora_te2`` by position, T5 always
+    ``lora_te3`` (sd-scripts' SD3 and Flux layout). None entries keep their position."""
     if len(text_encoders) == 1:
         return [PREFIX_TEXT_ENCODER]
-    return [f"{PREFIX_TEXT_ENCODER}3" if text_encoder_kind(te) == "t5" else f"{PREFIX_TEXT_ENCODER}{i + 1}"
-            for i, te in enumerate(text_encoders)]
+    return [f"{PREFIX_TEXT_ENCODER}3" if te is not None and text_encoder_kind(te) == "t5"
+            else f"{PREFIX_TEXT_ENCODER}{i + 1}" for i, te in enumerate(text_encoders)]
 
 
 def text_encoder_key_path(text_encoder: nn.Module, path: str) -> str:
