@@ -102,7 +102,7 @@ class TimestepContext:
         if self._t is None:
             raise RuntimeError(
                 f"TSM module {module_name} was called with no timestep set. Apply the network to the denoiser "
-                "(network.apply_to / attach_denoiser) so its forward hook captures t, or call "
+                "(network.apply_to, or TSMNetwork.attach) so its forward hook captures t, or call "
                 "network.set_timesteps(t) before calling the model directly."
             )
         return self._t
