@@ -27,3 +27,75 @@ def tiny_clip(hidden_size: int = 16, seed: int = 0, with_projection: bool = Fals
                             num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden_size)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(config).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0, **overrides):
+    """SDXL-shaped diffusers UNet2DConditionModel (text_time conditioning, 3 blocks, 2 layers per block)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 16,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_unet3d(seed: int = 0, **overrides):
+    """Text-to-video diffusers UNet3DConditionModel (sample is (B, C, F, H, W))."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    )
+    config.update(overrides)
+    return UNet3DConditionModel(**config).eval()
+
+
+def tiny_sd3(seed: int = 0, **overrides):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+                  pos_embed_max_size=16)
+    config.update(overrides)
+    return SD3Transformer2DModel(**config).eval()
+
+
+def tiny_flux(seed: int = 0, **overrides):
+    """FluxTransformer2DModel; called with packed latents (B, S, 4), img_ids (S, 3), txt_ids (L, 3), timestep=sigma."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=False,
+                  axes_dims_rope=(2, 2, 4))
+    config.update(overrides)
+    return FluxTransformer2DModel(**config).eval()
+
+
+def tiny_pixart(seed: int = 0, **overrides):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                  cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16,
+                  use_additional_conditions=False)
+    config.update(overrides)
+    return PixArtTransformer2DModel(**config).eval()
+
+
+def tiny_t5(d_model: int = 16, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=100, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval()
