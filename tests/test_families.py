@@ -25,6 +25,16 @@ SIGMAS = [0.1, 0.6, 0.9]
 EXPECTED_EXPERTS = [0, 2, 3]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is fastest, and avoids OpenMP spin-waits that make the
+    file take minutes when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ehs(dim: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, 5, dim, generator=g)

@@ -24,7 +24,8 @@ def tiny_clip(hidden_size: int = 16, seed: int = 0, with_projection: bool = Fals
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=100, hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden_size)
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden_size,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(config).eval()
 

@@ -1,0 +1,219 @@
+"""networks.tsm_lora driven exactly as sd-scripts' train_network.py / gen_img.py drive it."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import networks.tsm_lora as tsm_lora
+from tests.tiny_models import tiny_clip, tiny_unet
+from tsm_trainer.file_format import TSMFileError, load_file
+from tsm_trainer.intervals import expert_index
+
+
+def _batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    ids = torch.randint(0, 100, (n, 6), generator=g)
+    return latents, ids
+
+
+def _eval_loss(unet, te, sched, latents, ids):
+    g = torch.Generator().manual_seed(42)
+    t = torch.arange(len(latents)) * (1000 // len(latents)) + 7  # every interval of n=8
+    noise = torch.randn(latents.shape, generator=g)
+    with torch.no_grad():
+        enc = te(ids)[0]
+        pred = unet(sched.add_noise(latents, noise, t), t, enc).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def test_train_network_call_order_trains_saves_and_reloads(tmp_path):
+    unet, te = tiny_unet(), tiny_clip()
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    latents, ids = _batch()
+
+    # train_network.py: net_kwargs are raw strings, plus dropout added as float/None.
+    net_kwargs = {"tsm_scales": "8", "dropout": None}
+    network = tsm_lora.create_network(1.0, 4, 4, None, te, unet, neuron_dropout=None, **net_kwargs)
+    network.apply_to(te, unet, True, True)
+    results = network.prepare_optimizer_params(1e-2, 5e-2, 5e-2)
+    assert type(results) is list  # pre-v0.9 convention, accepted by later versions too
+    optimizer = torch.optim.AdamW(results, weight_decay=1e-2)
+    network.prepare_grad_etc(te, unet)
+    before = _eval_loss(unet, te, sched, latents, ids)
+    g = torch.Generator().manual_seed(42)  # the evaluation draw: the loop overfits it
+    t = torch.arange(len(latents)) * (1000 // len(latents)) + 7
+    noise = torch.randn(latents.shape, generator=g)
+    for epoch in range(2):
+        network.on_epoch_start(te, unet)
+        for step in range(15):
+            network.on_step_start(te, unet)
+            enc = te(ids)[0]
+            pred = unet(sched.add_noise(latents, noise, t), t, enc).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.get_trainable_params(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    network.eval()
+    after = _eval_loss(unet, te, sched, latents, ids)
+    assert after < 0.9 * before, (before, after)
+
+    path = str(tmp_path / "tsm.safetensors")
+    network.save_weights(path, torch.float32, {"ss_output_name": "tsm", "ss_network_dim": "4"})
+    tensors, meta = load_file(path)
+    assert meta["ss_network_module"] == "networks.tsm_lora"
+    assert json.loads(meta["ss_network_args"]) == {"tsm_scales": "8", "dropout": "None"}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_v2"] == "False"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["ss_base_model_version"] == "sd_v1"
+    assert sum(k.endswith("lora_down.weight") and ".tsm.8." in k for k in tensors) == 8 * len(network.denoiser_loras)
+
+    # gen_img.py: create_network_from_weights(for_inference=True), apply_to with 2 args, load_state_dict.
+    unet2, te2 = tiny_unet(), tiny_clip()
+    net2, weights_sd = tsm_lora.create_network_from_weights(1.0, path, None, te2, unet2, for_inference=True)
+    net2.apply_to(te2, unet2)
+    net2.load_state_dict(weights_sd, False)
+    net2.eval()
+    assert _eval_loss(unet2, te2, sched, latents, ids) == pytest.approx(after, rel=1e-6)
+    assert net2.is_mergeable() is False
+
+
+def test_optimizer_param_conventions():
+    unet, te = tiny_unet(), tiny_clip()
+    network = tsm_lora.create_network(1.0, 2, 1, None, [te], unet, tsm_scales="4")
+    two = network.prepare_optimizer_params(1e-4, 1e-3)  # the 2-argument form of old sd-scripts
+    assert [g["lr"] for g in two] == [1e-4, 1e-3]
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([5e-5], None, 1e-3)
+    assert descriptions == ["textencoder", "unet experts"] and [g["lr"] for g in groups] == [5e-5, 1e-3]
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in network.get_trainable_params())
+    groups = network.prepare_optimizer_params(0, 1e-3, 1e-3)  # text_encoder_lr 0: that part not trained
+    assert len(groups) == 1
+
+
+def test_network_args_are_strict():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match=r"(?s)unknown network_args key 'tsm_scale'.*Valid keys:.*tsm_scales"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scale="8")
+    with pytest.raises(ValueError, match=r"network_args tsm_scales='eight'"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="eight")
+    with pytest.raises(ValueError, match=r"network_args tsm_stage='assembly': expected one of"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_stage="assembly")
+    with pytest.raises(ValueError, match="tsm_stage=foster trains one scale at a time"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="8,1")
+    with pytest.raises(ValueError, match="needs tsm_experts"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="8,1", tsm_stage="assemble")
+    with pytest.raises(ValueError, match="tsm_interval=8 is not an expert of scale 8"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="8", tsm_interval="8")
+
+
+def _foster(tmp_path, scales, unet, te, seed):
+    net = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales=scales)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    path = str(tmp_path / f"foster{scales}.safetensors")
+    net.save_weights(path, None, None)
+    return net, path
+
+
+def test_assemble_from_fostered_files(tmp_path):
+    unet, te = tiny_unet(), tiny_clip()
+    net8, f8 = _foster(tmp_path, "8", unet, te, 1)
+    net1, f1 = _foster(tmp_path, "1", unet, te, 2)
+    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                      tsm_experts=f"{f8},{f1}")
+    state = network.state_dict()
+    for k, v in net8.state_dict().items():
+        assert torch.equal(state[k], v), k  # core scale file: experts and text-encoder LoRA
+    for k, v in net1.state_dict().items():
+        if ".tsm." in k:
+            assert torch.equal(state[k], v), k
+    trainable = {n for n, p in network.named_parameters() if p.requires_grad}
+    assert trainable and all(".router." in n for n in trainable)
+
+    x, c = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 16)
+    t = torch.tensor([5, 500, 990])
+    network.apply_to(te, unet)
+    network.prepare_grad_etc(te, unet)
+    with torch.no_grad():
+        assembled = unet(x, t, c).sample
+    network.remove()
+    net8.apply_to(te, unet)
+    with torch.no_grad():
+        core_only = unet(x, t, c).sample
+    torch.testing.assert_close(assembled, core_only, rtol=1e-5, atol=1e-6)
+
+    path = str(tmp_path / "assembled.safetensors")
+    network.save_weights(path, None, None)
+    _, meta = load_file(path)
+    assert meta["tsm.stage"] == "assemble" and json.loads(meta["tsm.scales"]) == [8, 1]
+    unet2 = tiny_unet()
+    net2, sd = tsm_lora.create_network_from_weights(1.0, path, None, tiny_clip(), unet2)
+    net2.load_weights(path)
+    assert net2.config.mixture == "asymmetric" and net2.denoiser_loras[0].router is not None
+
+    with pytest.raises(TSMFileError, match="scale 4, which is not in tsm_scales"):
+        _, f4 = _foster(tmp_path, "4", unet, te, 3)
+        tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                tsm_experts=f"{f8},{f4}")
+    with pytest.raises(TSMFileError, match="missing key"):
+        tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=f8)
+
+
+def test_single_interval_training(tmp_path):
+    unet = tiny_unet()
+    network = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8", tsm_interval="2")
+    network.apply_to(None, unet, False, True)
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    unet(x, torch.tensor([250, 374]), c)  # inside [250, 375)
+    with pytest.raises(ValueError, match=r"--min_timestep 250 --max_timestep 375"):
+        unet(x, torch.tensor([250, 375]), c)
+    path = str(tmp_path / "i2.safetensors")
+    network.save_weights(path, None, None)
+    tensors, meta = load_file(path)
+    assert meta["tsm.interval"] == "2"
+    assert {k.split(".tsm.8.")[1].split(".")[0] for k in tensors if ".tsm." in k} == {"2"}
+    net2, _ = tsm_lora.create_network_from_weights(1.0, path, None, None, tiny_unet())
+    net2.load_weights(path)
+
+
+def test_static_network_merges_and_restores():
+    unet = tiny_unet()
+    w0 = {k: v.clone() for k, v in unet.state_dict().items()}
+    network = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="1")
+    with torch.no_grad():
+        for n, p in network.named_parameters():
+            p.add_(0.3)
+    network.apply_to(None, unet)
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        applied = unet(x, t, c).sample
+        assert network.is_mergeable()
+        network.pre_calculation()
+        torch.testing.assert_close(unet(x, t, c).sample, applied, rtol=1e-4, atol=1e-5)
+    network.restore_weights()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in w0.items())
+
+    multi = tsm_lora.create_network(1.0, 2, 2, None, None, tiny_unet(), tsm_scales="8")
+    with pytest.raises(ValueError, match="8 experts per module .* cannot be merged"):
+        multi.merge_to(None, None, None)
+
+
+def test_max_norm_regularization():
+    network = tsm_lora.create_network(1.0, 2, 2, None, tiny_clip(), tiny_unet(), tsm_scales="4")
+    with torch.no_grad():
+        for n, p in network.named_parameters():
+            p.copy_(torch.randn(p.shape) * 3)
+    keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(0.5, "cpu")
+    assert keys_scaled > 0 and max_norm <= 0.5 + 1e-5 and 0 < mean_norm <= max_norm
+    lora = network.denoiser_loras[0]
+    pair = lora.expert(4, 3)
+    norm = (lora.pair_delta(pair.lora_down.weight, pair.lora_up.weight) * lora.scale).norm()
+    assert norm <= 0.5 + 1e-5
