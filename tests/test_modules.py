@@ -200,7 +200,8 @@ def test_dropouts_only_in_training_and_plain_lora():
     ref = x @ (org.weight + m.scale * m.lora_up.weight @ m.lora_down.weight).T + org.bias
     torch.testing.assert_close(org(x), ref, rtol=1e-5, atol=1e-5)
     m.train()
-    outs = {tuple(org(x).flatten()[:4].tolist()) for _ in range(6)}
+    torch.manual_seed(0)
+    outs = {tuple(org(x).flatten()[:4].tolist()) for _ in range(20)}
     assert len(outs) > 1  # stochastic in training
     m.remove()
     torch.testing.assert_close(org(x), x @ org.weight.T + org.bias)

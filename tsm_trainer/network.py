@@ -161,6 +161,9 @@ class TSMNetwork(nn.Module):
                 rank, alpha = rank_alpha(name, module)
                 self.text_encoder_loras.append(LoRAModule(name, module, rank, alpha, **common))
 
+        if config.text_encoder_targets and module_ranks is None and any(te is not None for te in text_encoders) \
+                and not self.text_encoder_loras:
+            raise ValueError(f"no text-encoder module matches the targets {list(config.text_encoder_targets)}")
         names = set()
         for lora in self.all_loras:
             if lora.lora_name in names:
