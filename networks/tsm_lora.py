@@ -63,12 +63,12 @@ class TSMLoRANetwork(TSMNetwork):
                 groups.append(group)
                 descriptions.append(description)
 
-        prefixes = sorted({lora.lora_name.split("_text_model")[0].split("_encoder")[0] for lora in self.text_encoder_loras})
-        for i, prefix in enumerate(prefixes):
-            params = [p for lora in self.text_encoder_loras if lora.lora_name.startswith(prefix + "_")
+        encoders = sorted({lora.lora_name.split("_", 2)[1] for lora in self.text_encoder_loras})  # te, te1, te3...
+        for i, encoder in enumerate(encoders):
+            params = [p for lora in self.text_encoder_loras if lora.lora_name.split("_", 2)[1] == encoder
                       for p in lora.parameters() if p.requires_grad]
             lr = text_encoder_lrs[min(i, len(text_encoder_lrs) - 1)] if text_encoder_lrs else None
-            add(params, lr, "textencoder" if len(prefixes) == 1 else f"textencoder {i + 1}")
+            add(params, lr, "textencoder" if len(encoders) == 1 else f"textencoder {i + 1}")
         add(self.trainable_parameters(text_encoder=False), unet_lr,
             "unet routers" if self.config.stage == "assemble" else "unet experts")
         return groups, descriptions

@@ -5,7 +5,6 @@ strict validation. Only safetensors is ever read; nothing here unpickles.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -146,6 +145,3 @@ def check_state_dict(expected: Mapping[str, torch.Size], tensors: Mapping[str, t
     if problems:
         raise TSMFileError(f"{path}: does not fit this model: " + "; ".join(problems))
 
-
-def to_bytes_io(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> io.BytesIO:
-    return io.BytesIO(serialize(dict(tensors), dict(metadata)))

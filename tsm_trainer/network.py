@@ -318,6 +318,7 @@ class TSMNetwork(nn.Module):
         """
         if self.config.stage != "assemble":
             raise ValueError("load_experts is for tsm_stage=assemble")
+        paths = list(paths)
         own = self.state_dict()
         loaded: dict[str, torch.Tensor] = {}
         for path in paths:
@@ -334,6 +335,8 @@ class TSMNetwork(nn.Module):
                                    f"this network has {self.config.num_train_timesteps}")
             is_core = n == self.config.scales[0]
             for key, value in tensors.items():
+                if key.startswith("lora_te") and not is_core:
+                    continue  # the text-encoder LoRA comes from the core scale's file
                 if ".tsm." in key:
                     if key in loaded:
                         raise TSMFileError(f"{path}: key {key!r} is also in another tsm_experts file")
@@ -341,15 +344,13 @@ class TSMNetwork(nn.Module):
                     if key in loaded and not torch.equal(loaded[key].float(), value.float()):
                         raise TSMFileError(f"{path}: {key}={float(value)} differs from another tsm_experts file "
                                            f"({float(loaded[key])}); experts of one module share one alpha")
-                elif not is_core:
-                    continue  # the text-encoder LoRA comes from the core scale's file
                 if key not in own:
                     raise TSMFileError(f"{path}: unknown key {key!r} (a file for another base model or targets?)")
                 loaded[key] = value
         expected = {k: v.shape for k, v in own.items() if ".router." not in k}
-        self._load_checked(loaded, "tsm_experts", expected, strict_router=False)
+        self._load_checked(loaded, "tsm_experts " + ",".join(paths), expected)
 
-    def _load_checked(self, tensors, path, expected, strict_router: bool = True) -> None:
+    def _load_checked(self, tensors, path, expected) -> None:
         check_state_dict(expected, tensors, path)
         own = self.state_dict()
         with torch.no_grad():
