@@ -141,7 +141,9 @@ def sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------
 # time
-def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner: int) -> dict[str, dict]:
+def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner: int,
+              budget_s: float = float("inf"), min_repeats: int = 3) -> dict[str, dict]:
+    """Median step time per config; stops early (after ``min_repeats``) once ``budget_s`` is spent."""
     built = {c: build(size, c, device) for c in CONFIGS}
     info = {}
     for c, (unet, net, step, params) in built.items():
@@ -151,7 +153,10 @@ def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner:
             built[c][2]()
     sync(device)
     samples = {c: [] for c in CONFIGS}
+    t_begin = time.perf_counter()
     for r in range(repeats):
+        if r >= min_repeats and time.perf_counter() - t_begin > budget_s:
+            break
         order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))  # no fixed position in the round
         for c in order:
             step = built[c][2]
@@ -164,6 +169,8 @@ def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner:
     for c in CONFIGS:
         info[c]["ms"] = statistics.median(samples[c])
         info[c]["min_ms"] = min(samples[c])
+        info[c]["max_ms"] = max(samples[c])
+        info[c]["repeats"] = len(samples[c])
         info[c]["saved_mb"] = saved_bytes(built[c][0], built[c][2]) / 2**20
     del built
     gc.collect()
@@ -242,24 +249,34 @@ def mem_child(size: str, config: str, steps: int, threads: int, queue) -> None:
 
 
 def mem_cpu(sizes, steps: int, parallel: int) -> dict[tuple[str, str], tuple[int | None, str]]:
+    import queue as queue_mod
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     jobs = [(s, c) for s in sizes for c in CONFIGS]
-    threads = max(1, torch.get_num_threads() // parallel)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
     results: dict = {}
-    running: list = []
+    running: dict = {}
     while jobs or running:
         while jobs and len(running) < parallel:
             s, c = jobs.pop(0)
-            p = ctx.Process(target=mem_child, args=(s, c, steps, threads, queue))
+            p = ctx.Process(target=mem_child, args=(s, c, steps, threads, queue), daemon=True)
             p.start()
-            running.append(p)
-        s, c, delta, how = queue.get()
-        results[(s, c)] = (delta, how)
-        for p in list(running):
-            p.join(timeout=0.05)
-            if not p.is_alive():
-                running.remove(p)
+            running[(s, c)] = p
+        try:
+            s, c, delta, how = queue.get(timeout=0.5)
+            results[(s, c)] = (delta, how)
+            running.pop((s, c)).join()
+        except queue_mod.Empty:
+            for key, p in list(running.items()):
+                if not p.is_alive() and key not in results:
+                    try:  # its result may still be in flight
+                        s, c, delta, how = queue.get(timeout=2)
+                        results[(s, c)] = (delta, how)
+                        running.pop((s, c)).join()
+                    except queue_mod.Empty:
+                        results[key] = (None, f"child exited with code {p.exitcode}")
+                        running.pop(key)
     return results
 
 
@@ -294,32 +311,44 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma list of tiny,mid")
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for mid (default: torch's default)")
+    ap.add_argument("--tiny-threads", type=int, default=1,
+                    help="CPU threads for tiny (default 1: its ops are too small to parallelise, and OpenMP "
+                         "barriers on a busy machine would dominate the timing)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     sizes = [s for s in args.sizes.split(",") if s]
-    # (warmup rounds, repeats, steps per sample) per size
-    plan = {"tiny": (2, 6, 3), "mid": (1, 3, 1)} if args.quick else {"tiny": (3, 15, 5), "mid": (2, 11, 1)}
+    # (warmup rounds, repeats, steps per sample, time budget of the repeats in s) per size
+    if args.quick:
+        plan = {"tiny": (2, 8, 3, 8.0), "mid": (1, 3, 1, 15.0)}
+    else:
+        plan = {"tiny": (3, 25, 5, 40.0), "mid": (2, 15, 1, 120.0)}
     if device.type == "cuda":
-        plan = {s: (w + 3, r * 2, i * 5) for s, (w, r, i) in plan.items()}
+        plan = {s: (w + 3, r * 2, i * 5, b) for s, (w, r, i, b) in plan.items()}
     mem_steps = 2 if args.quick else 3
 
     import diffusers
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
-          f"device {device}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, batch {BATCH}")
+          f"device {device}, cpus {os.cpu_count()}, batch {BATCH}")
     t_start = time.time()
     timing: dict[str, dict] = {}
+    default_threads = args.threads or torch.get_num_threads()
     for s in sizes:
-        w, r, i = plan[s]
+        w, r, i, budget = plan[s]
+        threads = args.tiny_threads if s == "tiny" else default_threads
+        torch.set_num_threads(threads)
         t0 = time.time()
-        timing[s] = time_size(s, device, w, r, i)
+        timing[s] = time_size(s, device, w, r, i, budget)
         v = timing[s]["vanilla"]["ms"]
-        print(f"\n[{s}] warmup {w}, {r} interleaved repeats x {i} step(s), {time.time() - t0:.1f}s")
+        r = timing[s]["vanilla"]["repeats"]
+        print(f"\n[{s}] {threads} thread(s), warmup {w}, {r} interleaved repeats x {i} step(s), "
+              f"{time.time() - t0:.1f}s")
         for c in CONFIGS:
             d = timing[s][c]
-            print(f"  {c:11s} {d['ms']:9.2f} ms (min {d['min_ms']:8.2f})  {d['ms'] / v:6.3f}x  "
+            print(f"  {c:11s} {d['ms']:9.2f} ms (min {d['min_ms']:8.2f}, max {d['max_ms']:8.2f})  {d['ms'] / v:6.3f}x  "
                   f"loras {d['loras']:3d}  trainable {d['trainable']:8d}  saved-for-backward {d['saved_mb']:8.2f} MiB")
 
     mem: dict = {}

@@ -201,6 +201,7 @@ class TSMLoRAModule(_WrappedModule):
         self.tsm = nn.ModuleDict({
             str(n): nn.ModuleDict({str(e): LoRAPair(org_module, rank) for e in experts[n]}) for n in scales
         })
+        self._pairs = {(n, int(e)): pair for n in scales for e, pair in self.tsm[str(n)].items()}
         self.router = None
         if mixture is not None:
             gates = len(scales) - 1 if mixture == "asymmetric" else len(scales)
@@ -225,54 +226,58 @@ class TSMLoRAModule(_WrappedModule):
             return out
         ctx = self.context
         ctx.require(self.lora_name)
-        rows = x.shape[0]
-        x = _match_dtype(x, next(iter(self.tsm[str(self.scales[0])].values())).lora_down.weight)
-        routings = [ctx.routing(n) for n in self.scales]
-        batch = routings[0].slot.shape[0]
-        if rows % batch:
-            raise RuntimeError(f"{self.lora_name}: input has {rows} rows, not a multiple of the {batch} timesteps")
-        per_sample = rows // batch  # >1 when a block folds frames or pixels into the batch (video UNet)
-
-        if self.router is None and len(routings[0].experts) == 1:
+        x = _match_dtype(x, next(iter(self._pairs.values())).lora_down.weight)
+        plan = self._plan(x)
+        pairs = self._pairs_in_use(plan.experts)
+        if plan.single:
             # One expert for the whole batch: a plain LoRA matmul (the inference case).
-            pair = self._expert_or_error(self.scales[0], routings[0].experts[0])
-            h = self._down(x, pair.lora_down.weight)
-            h, extra = self._regularise(h)
+            pair = pairs[0]
+            h, extra = self._regularise(self._down(x, pair.lora_down.weight))
             lora = self._up(h, pair.lora_up.weight)
             return out + (lora * (self.multiplier * self.scale * extra)).to(out.dtype)
 
-        gates = None
-        if self.router is not None:
-            pooled = pool_input(x, 1 if self.is_conv else -1)
-            if per_sample > 1:
-                pooled = pooled.view(batch, per_sample, -1).mean(1)
-            gates = self.router(pooled, ctx.t_index(x.device))  # (B, G)
-        downs, ups, coefs = [], [], []
-        for j, (n, routing) in enumerate(zip(self.scales, routings)):
-            for e in routing.experts:
-                pair = self._expert_or_error(n, e)
-                downs.append(pair.lora_down.weight)
-                ups.append(pair.lora_up.weight)
-            coef = routing.onehot(x.device, torch.float32)
-            gate_col = None
-            if self.mixture == "symmetric":
-                gate_col = j
-            elif self.mixture == "asymmetric" and j > 0:
-                gate_col = j - 1
-            if gate_col is not None:
-                coef = coef * gates[:, gate_col : gate_col + 1].float()
-            coefs.append(coef)
+        downs = [p.lora_down.weight for p in pairs]
+        ups = [p.lora_up.weight for p in pairs]
         down = downs[0] if len(downs) == 1 else torch.cat(downs, 0)
         up = ups[0] if len(ups) == 1 else torch.cat(ups, 1)
-        mask = torch.cat(coefs, 1).repeat_interleave(self.lora_dim, 1)  # (B, U*r)
-        if per_sample > 1:
-            mask = mask.repeat_interleave(per_sample, 0)
         h = self._down(x, down)
-        mask = mask.to(h.dtype)
-        mask = mask.view(rows, -1, 1, 1) if self.is_conv else mask.view(rows, *([1] * (h.dim() - 2)), -1)
-        h, extra = self._regularise(h * mask)
+        mask = plan.mask  # per-sample one-hot over the U*r columns, times multiplier * alpha / r
+        if self.router is not None:
+            pooled = pool_input(x, 1 if self.is_conv else -1)
+            if plan.per_sample > 1:
+                pooled = pooled.view(-1, plan.per_sample, pooled.shape[-1]).mean(1)
+            gates = self.router(pooled, ctx.t_index(x.device))  # (B, G)
+            if self.mixture == "asymmetric":
+                gates = torch.cat([gates.new_ones(gates.shape[0], 1), gates], 1)  # the core is ungated
+            gates = gates[:, plan.column_scale]  # (B, U*r): each column's gate
+            if plan.per_sample > 1:
+                gates = gates.repeat_interleave(plan.per_sample, 0)
+            mask = mask * gates.view(mask.shape).to(mask.dtype)
+        h, extra = self._regularise(h * mask.to(h.dtype))
         lora = self._up(h, up)
-        return out + (lora * (self.multiplier * self.scale * extra)).to(out.dtype)
+        if extra != 1.0:
+            lora = lora * extra
+        return out + lora.to(out.dtype)
+
+    def _pairs_in_use(self, experts: list[tuple[int, int]]) -> list[LoRAPair]:
+        try:
+            return [self._pairs[k] for k in experts]
+        except KeyError as e:
+            n, i = e.args[0]
+            return [self._expert_or_error(n, i)]  # raises with the experts this module holds
+
+    def _plan(self, x: torch.Tensor) -> "_Plan":
+        """Experts in use and the routing mask for this call, shared by modules of one shape."""
+        ctx = self.context
+        rows = x.shape[0]
+        layout = 4 if self.is_conv else x.dim()
+        key = ("plan", tuple(self.scales), self.router is not None, self.lora_dim, rows, layout, x.device,
+               self.multiplier * self.scale)
+        plan = ctx.cache.get(key)
+        if plan is None:
+            plan = ctx.cache[key] = _Plan.build(ctx, self.scales, self.router is not None, self.lora_dim, rows,
+                                                 layout, x.device, self.multiplier * self.scale, self.lora_name)
+        return plan
 
     def expert_delta(self, n: int, e: int) -> torch.Tensor:
         """ΔW = B_e A_e of expert e of scale n, float32, in the base weight's layout."""
@@ -282,6 +287,43 @@ class TSMLoRAModule(_WrappedModule):
     def merge_expert(self, n: int, e: int, multiplier: float | None = None) -> None:
         """Merge one expert into the base weight (backs it up; restore_weights undoes it exactly)."""
         self.merge_delta(self.expert_delta(n, e), self.multiplier if multiplier is None else multiplier)
+
+
+class _Plan:
+    """Routing of one denoiser call for modules with the same scales, rank and input layout.
+
+    Attributes:
+        experts: (scale, expert) in use, in column order.
+        single: one expert for the whole batch and no router: the plain LoRA path.
+        mask: (rows, U*r) one-hot of each row's expert columns times multiplier * alpha / r,
+            viewed for broadcasting against the hidden ((rows, 1.., U*r) or (rows, U*r, 1, 1)).
+        column_scale: (U*r,) index of the scale of each column (selects its gate).
+        per_sample: rows per timestep (>1 when a block folds frames or pixels into the batch).
+    """
+
+    def __init__(self, experts, single, mask, column_scale, per_sample):
+        self.experts, self.single, self.mask, self.column_scale, self.per_sample = (
+            experts, single, mask, column_scale, per_sample)
+
+    @classmethod
+    def build(cls, ctx: TimestepContext, scales, has_router: bool, rank: int, rows: int, layout: int,
+              device: torch.device, scale: float, lora_name: str) -> "_Plan":
+        routings = [ctx.routing(n) for n in scales]
+        batch = routings[0].slot.shape[0]
+        if rows % batch:
+            raise RuntimeError(f"{lora_name}: input has {rows} rows, not a multiple of the {batch} timesteps")
+        per_sample = rows // batch
+        experts = [(n, e) for n, r in zip(scales, routings) for e in r.experts]
+        single = not has_router and len(experts) == 1
+        mask = column_scale = None
+        if not single:
+            onehot = torch.cat([r.onehot() for r in routings], 1) * scale
+            mask = onehot.repeat_interleave(rank, 1).repeat_interleave(per_sample, 0)
+            shape = (rows, -1, 1, 1) if layout == 4 else (rows, *([1] * (layout - 2)), -1)
+            mask = mask.view(shape).to(device)
+            column_scale = torch.tensor([j for j, r in enumerate(routings) for _ in range(len(r.experts) * rank)],
+                                        device=device)
+        return cls(experts, single, mask, column_scale, per_sample)
 
 
 def _match_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

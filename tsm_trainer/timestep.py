@@ -10,7 +10,7 @@ denoiser ran again (with another t) before backward.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,15 +36,10 @@ class Routing:
 
     experts: list[int]
     slot: torch.Tensor
-    _onehot: dict = field(default_factory=dict, repr=False)
 
-    def onehot(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(B, len(experts)) one-hot routing matrix, cached per device and dtype."""
-        key = (device, dtype)
-        if key not in self._onehot:
-            m = torch.nn.functional.one_hot(self.slot, len(self.experts)).to(dtype)
-            self._onehot[key] = m.to(device, non_blocking=True)
-        return self._onehot[key]
+    def onehot(self) -> torch.Tensor:
+        """(B, len(experts)) float32 one-hot routing matrix on CPU."""
+        return torch.nn.functional.one_hot(self.slot, len(self.experts)).float()
 
 
 class TimestepContext:
@@ -59,6 +54,7 @@ class TimestepContext:
         self._t: torch.Tensor | None = None
         self._routing: dict[int, Routing] = {}
         self._t_index: dict = {}
+        self.cache: dict = {}
         self.allowed_interval: tuple[int, int] | None = None  # (expert, scale) when training one expert
 
     @property
@@ -74,6 +70,7 @@ class TimestepContext:
         """
         self._routing = {}
         self._t_index = {}
+        self.cache = {}  # per-call values modules share (routing masks), dropped with t
         if t is None:
             self._t = None
             return
