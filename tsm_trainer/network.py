@@ -17,7 +17,7 @@ from .file_format import TSMFileError, check_state_dict, check_tsm_metadata, loa
 from .intervals import parse_scales
 from .metadata import tsm_metadata
 from .modules import MIXTURES, LoRAModule, TSMLoRAModule
-from .targets import (CONV_TARGETS, Family, compile_patterns, denoiser_naming, detect_family, find_targets,
+from .targets import (CONV_TARGETS, all_layers, Family, compile_patterns, denoiser_naming, detect_family, find_targets,
                       lora_name, text_encoder_key_path, text_encoder_kind,
                       text_encoder_prefixes)
 from .timestep import TimestepCapture, TimestepContext
@@ -132,7 +132,7 @@ class TSMNetwork(nn.Module):
             conv_patterns = compile_patterns(CONV_TARGETS) if config.conv_rank else None
             candidates = find_targets(denoiser, patterns, conv_patterns)
         else:
-            candidates = _all_layers(denoiser)
+            candidates = all_layers(denoiser)
         for path, module in candidates:
             name = lora_name(prefix, translate(path))
             if module_ranks is not None and name not in module_ranks:
@@ -153,7 +153,7 @@ class TSMNetwork(nn.Module):
                     continue
                 candidates = find_targets(te, compile_patterns(te_patterns))
             else:
-                candidates = _all_layers(te)
+                candidates = all_layers(te)
             for path, module in candidates:
                 name = lora_name(te_prefix, text_encoder_key_path(te, path))
                 if module_ranks is not None and name not in module_ranks:
@@ -375,9 +375,3 @@ class TSMNetwork(nn.Module):
         for lora in self.all_loras:
             lora.restore_weights()
 
-
-def _all_layers(root: nn.Module):
-    """Every Linear and (ungrouped) Conv2d of a model, for matching a file's module names."""
-    for path, module in root.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            yield path, module

@@ -187,3 +187,32 @@ def find_targets(root: nn.Module, patterns: re.Pattern, conv_patterns: re.Patter
 
 def target_names(prefix: str, translate: Callable[[str], str], path: str) -> str:
     return lora_name(prefix, translate(path))
+
+
+def all_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every Linear and ungrouped Conv2d of a model (what a LoRA key can refer to)."""
+    for path, module in root.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            yield path, module
+
+
+def layers_by_lora_name(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
+                        family: Family | None = None) -> dict[str, nn.Module]:
+    """``{lora_name: module}`` for every layer of a model, named as this family's files name them.
+
+    Resolves the keys of any kohya-style LoRA (ours or another trainer's) to modules.
+    """
+    index: dict[str, nn.Module] = {}
+    if denoiser is not None:
+        prefix, translate = denoiser_naming(denoiser, family or detect_family(denoiser))
+        for path, module in all_layers(denoiser):
+            try:
+                index[lora_name(prefix, translate(path))] = module
+            except ValueError:  # a diffusers layer with no SGM counterpart
+                continue
+    text_encoders = list(text_encoders)
+    for te, te_prefix in zip(text_encoders, text_encoder_prefixes(text_encoders)):
+        if te is not None:
+            for path, module in all_layers(te):
+                index[lora_name(te_prefix, text_encoder_key_path(te, path))] = module
+    return index
