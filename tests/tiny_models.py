@@ -100,3 +100,52 @@ def tiny_t5(d_model: int = 16, seed: int = 0):
     torch.manual_seed(seed)
     config = T5Config(vocab_size=100, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     return T5EncoderModel(config).eval()
+
+
+def tiny_sd_pipeline_folder(folder, seed: int = 0):
+    """Write a tiny SD1-shaped diffusers pipeline (UNet, CLIP, VAE, scheduler) to ``folder``."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    unet, te = tiny_unet(seed=seed), tiny_clip(seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8)
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
+    tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder
+
+
+def tiny_tokenizer():
+    """A CLIP BPE tokenizer over single characters (ids < 100), built from a local vocab."""
+    import json
+    import os
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)

@@ -196,23 +196,29 @@ def all_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def layers_by_lora_name(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
-                        family: Family | None = None) -> dict[str, nn.Module]:
-    """``{lora_name: module}`` for every layer of a model, named as this family's files name them.
-
-    Resolves the keys of any kohya-style LoRA (ours or another trainer's) to modules.
+def lora_name_index(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
+                    family: Family | None = None) -> dict[str, tuple[int, str, nn.Module]]:
+    """``{lora_name: (component, module path, module)}`` for every layer of a model, named as
+    this family's files name them; component is -1 for the denoiser, else the text encoder's
+    position. Resolves the keys of any kohya-style LoRA (ours or another trainer's).
     """
-    index: dict[str, nn.Module] = {}
+    index: dict[str, tuple[int, str, nn.Module]] = {}
     if denoiser is not None:
         prefix, translate = denoiser_naming(denoiser, family or detect_family(denoiser))
         for path, module in all_layers(denoiser):
             try:
-                index[lora_name(prefix, translate(path))] = module
+                index[lora_name(prefix, translate(path))] = (-1, path, module)
             except ValueError:  # a diffusers layer with no SGM counterpart
                 continue
     text_encoders = list(text_encoders)
-    for te, te_prefix in zip(text_encoders, text_encoder_prefixes(text_encoders)):
+    for i, (te, te_prefix) in enumerate(zip(text_encoders, text_encoder_prefixes(text_encoders))):
         if te is not None:
             for path, module in all_layers(te):
-                index[lora_name(te_prefix, text_encoder_key_path(te, path))] = module
+                index[lora_name(te_prefix, text_encoder_key_path(te, path))] = (i, path, module)
     return index
+
+
+def layers_by_lora_name(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
+                        family: Family | None = None) -> dict[str, nn.Module]:
+    """``{lora_name: module}``: :func:`lora_name_index` without the paths."""
+    return {name: module for name, (_, _, module) in lora_name_index(denoiser, text_encoders, family).items()}
