@@ -87,3 +87,25 @@ def _resnet_rest(rest: str) -> str:
 
 def _join(head: str, rest: str) -> str:
     return f"{head}.{rest}" if rest else head
+
+
+def diffusers_lora_name_to_sgm(name: str, layers_per_block: int = 2,
+                               up_blocks_with_attention: frozenset[int] = frozenset({1, 2, 3})) -> str:
+    """``lora_unet_down_blocks_1_attentions_0_...`` (SD1/SD2 files) -> ``lora_unet_input_blocks_4_1_...``.
+
+    UIs hold the UNet in the original (SGM/LDM) layout. Defaults are SD1/SD2's (up blocks
+    1-3 have attentions). A name with no diffusers block head is returned unchanged.
+    """
+    if not name.startswith(PREFIX_UNET + "_"):
+        return name
+    body = name[len(PREFIX_UNET) + 1:]
+    patterns = (r"((?:down|up)_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_(.+)$",
+                r"(mid_block)_(resnets|attentions)_(\d+)_(.+)$", r"(time_embedding|add_embedding)_(linear_\d)$",
+                r"(conv_in|conv_out)$")
+    for pattern in patterns:
+        m = re.match(pattern, body)
+        if m:
+            dotted = ".".join(m.groups())  # the tail stays one segment: only the head is translated
+            sgm = diffusers_unet_to_sgm(dotted, layers_per_block, up_blocks_with_attention)
+            return lora_name(PREFIX_UNET, sgm)
+    return name

@@ -1,0 +1,183 @@
+"""Applying a native TSM file while a UI samples (DESIGN.md section 6), without any UI import.
+
+UI adapters hand over the model's layers by kohya name and, at every denoiser call, the
+timestep the UNet receives (on the 0..T axis). Two paths:
+
+* :class:`ExpertSwitcher` (stage-1 files, one scale, no router): the active expert is merged
+  into the weights, and re-merged only when t crosses into another expert's interval, so a
+  sampling run costs at most one merge per boundary crossed. Each merge starts from the
+  backed-up base weights, so nothing drifts, and :meth:`restore` puts them back bit for bit.
+* :class:`OnlineTSM` (assembled files with routers, or per-sample timesteps): the layers are
+  wrapped by :class:`~tsm_trainer.modules.TSMLoRAModule` and compute core + gated context
+  experts on the fly, exactly as in training.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .export import experts_in, module_names
+from .file_format import TSMFileError, check_state_dict, check_tsm_metadata
+from .intervals import expert_index
+from .key_names import diffusers_lora_name_to_sgm
+from .modules import LoRAModule, TSMLoRAModule, _WrappedModule
+from .timestep import TimestepContext
+
+
+def sgm_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> dict[str, nn.Module]:
+    """``{kohya name: layer}`` of a UNet in the original layout (A1111/Forge/ComfyUI hold
+    ``input_blocks...``), for every Linear and Conv2d."""
+    return {f"{prefix}_{path.replace('.', '_')}": m for path, m in diffusion_model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def resolve_layers(names: list[str], index: Mapping[str, nn.Module], path: str = "<file>") -> dict[str, nn.Module]:
+    """Map a file's module names to layers, trying the SGM translation of SD1/SD2 names.
+
+    Raises:
+        TSMFileError: naming the file and the modules the model doesn't have.
+    """
+    layers, missing = {}, []
+    for name in names:
+        layer = index.get(name) or index.get(diffusers_lora_name_to_sgm(name))
+        if layer is None:
+            missing.append(name)
+        else:
+            layers[name] = layer
+    if missing:
+        raise TSMFileError(f"{path}: {len(missing)} module(s) not in this model (a file for another base model?), "
+                           f"e.g. {missing[:3]}")
+    return layers
+
+
+class ExpertSwitcher:
+    """Stage-1 fast path: the expert of the current t merged into the weights.
+
+    Args:
+        tensors, metadata: the native file's content (``tsm_trainer.file_format.load_file``).
+        layers: ``{kohya name: layer}`` for every module of the file (text encoder included,
+            or leave those out when the UI applies the static text-encoder LoRA itself).
+        multiplier: the user's strength.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 layers: Mapping[str, nn.Module], multiplier: float = 1.0, path: str = "<file>"):
+        info = check_tsm_metadata(metadata, path)
+        if info["stage"] != "foster" or len(info["scales"]) != 1:
+            raise TSMFileError(f"{path}: ExpertSwitcher takes fostered files (one scale, no router); use OnlineTSM")
+        self.n = info["scales"][0]
+        self.num_train_timesteps = info["num_train_timesteps"]
+        self.experts = experts_in(tensors)[self.n]
+        self.tensors = tensors
+        self.layers = dict(layers)
+        self.multiplier = multiplier
+        self.path = path
+        self.active: int | None = None
+        self.merges = 0
+        self._backup: dict[str, torch.Tensor] = {}
+        self._static = [n for n in module_names(tensors) if n.startswith("lora_te") and n in self.layers]
+        self._expert_modules = [n for n in module_names(tensors) if not n.startswith("lora_te")]
+        missing = [n for n in self._expert_modules if n not in self.layers]
+        if missing:
+            raise TSMFileError(f"{path}: no layer given for {len(missing)} module(s), e.g. {missing[:3]}")
+
+    def expert_for(self, t: torch.Tensor | float) -> int:
+        """The expert of t (all samples of a call must share it: UIs pass one sigma per step)."""
+        idx = expert_index(torch.as_tensor(t, dtype=torch.float64).reshape(-1), self.n, self.num_train_timesteps)
+        if bool((idx != idx[0]).any()):
+            raise ValueError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
+                             "use OnlineTSM for per-sample timesteps")
+        return int(idx[0])
+
+    def set_timestep(self, t: torch.Tensor | float) -> int:
+        """Make the expert of t active; merges only when it changes. Returns the expert."""
+        e = self.expert_for(t)
+        if e != self.active:
+            if e not in self.experts:
+                raise TSMFileError(f"{self.path}: t={float(torch.as_tensor(t).reshape(-1)[0])} needs expert {e} "
+                                   f"of scale {self.n}, which the file does not hold ({self.experts})")
+            self._merge(e)
+        return e
+
+    def _delta(self, name: str, down_key: str, up_key: str) -> torch.Tensor:
+        down, up = self.tensors[down_key].float(), self.tensors[up_key].float()
+        alpha = float(self.tensors.get(f"{name}.alpha", torch.tensor(float(down.shape[0]))))
+        return _WrappedModule.pair_delta(down, up) * (alpha / down.shape[0])
+
+    def _set(self, name: str, delta: torch.Tensor | None) -> None:
+        weight = self.layers[name].weight
+        if name not in self._backup:
+            self._backup[name] = weight.detach().clone()
+        base = self._backup[name]
+        with torch.no_grad():
+            if delta is None:
+                weight.copy_(base)
+            else:
+                weight.copy_((base.float() + self.multiplier * delta.to(base.device)).to(weight.dtype))
+
+    def _merge(self, e: int) -> None:
+        for name in self._expert_modules:
+            prefix = f"{name}.tsm.{self.n}.{e}"
+            self._set(name, self._delta(name, f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight"))
+        if self.active is None:  # the static text-encoder LoRA, once
+            for name in self._static:
+                self._set(name, self._delta(name, f"{name}.lora_down.weight", f"{name}.lora_up.weight"))
+        self.active = e
+        self.merges += 1
+
+    def restore(self) -> None:
+        """Put every touched weight back exactly as it was."""
+        for name in list(self._backup):
+            self._set(name, None)
+        self._backup.clear()
+        self.active = None
+
+
+class OnlineTSM:
+    """Any TSM file (routers included), computed on the fly by wrapping the layers.
+
+    Args as :class:`ExpertSwitcher`. Call :meth:`set_timestep` before each denoiser call.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 layers: Mapping[str, nn.Module], multiplier: float = 1.0, path: str = "<file>"):
+        info = check_tsm_metadata(metadata, path)
+        self.context = TimestepContext(info["num_train_timesteps"])
+        mixture = info["mixture"] if info["stage"] == "assemble" else None
+        held = experts_in(tensors)
+        self.modules: dict[str, nn.Module] = {}
+        for name in module_names(tensors):
+            if name not in layers:
+                if name.startswith("lora_te"):
+                    continue  # the UI applies the static text-encoder LoRA itself
+                raise TSMFileError(f"{path}: no layer given for module {name}")
+            rank = next(v.shape[0] for k, v in tensors.items() if k.startswith(name + ".") and k.endswith("lora_down.weight"))
+            if name.startswith("lora_te"):
+                module = LoRAModule(name, layers[name], rank, None, multiplier=multiplier)
+            else:
+                module = TSMLoRAModule(name, layers[name], self.context, info["scales"], rank, None, experts=held,
+                                       mixture=mixture, multiplier=multiplier)
+            weight = layers[name].weight
+            module.to(weight.device, weight.dtype)
+            self.modules[name] = module
+        expected = {f"{n}.{k}": v.shape for n, m in self.modules.items() for k, v in m.state_dict().items()}
+        mine = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in self.modules}
+        check_state_dict(expected, mine, path)
+        with torch.no_grad():
+            for n, m in self.modules.items():
+                own = m.state_dict()
+                for k in own:
+                    own[k].copy_(mine[f"{n}.{k}"])
+                m.eval()
+                m.apply_to()
+
+    def set_timestep(self, t: torch.Tensor | float, batch_size: int | None = None) -> None:
+        self.context.set(t, batch_size)
+
+    def restore(self) -> None:
+        for m in self.modules.values():
+            m.remove()
+        self.modules.clear()
