@@ -1,6 +1,7 @@
 """The command-line tools over tsm_trainer.export, run as a user runs them."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,14 @@ def test_export_merge_convert(setup, tmp_path, capsys):
     assert _tool("export_experts")([path, "--out_dir", str(tmp_path / "x")]) == 0
     assert sorted(os.listdir(tmp_path / "x")) == [f"tsm4_e{e}of4.safetensors" for e in range(4)] + ["tsm4_te.safetensors"]
     assert "expert 3/4  t in [750, 1000)" in capsys.readouterr().out
+    workflow = str(tmp_path / "wf.json")
+    assert _tool("export_experts")([path, "--out_dir", str(tmp_path / "x"), "--comfyui-workflow", workflow,
+                                    "--checkpoint", "sd15.safetensors"]) == 0
+    with open(workflow) as f:
+        nodes = json.load(f)["nodes"]
+    hooked = sorted(n["widgets_values"][0] for n in nodes if n["type"] == "CreateHookLoraModelOnly")
+    assert hooked == [f"tsm4_e{e}of4.safetensors" for e in range(4)]
+    assert any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == "sd15.safetensors" for n in nodes)
 
     assert _tool("merge_experts")([path, "--scale", "4", "--weights", "interval", "--out", str(tmp_path / "m.safetensors")]) == 0
     merged, meta = load_file(str(tmp_path / "m.safetensors"))
