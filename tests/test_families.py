@@ -446,3 +446,33 @@ def test_patterns_matching_nothing_raise(patterns):
     # A pattern matches a whole trailing part of the path: "o_q" and "to_" don't match "attn1.to_q".
     with pytest.raises(ValueError, match="matches the targets"):
         TSMNetwork(TSMConfig(scales=[N], rank=2, denoiser_targets=patterns), tiny_unet(), [])
+
+
+def test_sd_scripts_style_unet_without_config_and_inference_wrapper():
+    """sd-scripts' original_unet keeps no cross_attention_dim config and gen_img wraps it in
+    InferUNet2DConditionModel (an object holding the module as ``delegate``)."""
+    import types
+
+    from tsm_trainer import TSMConfig, TSMNetwork
+    from tsm_trainer.targets import detect_family
+
+    class UNet2DConditionModel(nn.Module):  # sd-scripts' class name, holding no diffusers config
+        def __init__(self, inner):
+            super().__init__()
+            for name, child in inner.named_children():
+                self.add_module(name, child)
+            self._inner = [inner]
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self._inner[0](sample, timestep, encoder_hidden_states)
+
+    for cross, family in ((16, "sd1"), (1024, "sd2")):
+        unet = UNet2DConditionModel(tiny_unet(cross_attention_dim=cross))
+        wrapper = types.SimpleNamespace(delegate=unet)  # gen_img's InferUNet2DConditionModel
+        assert detect_family(wrapper).name == family
+    net = TSMNetwork(TSMConfig(scales=[4], rank=2), wrapper)
+    assert net.family.name == "sd2" and net.denoiser_loras[0].lora_name.startswith("lora_unet_down_blocks_0_")
+    net.apply()
+    net.attach(wrapper)
+    unet(torch.randn(1, 4, 8, 8), torch.tensor([900]), torch.randn(1, 5, 1024))
+    assert net.context.t.tolist() == [900.0]

@@ -19,7 +19,7 @@ from .metadata import tsm_metadata
 from .modules import MIXTURES, LoRAModule, TSMLoRAModule
 from .targets import (CONV_TARGETS, all_layers, Family, compile_patterns, denoiser_naming, detect_family, find_targets,
                       lora_name, text_encoder_key_path, text_encoder_kind,
-                      text_encoder_prefixes)
+                      text_encoder_prefixes, unwrap_denoiser)
 from .timestep import TimestepCapture, TimestepContext
 
 STAGES = ("foster", "assemble")
@@ -107,6 +107,7 @@ class TSMNetwork(nn.Module):
     def __init__(self, config: TSMConfig, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
                  family: Family | None = None, multiplier: float = 1.0, module_ranks: Mapping[str, int] | None = None):
         super().__init__()
+        denoiser = unwrap_denoiser(denoiser)
         self.config = config
         self.family = family or detect_family(denoiser)
         self.multiplier = multiplier
@@ -236,7 +237,7 @@ class TSMNetwork(nn.Module):
     def attach(self, denoiser: nn.Module, arg_name: str | None = None) -> None:
         """Hook the denoiser so every call sets this network's timesteps."""
         self.detach()
-        self._capture = TimestepCapture(denoiser, self.context, self.config.timestep_scale, arg_name)
+        self._capture = TimestepCapture(unwrap_denoiser(denoiser), self.context, self.config.timestep_scale, arg_name)
 
     def detach(self) -> None:
         if self._capture is not None:

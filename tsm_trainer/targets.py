@@ -77,8 +77,25 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def unwrap_denoiser(denoiser):
+    """The nn.Module behind sd-scripts' inference wrappers (``InferUNet2DConditionModel``,
+    ``InferSdxlUNet2DConditionModel`` hold it as ``delegate``)."""
+    while not isinstance(denoiser, nn.Module) and hasattr(denoiser, "delegate"):
+        denoiser = denoiser.delegate
+    return denoiser
+
+
+def _cross_attention_dim(denoiser: nn.Module) -> int | None:
+    """in_features of the first cross-attention key projection (sd-scripts' UNet keeps no config)."""
+    for path, module in denoiser.named_modules():
+        if path.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+            return module.in_features
+    return None
+
+
 def detect_family(denoiser: nn.Module) -> Family:
     """The family of a denoiser, from its class name and (diffusers) config."""
+    denoiser = unwrap_denoiser(denoiser)
     cls = type(denoiser).__name__
     config = getattr(denoiser, "config", None)
     get = (lambda k, d=None: getattr(config, k, None) if not isinstance(config, dict) else config.get(k, d)) if config is not None else (lambda k, d=None: d)
@@ -95,9 +112,7 @@ def detect_family(denoiser: nn.Module) -> Family:
     if cls == "UNet2DConditionModel":
         if get("addition_embed_type") == "text_time":
             return FAMILIES["sdxl"]
-        cross = get("cross_attention_dim")
-        if cross is None:  # sd-scripts' original_unet keeps it as an attribute
-            cross = getattr(denoiser, "cross_attention_dim", 768)
+        cross = get("cross_attention_dim") or _cross_attention_dim(denoiser)
         return FAMILIES["sd2"] if cross == 1024 else FAMILIES["sd1"]
     raise ValueError(
         f"unknown denoiser class {cls}: supported are diffusers UNet2DConditionModel, UNet3DConditionModel, "
