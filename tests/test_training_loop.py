@@ -1,0 +1,78 @@
+"""The trainer's loop on a tiny SD pipeline: training works, resume is exact, bad states fail."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_sd_pipeline_folder
+from tsm_trainer.file_format import load_file
+from tsm_trainer.training.config import TrainConfig
+from tsm_trainer.training.families import get_training_family
+from tsm_trainer.training.loop import NonFiniteLossError, Trainer, sample_timesteps
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_sd_pipeline_folder(str(tmp_path_factory.mktemp("base")))
+
+
+def make_batches(epoch):
+    g = torch.Generator().manual_seed(100 + epoch)
+    for _ in range(3):  # 3 batches per epoch, so runs cross epochs
+        yield {"pixels": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "captions": ["a red circle", "a blue square"]}
+
+
+def _trainer(base, tmp_path, **overrides):
+    options = dict(pretrained_model=base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
+                   max_train_steps=7, family="sd1")
+    config = TrainConfig(**{**options, **overrides})
+    family = get_training_family("sd1")
+    components = family.load(base)
+    validation = list(make_batches(99))[:1]
+    return Trainer(config, family, components, make_batches, batch_size=2, validation=validation, log=lambda s: None)
+
+
+def test_training_reduces_validation_loss_and_saves(base, tmp_path):
+    trainer = _trainer(base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10, save_last_n=1)
+    before = trainer.validate()
+    path = trainer.run()
+    after = trainer.validate()
+    assert sum(after) < sum(before)
+    tensors, meta = load_file(path)
+    assert meta["tsm.scales"] == "[4]" and meta["ss_steps"] == "25"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state-")) == ["state-20"]
+
+
+def test_resume_continues_exactly(base, tmp_path):
+    straight = _trainer(base, tmp_path / "a", tsm_scales="8")
+    straight.run()
+    expected = straight.network.state_dict()
+
+    first = _trainer(base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_every_n_steps=4)
+    first.run()
+    resumed = _trainer(base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "state-4"))
+    resumed.run()
+    assert resumed.step == 7
+    for key, value in expected.items():
+        assert torch.equal(resumed.network.state_dict()[key], value), key
+
+
+def test_timestep_sampling_modes():
+    g = torch.Generator().manual_seed(0)
+    config = TrainConfig(tsm_scales="8", timestep_sampling="stratified")
+    for step in range(16):
+        t = sample_timesteps(config, 64, step, g, 1000)
+        assert t.min() >= 125 * (step % 8) and t.max() < 125 * (step % 8 + 1)
+    config = dataclasses.replace(config, tsm_interval=2, timestep_sampling="uniform")
+    t = sample_timesteps(config, 1000, 0, g, 1000)
+    assert t.min() >= 250 and t.max() < 375
+
+
+def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
+    trainer = _trainer(base, tmp_path, tsm_scales="8")
+    with torch.no_grad():
+        for p in trainer.network.trainable_parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 1"):
+        trainer.train_step(next(make_batches(0)))

@@ -1,0 +1,1 @@
+"""The standalone trainer: configuration, model families, the training loop, checkpoints."""

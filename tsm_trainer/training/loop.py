@@ -1,0 +1,252 @@
+"""The fixed training loop: one code path for every family and stage.
+
+Per step: encode images and captions, draw noise and per-sample timesteps (from one seeded
+generator, so resume is exact), predict, weight the loss (min-SNR), backward, clip, step.
+Logs loss per timestep interval. Checkpoints are atomic; a non-finite loss stops training
+with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..intervals import expert_index, interval_timestep_range
+from ..network import TSMConfig, TSMNetwork
+from .checkpoint import load_state, prune_states, save_state
+from .config import TrainConfig
+
+LOG_INTERVALS = 8  # per-interval losses are reported on 8 intervals whatever the scales
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_network(config: TrainConfig, components, num_train_timesteps: int) -> TSMNetwork:
+    stage = "foster" if config.tsm_stage == "vanilla" else config.tsm_stage
+    tsm = TSMConfig(scales=config.scales, stage=stage, mixture=config.tsm_mixture,
+                    interval=None if config.tsm_interval < 0 else config.tsm_interval,
+                    rank=config.network_dim, alpha=config.network_alpha,
+                    dropout=config.network_dropout or None, num_train_timesteps=num_train_timesteps)
+    encoders = components.text_encoders if config.train_text_encoder else []
+    network = TSMNetwork(tsm, components.denoiser, encoders)
+    if stage == "assemble":
+        if not config.tsm_experts:
+            raise ValueError("--tsm_stage assemble needs --tsm_experts (the fostered files, one per scale)")
+        network.load_experts([p for p in config.tsm_experts.split(",") if p])
+    network.apply()
+    network.attach(components.denoiser)
+    return network
+
+
+def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int) -> torch.Tensor:
+    """(B,) long timesteps: uniform per sample; stratified (each batch from one interval of the
+    core scale, rotating with the step); or restricted to ``tsm_interval``."""
+    n = config.scales[0]
+    if config.tsm_interval >= 0:
+        lo, hi = interval_timestep_range(config.tsm_interval, n, T)
+    elif config.timestep_sampling == "stratified":
+        lo, hi = interval_timestep_range(step % n, n, T)
+    else:
+        lo, hi = 0, T
+    return torch.randint(lo, hi, (batch,), generator=generator)
+
+
+def describe_budget(config: TrainConfig, batch_size: int) -> str:
+    """DESIGN.md section 7: what the step budget buys each expert."""
+    n = config.scales[0]
+    samples = config.max_train_steps * batch_size * config.gradient_accumulation_steps
+    if config.tsm_interval >= 0:
+        return f"training expert {config.tsm_interval} of {n} alone: it sees all {samples} samples"
+    if config.tsm_stage == "assemble":
+        return f"assembling {config.scales}: experts frozen, routers see all {samples} samples"
+    return (f"{config.max_train_steps} steps x batch {batch_size * config.gradient_accumulation_steps}: "
+            f"{samples} samples, about {samples / n:.0f} per expert (1/{n} each)")
+
+
+def _optimizer(config: TrainConfig, groups):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ValueError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+    return Prodigy(groups, lr=config.learning_rate if config.learning_rate != 1e-4 else 1.0,
+                   weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Drives one training run. ``make_batches(epoch)`` yields {"pixels", "captions"} batches in a
+    deterministic order for the epoch; ``validation`` is a fixed list of such batches."""
+
+    def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
+                 batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print):
+        self.config, self.family, self.c = config, family, components
+        self.make_batches, self.batch_size = make_batches, batch_size
+        self.validation = validation or []
+        self.log = log
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        for module in (components.denoiser, components.vae, *components.text_encoders):
+            module.requires_grad_(False)
+        if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
+            components.denoiser.enable_gradient_checkpointing()
+            components.denoiser.train()
+        self.T = family.num_train_timesteps
+        self.network = build_network(config, components, self.T)
+        lr_te = config.text_encoder_lr if config.text_encoder_lr >= 0 else config.learning_rate
+        groups = [{"params": self.network.trainable_parameters(text_encoder=False), "lr": config.learning_rate}]
+        te_params = self.network.trainable_parameters(denoiser=False)
+        if te_params:
+            groups.append({"params": te_params, "lr": lr_te})
+        self.optimizer = _optimizer(config, groups)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.max_train_steps)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.interval_loss = torch.zeros(LOG_INTERVALS)
+        self.interval_count = torch.zeros(LOG_INTERVALS)
+        self.writer = None
+        if config.logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(config.logging_dir)
+
+    # -- one step -------------------------------------------------------------------------
+    def _loss(self, batch: dict, timesteps: torch.Tensor, noise_seed_generator: torch.Generator) -> torch.Tensor:
+        c, family = self.c, self.family
+        with torch.no_grad():
+            latents = family.encode_images(c, batch["pixels"])
+        cond = family.encode_text(c, batch["captions"], latents.device)
+        noise = torch.randn(latents.shape, generator=noise_seed_generator)
+        if self.config.noise_offset:
+            noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1),
+                                                                   generator=noise_seed_generator)
+        noisy, target = family.noisy_input_and_target(c, latents, noise, timesteps)
+        pred = family.predict(c, noisy, timesteps, cond)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+        return loss  # (B,)
+
+    def train_step(self, batch: dict) -> float:
+        self.network.train()
+        timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, self.generator, self.T)
+        per_sample = self._loss(batch, timesteps, self.generator)
+        weights = self.family.loss_weights(self.c, timesteps, self.config.min_snr_gamma)
+        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); the last good "
+                f"checkpoint in {self.config.output_dir} is kept. Lower --learning_rate or use --mixed_precision bf16")
+        loss.backward()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.network.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        idx = expert_index(timesteps, LOG_INTERVALS, self.T)
+        self.interval_loss.index_add_(0, idx, per_sample.detach().float())
+        self.interval_count.index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float32))
+        self.step += 1
+        return loss.item()
+
+    # -- validation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> list[float]:
+        """Mean loss per interval on the held-out batches, with noise and timesteps fixed by a
+        seed that doesn't depend on the run (identical for every method compared)."""
+        self.network.eval()
+        totals, counts = torch.zeros(LOG_INTERVALS), torch.zeros(LOG_INTERVALS)
+        g = torch.Generator().manual_seed(1234)
+        for batch in self.validation:
+            for i in range(LOG_INTERVALS):
+                lo, hi = interval_timestep_range(i, LOG_INTERVALS, self.T)
+                t = torch.randint(lo, hi, (len(batch["captions"]),), generator=g)
+                totals[i] += self._loss(batch, t, g).sum()
+                counts[i] += len(batch["captions"])
+        return (totals / counts.clamp(min=1)).tolist()
+
+    # -- the run ----------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            for i, batch in enumerate(self.make_batches(self.epoch)):
+                if i < self.position:
+                    continue  # resumed inside an epoch
+                self.position = i + 1
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def save_state(self) -> str:
+        folder = os.path.join(self.config.output_dir, f"state-{self.step}")
+        save_state(folder, self.network, self.optimizer, self.lr_scheduler,
+                   {"step": self.step, "epoch": self.epoch, "position": self.position}, self.generator)
+        prune_states(self.config.output_dir, self.config.save_last_n)
+        return folder
+
+    def resume(self, folder: str) -> None:
+        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler, self.generator)
+        self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
+        self.log(f"resumed from {folder} at step {self.step}")
+
+    def run(self) -> str:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        os.makedirs(config.output_dir, exist_ok=True)
+        if config.resume:
+            self.resume(config.resume)
+        self.log(describe_budget(config, self.batch_size))
+        batches = self._batches()
+        bar = tqdm(total=config.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        while self.step < config.max_train_steps:
+            loss = self.train_step(next(batches))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+            if self.writer is not None:
+                self.writer.add_scalar("loss", loss, self.step)
+                self.writer.add_scalar("lr", self.lr_scheduler.get_last_lr()[0], self.step)
+            if config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
+                self.save_state()
+            if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
+                self._log_validation()
+        bar.close()
+        if self.writer is not None:
+            for i, (total, count) in enumerate(zip(self.interval_loss, self.interval_count)):
+                if count:
+                    self.writer.add_scalar(f"interval_loss/{i}", float(total / count), self.step)
+            self.writer.flush()
+        path = os.path.join(config.output_dir, f"{config.output_name}.safetensors")
+        self.network.save(path, metadata={"ss_output_name": config.output_name, "modelspec.title": config.output_name,
+                                          "ss_network_module": "networks.tsm_lora",
+                                          "ss_network_dim": str(config.network_dim),
+                                          "ss_network_alpha": str(config.network_alpha),
+                                          "ss_base_model_version": self.network.family.base_model_version,
+                                          "ss_v2": str(self.network.family.v2), "ss_steps": str(self.step),
+                                          "tsm.trainer_stage": config.tsm_stage})
+        self.log(f"saved {path}")
+        return path
+
+    def _log_validation(self) -> list[float]:
+        losses = self.validate()
+        if self.writer is not None:
+            for i, v in enumerate(losses):
+                self.writer.add_scalar(f"val_interval_loss/{i}", v, self.step)
+        self.log("validation loss per interval: " + " ".join(f"{v:.4f}" for v in losses))
+        return losses
+
