@@ -75,4 +75,4 @@ def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
         for p in trainer.network.trainable_parameters():
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 1"):
-        trainer.train_step(next(make_batches(0)))
+        trainer.train_step([next(make_batches(0))])

@@ -2,7 +2,7 @@
 
 A state folder ``state-{step}`` holds ``network.safetensors`` (the native file),
 ``optimizer.safetensors`` + ``state.json`` (optimizer scalars, scheduler, step, data position,
-RNG states). Folders are written under a temp name and renamed, so a crash never leaves a
+the global RNG state). Folders are written under a temp name and renamed, so a crash never leaves a
 half-written state behind.
 """
 
@@ -30,7 +30,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict, generator: torch.Generator) -> None:
+def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict) -> None:
     """Write a resumable state to ``folder`` atomically (temp folder + rename)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -38,8 +38,7 @@ def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict, gener
     try:
         network.save(os.path.join(tmp, "network.safetensors"))
         tensors, rest = _optimizer_tensors(optimizer)
-        rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-        save_file_atomic({**tensors, **{f"rng.{k}": v for k, v in rng.items()}},
+        save_file_atomic({**tensors, "rng.torch_cpu": torch.get_rng_state()},
                          os.path.join(tmp, "optimizer.safetensors"), add_hashes=False)
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"optimizer": rest, "lr_scheduler": lr_scheduler.state_dict(), **extra}, f)
@@ -51,7 +50,7 @@ def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict, gener
         raise
 
 
-def load_state(folder: str, network, optimizer, lr_scheduler, generator: torch.Generator) -> dict:
+def load_state(folder: str, network, optimizer, lr_scheduler) -> dict:
     """Restore what :func:`save_state` wrote; returns the ``extra`` dict (step, data position...)."""
     for name in ("network.safetensors", "optimizer.safetensors", "state.json"):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -71,8 +70,7 @@ def load_state(folder: str, network, optimizer, lr_scheduler, generator: torch.G
         per_param.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": opt["param_groups"]})
     lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])  # dropout draws from the global generator
     return state
 
 

@@ -55,9 +55,10 @@ class StableDiffusionFamily:
                         return_tensors="pt").input_ids.to(device)
         return {"encoder_hidden_states": c.text_encoders[0](ids)[0]}
 
-    def encode_images(self, c: Components, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f)."""
-        latents = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist.sample()
+    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled with ``generator``."""
+        dist = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
         return latents * c.vae.config.scaling_factor
 
     def noisy_input_and_target(self, c: Components, latents, noise, timesteps):

@@ -95,20 +95,27 @@ class Trainer:
     deterministic order for the epoch; ``validation`` is a fixed list of such batches."""
 
     def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
-                 batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print):
+                 batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print,
+                 accelerator=None):
+        from accelerate import Accelerator
+
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
+                                                      cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
         self.config, self.family, self.c = config, family, components
         self.make_batches, self.batch_size = make_batches, batch_size
         self.validation = validation or []
         self.log = log
-        torch.manual_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # identical network init on every process
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
+            module.to(self.device)
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
             components.denoiser.enable_gradient_checkpointing()
             components.denoiser.train()
         self.T = family.num_train_timesteps
-        self.network = build_network(config, components, self.T)
+        self.network = build_network(config, components, self.T).to(self.device)
+        torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
         lr_te = config.text_encoder_lr if config.text_encoder_lr >= 0 else config.learning_rate
         groups = [{"params": self.network.trainable_parameters(text_encoder=False), "lr": config.learning_rate}]
         te_params = self.network.trainable_parameters(denoiser=False)
@@ -132,38 +139,57 @@ class Trainer:
     def _loss(self, batch: dict, timesteps: torch.Tensor, noise_seed_generator: torch.Generator) -> torch.Tensor:
         c, family = self.c, self.family
         with torch.no_grad():
-            latents = family.encode_images(c, batch["pixels"])
-        cond = family.encode_text(c, batch["captions"], latents.device)
+            latents = family.encode_images(c, batch["pixels"].to(self.device), noise_seed_generator).float()
+        # Noise comes from a CPU generator so that runs (and resumes) are reproducible on any device.
         noise = torch.randn(latents.shape, generator=noise_seed_generator)
         if self.config.noise_offset:
             noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1),
                                                                    generator=noise_seed_generator)
-        noisy, target = family.noisy_input_and_target(c, latents, noise, timesteps)
-        pred = family.predict(c, noisy, timesteps, cond)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        with self.accelerator.autocast():
+            cond = family.encode_text(c, batch["captions"], self.device)
+            noisy, target = family.noisy_input_and_target(c, latents, noise, timesteps)
+            pred = family.predict(c, noisy, timesteps, cond)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
         return loss  # (B,)
 
-    def train_step(self, batch: dict) -> float:
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
         self.network.train()
-        timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, self.generator, self.T)
-        per_sample = self._loss(batch, timesteps, self.generator)
-        weights = self.family.loss_weights(self.c, timesteps, self.config.min_snr_gamma)
-        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); the last good "
-                f"checkpoint in {self.config.output_dir} is kept. Lower --learning_rate or use --mixed_precision bf16")
-        loss.backward()
+        total = 0.0
+        for micro, batch in enumerate(micro_batches):
+            g = self._generator(micro)
+            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T)
+            per_sample = self._loss(batch, timesteps, g)
+            weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma)
+            loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); the last good "
+                    f"checkpoint in {self.config.output_dir} is kept. Lower --learning_rate or use --mixed_precision bf16")
+            (loss / len(micro_batches)).backward()
+            total += loss.item() / len(micro_batches)
+            idx = expert_index(timesteps, LOG_INTERVALS, self.T)
+            self.interval_loss.index_add_(0, idx, per_sample.detach().float().cpu())
+            self.interval_count.index_add_(0, idx, torch.ones(len(idx)))
+        params = self.network.trainable_parameters()
+        if self.accelerator.num_processes > 1:
+            sync_gradients(params, self.accelerator)
         if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.network.trainable_parameters(), self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        idx = expert_index(timesteps, LOG_INTERVALS, self.T)
-        self.interval_loss.index_add_(0, idx, per_sample.detach().float())
-        self.interval_count.index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float32))
         self.step += 1
-        return loss.item()
+        return total
+
+    def _generator(self, micro: int) -> torch.Generator:
+        """Noise and timesteps of (step, process, micro-batch) come from their own seed, so a
+        resumed run draws exactly what the uninterrupted one did, on every process."""
+        import numpy as np
+
+        seed = np.random.SeedSequence([self.config.seed, self.step, self.accelerator.process_index, micro])
+        return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
     # -- validation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -183,24 +209,27 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
+        """This process's batches: every ``num_processes``-th of the epoch's global order."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         while True:
             for i, batch in enumerate(self.make_batches(self.epoch)):
                 if i < self.position:
                     continue  # resumed inside an epoch
                 self.position = i + 1
-                yield batch
+                if i % world == rank:
+                    yield batch
             self.epoch += 1
             self.position = 0
 
     def save_state(self) -> str:
         folder = os.path.join(self.config.output_dir, f"state-{self.step}")
         save_state(folder, self.network, self.optimizer, self.lr_scheduler,
-                   {"step": self.step, "epoch": self.epoch, "position": self.position}, self.generator)
+                   {"step": self.step, "epoch": self.epoch, "position": self.position})
         prune_states(self.config.output_dir, self.config.save_last_n)
         return folder
 
     def resume(self, folder: str) -> None:
-        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler, self.generator)
+        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler)
         self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
         self.log(f"resumed from {folder} at step {self.step}")
 
@@ -213,15 +242,16 @@ class Trainer:
             self.resume(config.resume)
         self.log(describe_budget(config, self.batch_size))
         batches = self._batches()
-        bar = tqdm(total=config.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        main = self.accelerator.is_main_process
+        bar = tqdm(total=config.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
         while self.step < config.max_train_steps:
-            loss = self.train_step(next(batches))
+            loss = self.train_step([next(batches) for _ in range(config.gradient_accumulation_steps)])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, self.step)
                 self.writer.add_scalar("lr", self.lr_scheduler.get_last_lr()[0], self.step)
-            if config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
+            if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
                 self.save_state()
             if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
                 self._log_validation()
@@ -232,6 +262,8 @@ class Trainer:
                     self.writer.add_scalar(f"interval_loss/{i}", float(total / count), self.step)
             self.writer.flush()
         path = os.path.join(config.output_dir, f"{config.output_name}.safetensors")
+        if not main:
+            return path
         self.network.save(path, metadata={"ss_output_name": config.output_name, "modelspec.title": config.output_name,
                                           "ss_network_module": "networks.tsm_lora",
                                           "ss_network_dim": str(config.network_dim),
@@ -250,3 +282,27 @@ class Trainer:
         self.log("validation loss per interval: " + " ".join(f"{v:.4f}" for v in losses))
         return losses
 
+
+
+def sync_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """All-reduce (average) gradients across processes in one flat buffer, keeping
+    ``grad is None`` for experts that no process used this step, so the optimizer leaves them
+    untouched everywhere. An expert used elsewhere but not here contributes zeros here.
+    """
+    import torch.distributed as dist
+
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=accelerator.device)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    active = [p for p, flag in zip(params, used.tolist()) if flag]
+    for p in active:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not active:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in active])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p in active:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
