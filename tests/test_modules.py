@@ -205,3 +205,24 @@ def test_dropouts_only_in_training_and_plain_lora():
     assert len(outs) > 1  # stochastic in training
     m.remove()
     torch.testing.assert_close(org(x), x @ org.weight.T + org.bias)
+
+
+def test_two_wrappers_on_one_layer_stack_and_unstack_in_reverse_order():
+    org = _linear()
+    x = torch.randn(2, 6)
+    base = org(x)
+    first = LoRAModule("a", org, 2, 2.0)
+    second = LoRAModule("b", org, 2, 2.0)
+    _randomise(first)
+    _randomise(second)
+    first.apply_to()
+    one = org(x)
+    second.apply_to()
+    both = org(x)
+    torch.testing.assert_close(both - one, one - base, rtol=1e-5, atol=1e-6)  # same weights: same delta again
+    with pytest.raises(RuntimeError, match="remove that one first"):
+        first.remove()
+    second.remove()
+    torch.testing.assert_close(org(x), one)
+    first.remove()
+    torch.testing.assert_close(org(x), base)

@@ -128,3 +128,11 @@ def test_sd1_file_names_resolve_on_an_sgm_layout_unet():
         {"lora_unet_down_blocks_1_attentions_0_proj_in": layer}
     with pytest.raises(TSMFileError, match="not in this model"):
         resolve_layers(["lora_unet_nowhere"], index)
+
+
+def test_switcher_rejects_a_file_whose_shapes_do_not_fit(foster_file):
+    tensors, meta = load_file(foster_file)
+    other = tiny_unet(cross_attention_dim=24)
+    names = sorted({k.split(".", 1)[0] for k in tensors})
+    with pytest.raises(TSMFileError, match="attn2_to_k.*does not fit the layer's weight"):
+        ExpertSwitcher(tensors, meta, resolve_layers(names, layers_by_lora_name(other), foster_file))

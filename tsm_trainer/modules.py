@@ -79,13 +79,22 @@ class _WrappedModule(nn.Module):
     def apply_to(self) -> None:
         if self._org_forward is not None:
             return
+        # An earlier wrapper (another network) may already sit on the instance: keep it.
+        self._previous_forward = self.org_module.__dict__.get("forward")
         self._org_forward = self.org_module.forward
         self.org_module.forward = self.forward
 
     def remove(self) -> None:
+        """Uninstall; wrappers stacked on one layer come off in reverse order."""
         if self._org_forward is None:
             return
-        del self.org_module.forward  # drop the instance attribute, back to the class method
+        if self.org_module.__dict__.get("forward") != self.forward:
+            raise RuntimeError(f"{self.lora_name}: another wrapper was installed on this layer after this one; "
+                               "remove that one first")
+        if self._previous_forward is None:
+            del self.org_module.forward  # back to the class method
+        else:
+            self.org_module.forward = self._previous_forward
         self._org_forward = None
 
     # -- functional pieces ----------------------------------------------------------------

@@ -83,6 +83,16 @@ class ExpertSwitcher:
         missing = [n for n in self._expert_modules if n not in self.layers]
         if missing:
             raise TSMFileError(f"{path}: no layer given for {len(missing)} module(s), e.g. {missing[:3]}")
+        for key, value in tensors.items():  # fail now, not in a merge mid-sampling
+            name = key.split(".", 1)[0]
+            if name in self.layers and key.endswith("lora_down.weight"):
+                weight = self.layers[name].weight
+                if tuple(value.shape[1:]) != tuple(weight.shape[1:]):
+                    raise TSMFileError(f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
+                                       f"layer's weight {tuple(weight.shape)}")
+            elif name in self.layers and key.endswith("lora_up.weight") and value.shape[0] != self.layers[name].weight.shape[0]:
+                raise TSMFileError(f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
+                                   f"layer's weight {tuple(self.layers[name].weight.shape)}")
 
     def expert_for(self, t: torch.Tensor | float) -> int:
         """The expert of t (all samples of a call must share it: UIs pass one sigma per step)."""

@@ -1,0 +1,651 @@
+"""The ComfyUI node `Load TSM LoRA` (extensions/comfyui-tsm) against stand-ins of ComfyUI.
+
+No ComfyUI is installed here. The stand-ins below reimplement only what the adapter and a
+sampling run touch, with ComfyUI's names and signatures (comfyanonymous/ComfyUI):
+
+- ``folder_paths.py``: get_filename_list, get_full_path, get_full_path_or_raise
+- ``comfy/patcher_extension.py``: CallbacksMP, WrappersMP, WrapperExecutor, get_all_wrappers,
+  copy_nested_dicts (verbatim semantics)
+- ``comfy/model_patcher.py``: ModelPatcher.clone / add_patches / add_wrapper_with_key / get_wrappers /
+  add_callback_with_key / get_all_callbacks / pre_run / cleanup (fires ON_CLEANUP)
+- ``comfy/model_base.py``: BaseModel.apply_model (runs the APPLY_MODEL wrappers with class_obj=self
+  around _apply_model, which computes ``t = self.model_sampling.timestep(sigma).float()``)
+- ``comfy/model_sampling.py`` ModelSamplingDiscrete + EPS, with
+  ``comfy/ldm/modules/diffusionmodules/util.py`` make_beta_schedule("linear") (scaled-linear betas)
+- ``comfy/samplers.py``: CFGGuider.outer_sample (pre_run, sampling, ``finally: cleanup()``),
+  calc_cond_batch (cond and uncond in one apply_model call), karras/simple schedulers;
+  ``comfy/sampler_helpers.py`` prepare_model_patcher (patcher wrappers/callbacks -> transformer_options);
+  ``comfy/k_diffusion/sampling.py`` get_sigmas_karras, sample_euler
+- ``comfy/lora.py``: load_lora, model_lora_keys_clip (CLIP-L part), calculate_weight ("lora" patches);
+  ``comfy/sd.py``: CLIP.clone / add_patches; ``comfy/sd1_clip.py``: SD1ClipModel.clip_l.transformer
+
+The model's ``diffusion_model`` is a tiny diffusers UNet (its kohya names are the file's names).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import networks.tsm_lora as tsm_lora
+from tests.tiny_models import tiny_clip, tiny_unet
+from tsm_trainer import TSMConfig, TSMNetwork
+from tsm_trainer.file_format import TSMFileError
+from tsm_trainer.intervals import expert_index
+from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM
+
+EXT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "comfyui-tsm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stand-ins
+# ----------------------------------------------------------------------------------------------
+class CallbacksMP:  # comfy/patcher_extension.py
+    ON_CLONE = "on_clone"
+    ON_CLEANUP = "on_cleanup"
+    ON_PRE_RUN = "on_pre_run"
+
+
+class WrappersMP:  # comfy/patcher_extension.py
+    OUTER_SAMPLE = "outer_sample"
+    SAMPLER_SAMPLE = "sampler_sample"
+    CALC_COND_BATCH = "calc_cond_batch"
+    APPLY_MODEL = "apply_model"
+    DIFFUSION_MODEL = "diffusion_model"
+
+
+def get_all_wrappers(wrapper_type, transformer_options, is_model_options=False):  # comfy/patcher_extension.py
+    if is_model_options:
+        transformer_options = transformer_options.get("transformer_options", {})
+    w_list = []
+    for w in transformer_options.get("wrappers", {}).get(wrapper_type, {}).values():
+        w_list.extend(w)
+    return w_list
+
+
+class WrapperExecutor:  # comfy/patcher_extension.py
+    def __init__(self, original, class_obj, wrappers, idx):
+        self.original, self.class_obj, self.wrappers, self.idx = original, class_obj, wrappers.copy(), idx
+        self.is_last = idx == len(wrappers)
+
+    def __call__(self, *args, **kwargs):
+        return WrapperExecutor(self.original, self.class_obj, self.wrappers, self.idx + 1).execute(*args, **kwargs)
+
+    def execute(self, *args, **kwargs):
+        if self.is_last:
+            return self.original(*args, **kwargs)
+        return self.wrappers[self.idx](self, *args, **kwargs)
+
+    @classmethod
+    def new_class_executor(cls, original, class_obj, wrappers, idx=0):
+        return cls(original, class_obj, wrappers, idx)
+
+
+def copy_nested_dicts(input_dict):  # comfy/patcher_extension.py
+    new_dict = input_dict.copy()
+    for key, value in input_dict.items():
+        if isinstance(value, dict):
+            new_dict[key] = copy_nested_dicts(value)
+        elif isinstance(value, list):
+            new_dict[key] = value.copy()
+    return new_dict
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
+    # comfy/ldm/modules/diffusionmodules/util.py ("linear" is the scaled-linear schedule of SD)
+    assert schedule == "linear"
+    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+
+
+class EPS:  # comfy/model_sampling.py
+    def calculate_input(self, sigma, noise):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        return noise / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        return model_input - model_output * sigma
+
+
+class ModelSamplingDiscrete(torch.nn.Module):  # comfy/model_sampling.py
+    def __init__(self, model_config=None):
+        super().__init__()
+        betas = make_beta_schedule("linear", 1000, linear_start=0.00085, linear_end=0.012)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.num_timesteps = 1000
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log().float())
+        self.sigma_data = 1.0
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        log_sigma = sigma.log()
+        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=(len(self.sigmas) - 1))
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
+        return log_sigma.exp().to(timestep.device)
+
+
+class ModelSampling(ModelSamplingDiscrete, EPS):  # comfy/model_base.py model_sampling(): class ModelSampling(s, c)
+    pass
+
+
+class BaseModel(torch.nn.Module):  # comfy/model_base.py
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.model_sampling = ModelSampling()
+        self.device = torch.device("cpu")
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        return WrapperExecutor.new_class_executor(
+            self._apply_model, self, get_all_wrappers(WrappersMP.APPLY_MODEL, transformer_options)
+        ).execute(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        t = self.model_sampling.timestep(t).float()
+        # ComfyUI: self.diffusion_model(xc, t, context=context, control=..., transformer_options=...);
+        # a diffusers UNet takes the context as encoder_hidden_states.
+        model_output = self.diffusion_model(xc, t, encoder_hidden_states=c_crossattn).sample
+        return self.model_sampling.calculate_denoised(sigma, model_output.float(), x)
+
+
+def calculate_weight(patches, weight, key):  # comfy/lora.py, the "lora" patch type only
+    for strength, v, strength_model, offset, function in patches:
+        if strength_model != 1.0:
+            weight *= strength_model
+        kind, (up, down, alpha, mid) = v
+        assert kind == "lora" and mid is None
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        weight += (strength * scale * (up.flatten(1).float() @ down.flatten(1).float())).reshape(weight.shape)
+    return weight
+
+
+class ModelPatcher:  # comfy/model_patcher.py
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.size, self.weight_inplace_update = size, weight_inplace_update
+        self.patches, self.backup = {}, {}
+        self.model_options = {"transformer_options": {}}
+        self.parent = None
+        self.callbacks, self.wrappers = {}, {}
+
+    def clone(self):
+        n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.weight_inplace_update)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.model_options = copy.deepcopy(self.model_options)
+        n.backup, n.parent = self.backup, self
+        for k, c in self.callbacks.items():
+            n.callbacks[k] = {k1: c1.copy() for k1, c1 in c.items()}
+        for k, w in self.wrappers.items():
+            n.wrappers[k] = {k1: w1.copy() for k1, w1 in w.items()}
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        p = set()
+        model_sd = self.model.state_dict()
+        for k in patches:
+            if k in model_sd:
+                p.add(k)
+                self.patches.setdefault(k, []).append((strength_patch, patches[k], strength_model, None, None))
+        return list(p)
+
+    def patch_model(self):  # the weight part of ModelPatcher.load / patch_weight_to_device
+        for key, patches in self.patches.items():
+            param = self.model.get_parameter(key)
+            self.backup[key] = param.detach().clone()
+            with torch.no_grad():
+                param.copy_(calculate_weight(patches, param.detach().float().clone(), key).to(param.dtype))
+
+    def unpatch_model(self):
+        for key, weight in self.backup.items():
+            with torch.no_grad():
+                self.model.get_parameter(key).copy_(weight)
+        self.backup.clear()
+
+    def add_callback_with_key(self, call_type, key, callback):
+        self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def get_all_callbacks(self, call_type):
+        return [c for cs in self.callbacks.get(call_type, {}).values() for c in cs]
+
+    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def get_wrappers(self, wrapper_type, key):
+        return self.wrappers.get(wrapper_type, {}).get(key, [])
+
+    def pre_run(self):
+        for callback in self.get_all_callbacks(CallbacksMP.ON_PRE_RUN):
+            callback(self)
+
+    def cleanup(self):
+        for callback in self.get_all_callbacks(CallbacksMP.ON_CLEANUP):
+            callback(self)
+
+
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def model_lora_keys_clip(model, key_map={}):  # comfy/lora.py (the CLIP-L part)
+    sdk = model.state_dict().keys()
+    for b in range(32):
+        for c in LORA_CLIP_MAP:
+            k = "clip_l.transformer.text_model.encoder.layers.{}.{}.weight".format(b, c)
+            if k in sdk:
+                key_map["lora_te_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c])] = k
+                key_map["lora_te1_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c])] = k
+    return key_map
+
+
+def load_lora(lora, to_load, log_missing=True):  # comfy/lora.py (regular kohya keys)
+    patch_dict = {}
+    for x in to_load:
+        alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
+        if f"{x}.lora_up.weight" in lora:
+            patch_dict[to_load[x]] = ("lora", (lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"], alpha, None))
+    return patch_dict
+
+
+class SD1ClipModel(torch.nn.Module):
+    """comfy/sd1_clip.py SD1ClipModel: keys ``clip_l.transformer.text_model.encoder.layers...``
+    (comfy/clip_model.py CLIPTextModel holds ``text_model``); the transformers CLIP goes there."""
+
+    def __init__(self, text_model):
+        super().__init__()
+        self.clip_l = torch.nn.Module()
+        self.clip_l.transformer = torch.nn.Module()
+        self.clip_l.transformer.text_model = text_model
+
+
+class CLIP:  # comfy/sd.py
+    def __init__(self, cond_stage_model=None, no_init=False):
+        if no_init:
+            return
+        self.cond_stage_model = cond_stage_model
+        self.patcher = ModelPatcher(cond_stage_model, torch.device("cpu"), torch.device("cpu"))
+
+    def clone(self):
+        n = CLIP(no_init=True)
+        n.patcher = self.patcher.clone()
+        n.cond_stage_model = self.cond_stage_model
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):  # comfy/k_diffusion/sampling.py
+    ramp = torch.linspace(0, 1, n, device=device)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def simple_scheduler(model_sampling, steps):  # comfy/samplers.py
+    s = model_sampling
+    sigs = []
+    ss = len(s.sigmas) / steps
+    for x in range(steps):
+        sigs += [float(s.sigmas[-(1 + int(x * ss))])]
+    sigs += [0.0]
+    return torch.FloatTensor(sigs)
+
+
+def calculate_sigmas(model_sampling, scheduler_name, steps):  # comfy/samplers.py
+    if scheduler_name == "karras":
+        return get_sigmas_karras(n=steps, sigma_min=float(model_sampling.sigma_min), sigma_max=float(model_sampling.sigma_max))
+    return simple_scheduler(model_sampling, steps)
+
+
+def outer_sample(patcher, noise, sigmas, cond, uncond, cfg=4.0):
+    """CFGGuider.outer_sample + sample_euler + calc_cond_batch (comfy/samplers.py, k_diffusion/sampling.py)."""
+    model_options = copy_nested_dicts(patcher.model_options)
+    # comfy/sampler_helpers.py prepare_model_patcher
+    model_options["transformer_options"]["wrappers"] = copy_nested_dicts(patcher.wrappers)
+    model_options["transformer_options"]["callbacks"] = copy_nested_dicts(patcher.callbacks)
+    model = patcher.model
+    patcher.patch_model()  # load_models_gpu in prepare_sampling: weight patches of other LoRAs
+    x = noise * sigmas[0]
+    try:
+        patcher.pre_run()
+        with torch.no_grad():
+            for i in range(len(sigmas) - 1):
+                sigma = sigmas[i] * x.new_ones([x.shape[0]])
+                to = model_options["transformer_options"].copy()
+                to["sigmas"] = sigma
+                out = model.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                        c_crossattn=torch.cat([cond, uncond]), transformer_options=to)
+                cond_out, uncond_out = out.chunk(2)
+                denoised = uncond_out + (cond_out - uncond_out) * cfg
+                d = (x - denoised) / sigmas[i]
+                x = x + d * (sigmas[i + 1] - sigmas[i])
+    finally:
+        patcher.cleanup()
+    patcher.unpatch_model()
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------
+def _randomise(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    # Stage 1: 8 experts + the shared text-encoder LoRA.
+    net = TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0, conv_rank=2), tiny_unet(), [tiny_clip()])
+    _randomise(net)
+    net.save(str(folder / "f8.safetensors"))
+    # Stage 2: [8, 1] assembled, routers non-zero.
+    unet = tiny_unet()
+    files = []
+    for scales, seed in (("8", 1), ("1", 2)):
+        n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
+        _randomise(n, seed)
+        files.append(str(folder / f"_{scales}.safetensors"))
+        n.save_weights(files[-1], None, None)
+    n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                tsm_experts=",".join(files))
+    with torch.no_grad():
+        for lora in n.denoiser_loras:
+            lora.router.embedding.normal_(0, 0.5)
+            lora.router.fc.weight.normal_(0, 0.5)
+    n.save_weights(str(folder / "a81.safetensors"), None, None)
+    return folder
+
+
+@pytest.fixture
+def comfy(lora_dir, monkeypatch, tmp_path):
+    """The stand-ins in sys.modules, then the extension loaded as ComfyUI loads a custom node
+    (spec_from_file_location on <folder>/__init__.py), through a symlinked folder."""
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda folder_name: sorted(os.listdir(lora_dir)) if folder_name == "loras" else []
+
+    def get_full_path(folder_name, filename):
+        path = os.path.join(lora_dir, filename)
+        return path if folder_name == "loras" and os.path.isfile(path) else None
+
+    def get_full_path_or_raise(folder_name, filename):
+        path = get_full_path(folder_name, filename)
+        if path is None:
+            raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+        return path
+
+    folder_paths.get_full_path, folder_paths.get_full_path_or_raise = get_full_path, get_full_path_or_raise
+    pkg = types.ModuleType("comfy")
+    pkg.__path__ = []
+    ext = types.ModuleType("comfy.patcher_extension")
+    for obj in (CallbacksMP, WrappersMP, WrapperExecutor, get_all_wrappers, copy_nested_dicts):
+        setattr(ext, obj.__name__, obj)
+    lora = types.ModuleType("comfy.lora")
+    lora.load_lora, lora.model_lora_keys_clip, lora.calculate_weight = load_lora, model_lora_keys_clip, calculate_weight
+    mp = types.ModuleType("comfy.model_patcher")
+    mp.ModelPatcher = ModelPatcher
+    pkg.patcher_extension, pkg.lora, pkg.model_patcher = ext, lora, mp
+    for name, mod in (("folder_paths", folder_paths), ("comfy", pkg), ("comfy.patcher_extension", ext),
+                      ("comfy.lora", lora), ("comfy.model_patcher", mp)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    link = custom_nodes / "comfyui-tsm"
+    os.symlink(EXT_DIR, link)
+    module_name = str(link).replace(".", "_x_")  # as nodes.py load_custom_node names a folder's module
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(link, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, module_name, module)
+    spec.loader.exec_module(module)
+    yield types.SimpleNamespace(module=module, nodes=sys.modules[module_name + ".nodes"], lora_dir=lora_dir)
+    sys.modules.pop(module_name + ".nodes", None)
+
+
+def _model_and_clip(seed=0):
+    base = BaseModel(tiny_unet(seed=seed))
+    model = ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    clip = CLIP(SD1ClipModel(tiny_clip(seed=seed)))
+    return model, clip
+
+
+def _inputs(batch=1):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 16, generator=g),
+            torch.randn(batch, 5, 16, generator=g))
+
+
+def _state(patched, nodes):
+    (wrapper,) = patched.get_wrappers(WrappersMP.APPLY_MODEL, nodes.WRAPPER_KEY)
+    return wrapper.__self__
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_outputs(path, sigmas):
+    """Training-time TSM (TSMNetwork.from_file) on a fresh model: the UNet output per sigma."""
+    base = BaseModel(tiny_unet())
+    net = TSMNetwork.from_file(path, base.diffusion_model, [tiny_clip()])
+    net.apply()
+    net.attach(base.diffusion_model)
+    return {s: _unet_output(base, s) for s in sigmas}
+
+
+def _unet_output(base, sigma, patcher=None, batch=2):
+    """One apply_model call at sigma (a sampling run of one call when patcher is given)."""
+    x, c, _ = _inputs(batch)
+    seen = []
+    handle = base.diffusion_model.register_forward_hook(lambda m, a, out: seen.append(out.sample.clone()))
+    sig = torch.as_tensor(sigma, dtype=torch.float32).expand(batch).clone()
+    to = {"wrappers": copy_nested_dicts(patcher.wrappers)} if patcher is not None else {}
+    try:
+        with torch.no_grad():
+            base.apply_model(x, sig, c_crossattn=c, transformer_options=to)
+    finally:
+        handle.remove()
+        if patcher is not None:
+            patcher.cleanup()
+    return seen[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+def test_node_registration_and_interface(comfy):
+    m = comfy.module
+    assert m.NODE_CLASS_MAPPINGS == {"LoadTSMLoRA": comfy.nodes.LoadTSMLoRA}
+    assert m.NODE_DISPLAY_NAME_MAPPINGS == {"LoadTSMLoRA": "Load TSM LoRA"}
+    cls = m.NODE_CLASS_MAPPINGS["LoadTSMLoRA"]
+    required = cls.INPUT_TYPES()["required"]
+    assert list(required) == ["model", "clip", "lora_name", "strength_model", "strength_clip"]
+    assert required["model"][0] == "MODEL" and required["clip"][0] == "CLIP"
+    assert required["lora_name"][0] == sorted(os.listdir(comfy.lora_dir))
+    for key in ("strength_model", "strength_clip"):
+        assert required[key][0] == "FLOAT" and required[key][1]["default"] == 1.0
+    assert cls.RETURN_TYPES == ("MODEL", "CLIP")
+    assert cls.FUNCTION == "load_tsm_lora" and hasattr(cls, cls.FUNCTION)
+    assert isinstance(cls.CATEGORY, str)
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "simple"])
+@pytest.mark.parametrize("steps", [4, 8, 30])
+def test_expert_follows_model_sampling_timestep_and_weights_come_back(comfy, scheduler, steps):
+    model, clip = _model_and_clip()
+    base = model.model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    patched, _ = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "f8.safetensors", 0.8, 1.0)
+    assert patched is not model and patched.model is base
+    state = _state(patched, comfy.nodes)
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())  # nothing applied before sampling
+
+    calls = []
+
+    def record(module, args):
+        runtime = state.runtime
+        assert isinstance(runtime, ExpertSwitcher)
+        calls.append((runtime.active, runtime.merges))
+
+    sigmas = calculate_sigmas(base.model_sampling, scheduler, steps)
+    handle = base.diffusion_model.register_forward_pre_hook(record)
+    try:
+        noise, cond, uncond = _inputs()
+        outer_sample(patched, noise, sigmas, cond, uncond)
+    finally:
+        handle.remove()
+
+    assert len(calls) == steps
+    expected = [expert_index(int(base.model_sampling.timestep(s.reshape(1))), 8) for s in sigmas[:-1]]
+    assert [e for e, _ in calls] == expected
+    crossings = sum(1 for a, b in zip(expected, expected[1:]) if a != b)
+    assert calls[-1][1] == crossings + 1 <= 8  # the first merge plus one per boundary crossed
+    assert state.runtime is None  # ON_CLEANUP ran
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+def test_stage1_output_equals_training_time_network(comfy):
+    path = str(comfy.lora_dir / "f8.safetensors")
+    sigmas = (14.0, 2.0, 0.5, 0.05)
+    reference = _reference_outputs(path, sigmas)
+    model, clip = _model_and_clip()
+    patched, _ = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "f8.safetensors", 1.0, 1.0)
+    for s in sigmas:
+        torch.testing.assert_close(_unet_output(patched.model, s, patched), reference[s], rtol=1e-4, atol=1e-5)
+    # Per-sample sigmas in different experts: the online path for that run, same numbers.
+    base = patched.model
+    x, c, _ = _inputs(2)
+    sig = torch.tensor([14.0, 0.05])
+    seen = []
+    handle = base.diffusion_model.register_forward_hook(lambda m, a, out: seen.append(out.sample.clone()))
+    try:
+        with torch.no_grad():
+            base.apply_model(x, sig, c_crossattn=c, transformer_options={"wrappers": copy_nested_dicts(patched.wrappers)})
+        assert isinstance(_state(patched, comfy.nodes).runtime, OnlineTSM)
+    finally:
+        handle.remove()
+        patched.cleanup()
+    torch.testing.assert_close(seen[0][0], reference[14.0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen[0][1], reference[0.05][1], rtol=1e-4, atol=1e-5)
+
+
+def test_stage1_merges_on_top_of_plain_lora_weight_patches(comfy):
+    """A plain LoRA patched by ComfyUI (ModelPatcher.add_patches, applied at load) stays under the expert."""
+    from safetensors.torch import load_file as st_load
+
+    tensors = st_load(str(comfy.lora_dir / "f8.safetensors"))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    key = "diffusion_model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    model, clip = _model_and_clip()
+    base = model.model
+    layer = base.get_submodule(key[: -len(".weight")])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    plain = torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(5))
+    with_plain = model.clone()
+    with_plain.add_patches({key: ("lora", (plain, torch.eye(plain.shape[1]), float(plain.shape[1]), None))}, 0.5)
+    patched, _ = comfy.nodes.LoadTSMLoRA().load_tsm_lora(with_plain, clip, "f8.safetensors", 0.8, 0.0)
+    seen = []
+
+    def record(module, args):
+        e = _state(patched, comfy.nodes).runtime.active
+        down, up = tensors[f"{name}.tsm.8.{e}.lora_down.weight"], tensors[f"{name}.tsm.8.{e}.lora_up.weight"]
+        expert = 0.8 * float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+        seen.append((layer.weight.detach() - before[key] - 0.5 * plain - expert).abs().max().item())
+
+    handle = base.diffusion_model.register_forward_pre_hook(record)
+    try:
+        noise, cond, uncond = _inputs()
+        outer_sample(patched, noise, calculate_sigmas(base.model_sampling, "karras", 6), cond, uncond)
+    finally:
+        handle.remove()
+    assert len(seen) == 6 and max(seen) < 1e-5
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+def test_stage2_router_file_equals_tsmnetwork(comfy):
+    path = str(comfy.lora_dir / "a81.safetensors")
+    sigmas = (14.0, 1.0, 0.03)
+    reference = _reference_outputs(path, sigmas)
+    model, clip = _model_and_clip()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, clip_out = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "a81.safetensors", 1.0, 1.0)
+    assert clip_out is clip  # no text-encoder LoRA in this file
+    for s in sigmas:
+        out = _unet_output(patched.model, s, patched)
+        torch.testing.assert_close(out, reference[s], rtol=1e-4, atol=1e-5)
+    state = _state(patched, comfy.nodes)
+    assert state.runtime is None
+    assert not any("forward" in vars(m) for m in model.model.diffusion_model.modules())  # wrappers removed
+    assert all(torch.equal(model.model.state_dict()[k], v) for k, v in before.items())
+    # A full sampling run with the router file also leaves the base model as it was.
+    noise, cond, uncond = _inputs()
+    outer_sample(patched, noise, calculate_sigmas(model.model.model_sampling, "karras", 8), cond, uncond)
+    assert all(torch.equal(model.model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_text_encoder_lora_goes_through_comfy_lora_patches(comfy):
+    path = str(comfy.lora_dir / "f8.safetensors")
+    model, clip = _model_and_clip()
+    _, new_clip = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "f8.safetensors", 1.0, 0.7)
+    assert new_clip is not clip and new_clip.cond_stage_model is clip.cond_stage_model and not clip.patcher.patches
+    keys = set(new_clip.patcher.patches)
+    assert keys and all(k.startswith("clip_l.transformer.text_model.encoder.layers.") for k in keys)
+    assert all(p[0][0] == 0.7 for p in new_clip.patcher.patches.values())
+    # Patched the way ComfyUI patches weights, the encoder equals the file's TE LoRA at strength 0.7.
+    ref_te = tiny_clip()
+    net = TSMNetwork.from_file(path, tiny_unet(), [ref_te], multiplier=0.7)
+    net.apply()
+    ids = torch.tensor([[0, 5, 7, 9, 1]])
+    new_clip.patcher.patch_model()
+    try:
+        with torch.no_grad():
+            out = new_clip.cond_stage_model.clip_l.transformer.text_model(ids).last_hidden_state
+            torch.testing.assert_close(out, ref_te(ids).last_hidden_state, rtol=1e-4, atol=1e-5)
+    finally:
+        new_clip.patcher.unpatch_model()
+    # strength_clip 0: the CLIP passes through; strength_model 0: the MODEL does.
+    model_out, clip_out = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "f8.safetensors", 0.0, 0.0)
+    assert model_out is model and clip_out is clip
+    model_out, clip_out = comfy.nodes.LoadTSMLoRA().load_tsm_lora(model, clip, "f8.safetensors", 1.0, 0.0)
+    assert clip_out is clip and model_out is not model
+
+
+def test_clear_errors(comfy, tmp_path):
+    node = comfy.nodes.LoadTSMLoRA()
+    model, clip = _model_and_clip()
+    with pytest.raises(FileNotFoundError):
+        node.load_tsm_lora(model, clip, "missing.safetensors", 1.0, 1.0)
+    patched, _ = node.load_tsm_lora(model, clip, "f8.safetensors", 1.0, 1.0)
+    with pytest.raises(ValueError, match="already went through"):
+        node.load_tsm_lora(patched, clip, "a81.safetensors", 1.0, 1.0)
+    # A model the file doesn't fit: fails at the node, naming the file.
+    other = ModelPatcher(BaseModel(tiny_unet(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)),
+                         torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(TSMFileError, match="f8.safetensors.*not in this model"):
+        node.load_tsm_lora(other, clip, "f8.safetensors", 1.0, 0.0)
