@@ -1,0 +1,38 @@
+"""Data layer of the standalone trainer: kohya dataset TOML -> scanned items -> resumable batches.
+
+Typical use::
+
+    cfg = load_dataset_config("dataset_configs/images_buckets.toml", defaults={"resolution": 512})
+    scan = scan_dataset(cfg, on_error="skip")        # decodes every file now; raises DatasetError if empty
+    ds = TrainDataset(scan, seed=42, latent_cache=LatentCache(vae_encode, cache_dir=None, namespace=vae_id))
+    ds.cache_latents()                               # optional pre-pass, then the VAE may be freed
+    for batch in ds: ...                             # one epoch; ds.state_dict() for exact resume
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
+from .cache import LatentCache, TextEncoderCache
+from .captions import process_caption, read_caption_file
+from .config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config
+from .dataset import TrainDataset
+from .errors import DatasetConfigError, DatasetError
+from .images import IMAGE_EXTENSIONS
+from .scan import Item, Problem, ScanResult, scan_dataset
+
+
+def build_dataset(config: str | Path | DataConfig, seed: int = 0, on_error: Literal["skip", "raise"] = "skip",
+                  defaults: Mapping[str, Any] | None = None, latent_cache: LatentCache | None = None) -> TrainDataset:
+    """load_dataset_config + scan_dataset + TrainDataset in one call."""
+    cfg = config if isinstance(config, DataConfig) else load_dataset_config(config, defaults)
+    return TrainDataset(scan_dataset(cfg, on_error=on_error), seed=seed, latent_cache=latent_cache)
+
+
+__all__ = [
+    "BucketChoice", "BucketSelector", "DataConfig", "DatasetConfig", "DatasetConfigError", "DatasetError",
+    "IMAGE_EXTENSIONS", "Item", "LatentCache", "Problem", "ScanResult", "SubsetConfig", "TextEncoderCache",
+    "TrainDataset", "build_dataset", "load_dataset_config", "make_bucket_resolutions", "parse_dataset_config",
+    "process_caption", "read_caption_file", "scan_dataset",
+]

@@ -1,0 +1,145 @@
+"""Latent and text-encoder output caches, in memory or on disk as .safetensors (atomic writes).
+
+No model is imported here: the caller passes the encode functions.
+
+- LatentCache: key = hash(namespace, file path, mtime+size, bucket, resize, crop, flip), so an
+  edited image, another bucket setting or another VAE (`namespace`) never reuses a stale entry.
+  Value: one sample's latents, e.g. (C, h, w) for an image or (F, C, h, w) / (C, F, h, w) for a clip.
+- TextEncoderCache: key = hash(namespace, caption string). Value: a dict of tensors of one caption
+  (e.g. {"hidden": (L, D), "pooled": (D,)}); `encode` returns them stacked with a batch dim.
+  Valid only while the text encoder is frozen and captions are static (DataConfig.captions_static).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:40]
+
+
+class _TensorStore:
+    """key -> dict[str, Tensor], in a dict (cache_dir None) or as `<cache_dir>/<key>.safetensors`."""
+
+    def __init__(self, cache_dir: str | Path | None):
+        self.dir = Path(cache_dir) if cache_dir is not None else None
+        self.mem: dict[str, dict[str, torch.Tensor]] = {}
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        assert self.dir is not None
+        return self.dir / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.mem if self.dir is None else self.path(key).is_file()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if self.dir is None:
+            return self.mem.get(key)
+        p = self.path(key)
+        return load_file(p) if p.is_file() else None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.dir is None:
+            self.mem[key] = tensors
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"key": key})
+            os.replace(tmp, self.path(key))  # atomic: readers never see a half-written file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class LatentCache:
+    """encode_fn: pixels (B, 3, H, W) or (B, F, 3, H, W) in [-1, 1] -> latents (B, ...); may be None
+    once every needed entry is cached (the VAE can then be freed)."""
+
+    def __init__(self, encode_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                 cache_dir: str | Path | None = None, namespace: str = "", dtype: torch.dtype | None = None):
+        self.encode_fn = encode_fn
+        self.namespace = namespace
+        self.dtype = dtype
+        self.store = _TensorStore(cache_dir)
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, path: str, stamp: str, bucket: tuple[int, int], resized: tuple[int, int],
+            offset: tuple[int, int], flip: bool) -> str:
+        return _digest("latent", self.namespace, os.path.abspath(path), stamp, bucket, resized, offset, flip)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.store
+
+    def get(self, key: str) -> torch.Tensor | None:
+        got = self.store.get(key)
+        return None if got is None else got["latents"]
+
+    def latents(self, keys: list[str], load_pixels: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """(B, ...) latents of `keys`; misses are encoded from load_pixels(miss_indices) and stored."""
+        found = [self.get(k) for k in keys]
+        miss = [i for i, f in enumerate(found) if f is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            if self.encode_fn is None:
+                raise RuntimeError(f"latent cache miss for {len(miss)} sample(s) and no encode function "
+                                   "(cache all latents before freeing the VAE)")
+            with torch.no_grad():
+                enc = self.encode_fn(load_pixels(miss))
+            if self.dtype is not None:
+                enc = enc.to(self.dtype)
+            for j, i in enumerate(miss):
+                found[i] = enc[j].detach().cpu()
+                self.store.put(keys[i], {"latents": found[i]})
+        return torch.stack(found)
+
+
+class TextEncoderCache:
+    """encode_fn: list[str] (B captions) -> dict[str, Tensor] each (B, ...)."""
+
+    def __init__(self, encode_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None,
+                 cache_dir: str | Path | None = None, namespace: str = ""):
+        self.encode_fn = encode_fn
+        self.namespace = namespace
+        self.store = _TensorStore(cache_dir)
+
+    def key(self, caption: str) -> str:
+        return _digest("text", self.namespace, caption)
+
+    def prepare(self, captions: list[str], batch_size: int = 16) -> int:
+        """Encode every caption not cached yet, in batches. Returns the number encoded."""
+        todo = sorted({c for c in captions if self.key(c) not in self.store})
+        for k in range(0, len(todo), batch_size):
+            self._encode_and_store(todo[k:k + batch_size])
+        return len(todo)
+
+    def _encode_and_store(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        if self.encode_fn is None:
+            raise RuntimeError(f"text-encoder cache miss for {captions[0]!r} and no encode function")
+        with torch.no_grad():
+            out = self.encode_fn(captions)
+        rows = [{n: t[i].detach().cpu() for n, t in out.items()} for i in range(len(captions))]
+        for c, r in zip(captions, rows):
+            self.store.put(self.key(c), r)
+        return rows
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Stacked outputs (B, ...) for `captions`, from the cache or encoded (and stored) on a miss."""
+        rows = [self.store.get(self.key(c)) for c in captions]
+        miss = [i for i, r in enumerate(rows) if r is None]
+        if miss:
+            for i, r in zip(miss, self._encode_and_store([captions[i] for i in miss])):
+                rows[i] = r
+        return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}

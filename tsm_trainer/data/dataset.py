@@ -1,0 +1,161 @@
+"""TrainDataset: batches of a scanned kohya dataset config, resumable to the exact batch.
+
+A batch is a dict:
+  "pixels":  (B, 3, H, W) float32 in [-1, 1], or (B, F, 3, H, W) for video datasets
+             (absent when a LatentCache is attached: then "latents" (B, ...) instead)
+  "captions": list[str] of B processed captions (shuffle / dropout / wildcards applied)
+  "keys":    list[str] of B source paths (image file or clip folder)
+  "bucket":  (H, W) of the pixels
+  "is_reg":  (B,) bool, DreamBooth regularisation subsets
+  "network_multiplier": float of the dataset, "dataset": int index, "flipped": list[bool]
+
+Randomness (bucket shuffles, batch order, caption shuffle/dropout, flip, random crop) is a pure
+function of (seed, epoch, position), so `load_state_dict(state_dict())` continues identically.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .cache import LatentCache
+from .captions import process_caption
+from .config import DataConfig
+from .errors import DatasetConfigError
+from .images import crop_offset, load_sample
+from .sampler import PlannedBatch, epoch_rng, plan_epoch
+from .scan import Item, ScanResult
+
+
+class TrainDataset:
+    def __init__(self, scan: ScanResult, seed: int = 0, shuffle: bool = True,
+                 latent_cache: LatentCache | None = None):
+        self.config: DataConfig = scan.config
+        self.items = scan.items
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.latent_cache = latent_cache
+        if latent_cache is not None:
+            for d in self.config.datasets:
+                for s in d.subsets:
+                    if s.random_crop:
+                        raise DatasetConfigError(f"{s.where}: key 'random_crop' = true cannot be used with latent "
+                                                 "caching (the crop changes every epoch); set it false or "
+                                                 "disable latent caching")
+        self._batch_sizes = [d.batch_size for d in self.config.datasets]
+        self._repeats = [[s.num_repeats for s in d.subsets] for d in self.config.datasets]
+        self.epoch = 0
+        self.position = 0
+        self._plan_cache: tuple[int, list[PlannedBatch]] | None = None
+
+    # ----- plan and resume state -------------------------------------------------------------
+    def plan(self, epoch: int) -> list[PlannedBatch]:
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, plan_epoch(self.items, self._batch_sizes, self._repeats,
+                                                  self.seed, epoch, self.shuffle))
+        return self._plan_cache[1]
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same every epoch)."""
+        return len(self.plan(0))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch, repeats included."""
+        return sum(self._repeats[d][it.subset] for d, ds in enumerate(self.items) for it in ds)
+
+    def _fingerprint(self) -> str:
+        return f"{len(self)}:{sum(len(x) for x in self.items)}:{self.seed}"
+
+    def state_dict(self) -> dict:
+        """{"epoch", "position" (next batch index in the epoch), "seed", "fingerprint"}."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        if state.get("fingerprint") not in (None, self._fingerprint()):
+            raise ValueError(f"the dataset changed since this state was saved ({state['fingerprint']} -> "
+                             f"{self._fingerprint()}, batches:items:seed); an exact resume is impossible")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[dict]:
+        """The remaining batches of the current epoch; afterwards epoch += 1 and position = 0."""
+        plan = self.plan(self.epoch)
+        while self.position < len(plan):
+            batch = self.batch(self.epoch, self.position)
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    # ----- assembling one batch ----------------------------------------------------------------
+    def _sample_rng(self, epoch: int, index: int, j: int) -> np.random.Generator:
+        return epoch_rng(self.seed, epoch, 3, index, j)
+
+    def batch(self, epoch: int, index: int) -> dict:
+        """Batch `index` of `epoch` (random access; does not move the iterator)."""
+        pb = self.plan(epoch)[index]
+        dcfg = self.config.datasets[pb.dataset]
+        video = dcfg.video_frames is not None
+        items = [self.items[pb.dataset][e] for e in pb.entries]
+        captions, flips, offsets = [], [], []
+        for j, it in enumerate(items):
+            sub = dcfg.subsets[it.subset]
+            rng = self._sample_rng(epoch, index, j)
+            flips.append(bool(sub.flip_aug and rng.random() < 0.5))
+            offsets.append(crop_offset(it.choice, sub.random_crop, rng))
+            captions.append(process_caption(it.caption, sub, rng, epoch))
+
+        def pixels(which: list[int]) -> torch.Tensor:
+            return torch.stack([load_sample(items[i].frames, video, items[i].choice, offsets[i], flips[i])
+                                for i in which])
+
+        out = {"captions": captions, "keys": [it.path for it in items], "bucket": (pb.bucket[1], pb.bucket[0]),
+               "is_reg": torch.tensor([dcfg.subsets[it.subset].is_reg for it in items]),
+               "network_multiplier": dcfg.network_multiplier, "dataset": pb.dataset, "flipped": flips}
+        if self.latent_cache is None:
+            out["pixels"] = pixels(list(range(len(items))))
+        else:
+            keys = [self.latent_cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, offsets[i],
+                                          flips[i]) for i, it in enumerate(items)]
+            out["latents"] = self.latent_cache.latents(keys, pixels)
+        return out
+
+    # ----- cache preparation -------------------------------------------------------------------
+    def cache_latents(self, batch_size: int = 8) -> int:
+        """Encode every (item, flip) variant missing from the attached LatentCache, grouped by bucket,
+        before training (kohya caches both flips when flip_aug). Returns the number encoded."""
+        cache = self.latent_cache
+        assert cache is not None, "attach a LatentCache first"
+        todo: dict[tuple[int, tuple[int, int]], list[tuple[Item, bool]]] = {}
+        for d, ds_items in enumerate(self.items):
+            for it in ds_items:
+                flips = (False, True) if self.config.datasets[d].subsets[it.subset].flip_aug else (False,)
+                for f in flips:
+                    key = cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized,
+                                    crop_offset(it.choice, False, None), f)
+                    if key not in cache:
+                        todo.setdefault((d, it.choice.bucket), []).append((it, f))
+        n = 0
+        for (d, _), group in sorted(todo.items()):
+            video = self.config.datasets[d].video_frames is not None
+            for k in range(0, len(group), batch_size):
+                chunk = group[k:k + batch_size]
+                offs = [crop_offset(it.choice, False, None) for it, _ in chunk]
+                keys = [cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, o, f)
+                        for (it, f), o in zip(chunk, offs)]
+                cache.latents(keys, lambda which: torch.stack(
+                    [load_sample(chunk[i][0].frames, video, chunk[i][0].choice, offs[i], chunk[i][1]) for i in which]))
+                n += len(chunk)
+        return n
+
+    def static_captions(self) -> list[str]:
+        """Every caption the text encoder will see, when config.captions_static (for TextEncoderCache.prepare)."""
+        if not self.config.captions_static:
+            raise ValueError(f"{self.config.source}: captions change per step (shuffle_caption, caption dropout, "
+                             "tag dropout or wildcards), so text-encoder outputs cannot be cached")
+        rng = np.random.default_rng(0)  # unused by static processing
+        return sorted({process_caption(it.caption, self.config.datasets[d].subsets[it.subset], rng)
+                       for d, ds in enumerate(self.items) for it in ds})
