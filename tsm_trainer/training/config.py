@@ -71,6 +71,8 @@ class TrainConfig:
     validate_every_n_steps: int = _opt(0, "validation every N steps; 0: at the end only (when a split exists)")
     logging_dir: str = _opt("", "TensorBoard log folder; empty: off")
     skip_bad_files: bool = _opt(True, "skip unreadable images / missing captions (reported) instead of failing")
+    cache_latents: bool = _opt(False, "encode every image once before training (needs random_crop off)")
+    cache_dir: str = _opt("", "with cache_latents: keep the latents on disk here (safetensors) instead of memory")
 
     @property
     def scales(self) -> list[int]:

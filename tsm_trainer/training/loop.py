@@ -138,8 +138,11 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def _loss(self, batch: dict, timesteps: torch.Tensor, noise_seed_generator: torch.Generator) -> torch.Tensor:
         c, family = self.c, self.family
-        with torch.no_grad():
-            latents = family.encode_images(c, batch["pixels"].to(self.device), noise_seed_generator).float()
+        if "latents" in batch:  # cached by the data layer
+            latents = batch["latents"].to(self.device).float()
+        else:
+            with torch.no_grad():
+                latents = family.encode_images(c, batch["pixels"].to(self.device), noise_seed_generator).float()
         # Noise comes from a CPU generator so that runs (and resumes) are reproducible on any device.
         noise = torch.randn(latents.shape, generator=noise_seed_generator)
         if self.config.noise_offset:
@@ -254,13 +257,15 @@ class Trainer:
             if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
                 self.save_state()
             if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
-                self._log_validation()
+                self.log_validation()
         bar.close()
         if self.writer is not None:
             for i, (total, count) in enumerate(zip(self.interval_loss, self.interval_count)):
                 if count:
                     self.writer.add_scalar(f"interval_loss/{i}", float(total / count), self.step)
             self.writer.flush()
+        if self.validation:
+            self.log_validation()
         path = os.path.join(config.output_dir, f"{config.output_name}.safetensors")
         if not main:
             return path
@@ -274,7 +279,7 @@ class Trainer:
         self.log(f"saved {path}")
         return path
 
-    def _log_validation(self) -> list[float]:
+    def log_validation(self) -> list[float]:
         losses = self.validate()
         if self.writer is not None:
             for i, v in enumerate(losses):

@@ -1,0 +1,88 @@
+"""train_tsm.py end to end on a tiny SD pipeline and a kohya dataset TOML."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.tiny_models import tiny_sd_pipeline_folder
+from tsm_trainer.file_format import load_file
+from tsm_trainer.training.cli import main
+from tsm_trainer.training.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    base = tiny_sd_pipeline_folder(str(root / "base"))
+    images = root / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "yellow", "red", "blue"]):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square")
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "broken.txt").write_text("a broken square")
+    toml = root / "data.toml"
+    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 2\n\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n  num_repeats = 1\n')
+    return root, base, str(toml)
+
+
+def test_trains_foster_then_assemble_from_the_command_line(setup, capsys):
+    root, base, toml = setup
+    out = str(root / "out")
+    common = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "3",
+              "--network_dim", "2", "--learning_rate", "1e-3", "--validation_split", "0.34"]
+    assert main(common + ["--tsm_scales", "8", "--output_name", "f8"]) == 0
+    assert main(common + ["--tsm_stage", "vanilla", "--output_name", "f1"]) == 0
+    assert main(common + ["--tsm_stage", "assemble", "--tsm_scales", "8,1", "--output_name", "a",
+                          "--tsm_experts", f"{out}/f8.safetensors,{out}/f1.safetensors"]) == 0
+    printed = capsys.readouterr().out
+    assert "broken.png" in printed  # reported before training, then skipped
+    assert "3 steps x batch 2: 6 samples, about 1 per expert (1/8 each)" in printed
+    assert "validation loss per interval:" in printed
+    _, meta = load_file(f"{out}/a.safetensors")
+    assert meta["tsm.stage"] == "assemble" and meta["tsm.scales"] == "[8, 1]"
+    assert load_file(f"{out}/f1.safetensors")[1]["tsm.scales"] == "[1]"
+
+
+def test_config_file_and_command_line(setup, tmp_path):
+    root, base, toml = setup
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_train_steps = 9\nlearning_rate = 3e-4\n')
+    config = load_config(["--config", str(cfg), "--max_train_steps", "5"])
+    assert config.max_train_steps == 5 and config.learning_rate == 3e-4  # the command line wins
+    cfg.write_text(f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_steps = 9\n')
+    with pytest.raises(ValueError, match=r"train.toml: unknown key 'max_steps'; valid keys: .*max_train_steps"):
+        load_config(["--config", str(cfg)])
+    cfg.write_text(f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_train_steps = "many"\n')
+    with pytest.raises(ValueError, match=r"train.toml: max_train_steps = 'many' should be int"):
+        load_config(["--config", str(cfg)])
+
+
+def test_bad_input_stops_with_clear_messages(setup, tmp_path, capsys):
+    root, base, toml = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = tmp_path / "empty.toml"
+    data.write_text(f'[[datasets]]\nresolution = 16\n  [[datasets.subsets]]\n  image_dir = "{empty}"\n')
+    assert main(["--pretrained_model", base, "--dataset_config", str(data), "--output_dir", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(tmp_path),
+                 "--no-skip_bad_files"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--family", "sdxl"]) == 2
+    assert "train_tsm.py trains only" in capsys.readouterr().err
+
+
+def test_script_runs_from_the_repo_root(setup):
+    root, base, toml = setup
+    result = subprocess.run([sys.executable, "train_tsm.py", "--pretrained_model", base, "--dataset_config", toml,
+                             "--output_dir", str(root / "script"), "--max_train_steps", "1", "--tsm_scales", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(root / "script" / "tsm.safetensors")

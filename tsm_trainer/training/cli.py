@@ -1,0 +1,77 @@
+"""``train_tsm.py``: parse options, load the base model and the dataset, run the trainer."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..data import LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
+from .config import TrainConfig, load_config
+from .families import get_training_family
+from .loop import NonFiniteLossError, Trainer
+
+
+def detect_family_name(folder: str) -> str:
+    """The family of a diffusers folder, from its configs (no weights are loaded)."""
+    from ..base_model import load_components
+    from ..targets import detect_family
+
+    _, denoiser, _ = load_components(folder)
+    return detect_family(denoiser).name
+
+
+def split_validation(scan: ScanResult, fraction: float) -> tuple[ScanResult, ScanResult | None]:
+    """Hold out every k-th item of each dataset (k = round(1 / fraction)), deterministically."""
+    if fraction <= 0:
+        return scan, None
+    if fraction >= 1:
+        raise ValueError(f"--validation_split {fraction} must be < 1")
+    k = max(2, round(1 / fraction))
+    train = [[it for i, it in enumerate(items) if i % k] for items in scan.items]
+    held = [[it for i, it in enumerate(items) if not i % k] for items in scan.items]
+    if not any(held) or not all(train):
+        raise ValueError(f"--validation_split {fraction} leaves an empty training or validation set")
+    return ScanResult(scan.config, train, scan.problems), ScanResult(scan.config, held, [])
+
+
+def build(config: TrainConfig, log=print) -> Trainer:
+    name = detect_family_name(config.pretrained_model) if config.family == "auto" else config.family
+    family = get_training_family(name, config.prediction_type)
+    components = family.load(config.pretrained_model)
+    data_config = load_dataset_config(config.dataset_config)
+    scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise")
+    for problem in scan.problems:
+        log(f"skipped: {problem}")
+    train_scan, held_scan = split_validation(scan, config.validation_split)
+    cache = None
+    if config.cache_latents:
+        def encode(pixels):
+            with torch.no_grad():
+                return family.encode_images(components, pixels, torch.Generator().manual_seed(config.seed)).float()
+
+        cache = LatentCache(encode, cache_dir=config.cache_dir or None, namespace=f"{config.pretrained_model}:{name}")
+    dataset = TrainDataset(train_scan, seed=config.seed, latent_cache=cache)
+    if cache is not None:
+        log(f"cached latents of {dataset.cache_latents()} images")
+    validation = []
+    if held_scan is not None:
+        held = TrainDataset(held_scan, seed=config.seed + 1, shuffle=False)
+        validation = [held.batch(0, i) for i in range(len(held))]
+    batch_size = max(d.batch_size for d in data_config.datasets)
+
+    def make_batches(epoch: int):
+        return (dataset.batch(epoch, i) for i in range(len(dataset)))
+
+    return Trainer(config, family, components, make_batches, batch_size, validation, log=log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+        trainer = build(config)
+        trainer.run()
+    except (ValueError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
