@@ -76,3 +76,22 @@ def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 1"):
         trainer.train_step([next(make_batches(0))])
+
+
+def test_frozen_text_encoder_outputs_are_cached_and_equal(base, tmp_path):
+    trainer = _trainer(base, tmp_path, tsm_scales="8")
+    captions = ["a red circle", "a blue square", "a red circle"]
+    cached = trainer._encode_text(captions)["encoder_hidden_states"]
+    direct = trainer.family.encode_text(trainer.c, captions, trainer.device)["encoder_hidden_states"]
+    torch.testing.assert_close(cached, direct)
+    assert sorted(trainer._text_cache) == ["a blue square", "a red circle"]
+
+
+def test_xformers_flag_without_xformers_is_a_clear_error(base, tmp_path):
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="--xformers: xformers is not installed"):
+        _trainer(base, tmp_path, xformers=True)

@@ -110,6 +110,16 @@ class Trainer:
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
             module.to(self.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if config.xformers:
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ValueError("--xformers: xformers is not installed (pip install xformers, CUDA only); "
+                                 "without the flag PyTorch's SDPA attention is used") from None
+            components.denoiser.enable_xformers_memory_efficient_attention()
+        self._text_cache: dict[str, dict] | None = None if config.train_text_encoder else {}
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
             components.denoiser.enable_gradient_checkpointing()
             components.denoiser.train()
@@ -150,11 +160,23 @@ class Trainer:
                                                                    generator=noise_seed_generator)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         with self.accelerator.autocast():
-            cond = family.encode_text(c, batch["captions"], self.device)
+            cond = self._encode_text(batch["captions"])
             noisy, target = family.noisy_input_and_target(c, latents, noise, timesteps)
             pred = family.predict(c, noisy, timesteps, cond)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
         return loss  # (B,)
+
+    def _encode_text(self, captions: list[str]) -> dict:
+        """Text conditioning; with a frozen text encoder each caption is encoded once and cached."""
+        if self._text_cache is None:
+            return self.family.encode_text(self.c, captions, self.device)
+        missing = sorted({cap for cap in captions if cap not in self._text_cache})
+        if missing:
+            with torch.no_grad():
+                encoded = self.family.encode_text(self.c, missing, self.device)
+            for i, cap in enumerate(missing):
+                self._text_cache[cap] = {k: v[i] for k, v in encoded.items()}
+        return {k: torch.stack([self._text_cache[cap][k] for cap in captions]) for k in self._text_cache[captions[0]]}
 
     def train_step(self, micro_batches: list[dict]) -> float:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
