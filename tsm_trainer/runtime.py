@@ -42,7 +42,9 @@ def resolve_layers(names: list[str], index: Mapping[str, nn.Module], path: str =
     """
     layers, missing = {}, []
     for name in names:
-        layer = index.get(name) or index.get(diffusers_lora_name_to_sgm(name))
+        layer = index.get(name)
+        if layer is None:
+            layer = index.get(diffusers_lora_name_to_sgm(name))
         if layer is None:
             missing.append(name)
         else:

@@ -1,0 +1,614 @@
+"""The Forge extension (extensions/sd-forge-tsm) against stand-ins of the Forge objects it touches.
+
+Each stand-in copies the real name and call convention from stable-diffusion-webui-forge
+(lllyasviel/stable-diffusion-webui-forge, commit dfdcbab); the file is cited at each class.
+"""
+
+import copy
+import math
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import networks.tsm_lora as tsm_lora
+from tests.tiny_models import tiny_clip, tiny_unet
+from tsm_trainer import TSMConfig, TSMNetwork
+from tsm_trainer.export import text_encoder_lora
+from tsm_trainer.file_format import TSMFileError, load_file
+from tsm_trainer.intervals import expert_index
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
+import tsm_forge  # noqa: E402
+from tsm_forge.adapter import _LinearView  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# Forge stand-ins
+# ------------------------------------------------------------------------------------------------
+class Prediction(nn.Module):
+    """backend/modules/k_prediction.py ``Prediction`` (ComfyUI's ModelSamplingDiscrete): SD's scaled-linear
+    betas (make_beta_schedule "linear": linspace of sqrt, squared, float64), sigmas from alphas_cumprod,
+    ``timestep(sigma)`` = nearest index in log-sigma."""
+
+    def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
+        super().__init__()
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log().float())
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        log_sigma = sigma.log()
+        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def calculate_input(self, sigma, noise):  # AbstractPrediction, sigma_data = 1
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        return noise / (sigma ** 2 + 1.0) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, model_input):  # eps prediction
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        return model_input - model_output * sigma
+
+
+class KModel(nn.Module):
+    """backend/modules/k_model.py ``KModel``: ``apply_model(x, t=sigma, c_crossattn=...)`` hands the UNet
+    ``predictor.timestep(sigma).float()``."""
+
+    def __init__(self, diffusion_model, storage_dtype=torch.float32):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.predictor = Prediction()
+        self.storage_dtype = storage_dtype
+        self.computation_dtype = torch.float32
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.predictor.calculate_input(sigma, x).to(self.computation_dtype)
+        t = self.predictor.timestep(t).float()
+        context = c_crossattn.to(self.computation_dtype)
+        out = self.diffusion_model(xc, t, context=context, control=control, transformer_options=transformer_options)
+        return self.predictor.calculate_denoised(sigma, out.float(), x)
+
+
+class UnetPatcher:
+    """backend/patcher/unet.py ``UnetPatcher.clone`` (deep-copies model_options, shares the model) and
+    backend/patcher/base.py ``ModelPatcher.set_model_unet_function_wrapper`` / ``model_patches_to``."""
+
+    def __init__(self, model, load_device=torch.device("cpu")):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = torch.device("cpu")
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        n = UnetPatcher(self.model, self.load_device)
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def model_patches_to(self, device):
+        if "model_function_wrapper" in self.model_options:
+            wrap_func = self.model_options["model_function_wrapper"]
+            if hasattr(wrap_func, "to"):
+                self.model_options["model_function_wrapper"] = wrap_func.to(device)
+
+
+def denoise(unet_patcher, x, sigma, cond, uncond):
+    """backend/sampling/sampling_function.py ``calc_cond_uncond_batch``: cond and uncond in one batch,
+    ``timestep_ = torch.cat([timestep] * batch_chunks)`` (sigmas), then the wrapper call convention."""
+    model, model_options = unet_patcher.model, unet_patcher.model_options
+    input_x = torch.cat([x, x])
+    timestep_ = torch.cat([sigma] * 2)
+    c = {"c_crossattn": torch.cat([cond, uncond])}
+    cond_or_uncond = [0, 1]
+    if "model_function_wrapper" in model_options:
+        output = model_options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timestep_, "c": c,
+                                                                            "cond_or_uncond": cond_or_uncond})
+    else:
+        output = model.apply_model(input_x, timestep_, **c)
+    return output.chunk(2)
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
+    """k_diffusion.sampling.get_sigmas_karras (Forge's default schedule for most samplers)."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(max_inv + ramp * (min_inv - max_inv)) ** rho, torch.zeros(1)])
+
+
+class ForgeLinear(nn.Module):
+    """backend/operations.py ``ForgeOperations.Linear``: a plain nn.Module (not nn.Linear)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.parameters_manual_cast = False
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+ForgeLinear.__name__ = "Linear"  # as Forge's class is named
+
+
+class QuantLinear(nn.Module):
+    """Stands for backend/operations.py ``ForgeOperationsBNB4bits.Linear`` / ``ForgeOperationsGGUF.Linear``:
+    a class named Linear, no in_features, a non-float weight marked ``bnb_quantized`` and dequantised in
+    forward. (Here: int8 codes times a per-row scale.)"""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+        self.weight = nn.Parameter(torch.round(w / scale).to(torch.int8), requires_grad=False)
+        self.weight.bnb_quantized = True
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantized(self):
+        return self.weight.float() * self.scale
+
+    def forward(self, x):
+        return F.linear(x, self.dequantized(), self.bias)
+
+
+QuantLinear.__name__ = "Linear"
+
+
+def forge_unet(linear_cls=ForgeLinear, seed=0):
+    """A tiny SD-shaped UNet in Forge's form: every nn.Linear replaced by a Forge-style Linear, called as
+    backend/nn/unet.py ``IntegratedUNet2DConditionModel.forward(x, timesteps, context, control, transformer_options)``."""
+    unet = tiny_unet(seed=seed)
+    for path, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, linear_cls(child))
+    unet.__class__ = _ForgeCallUNet
+    return unet
+
+
+class _ForgeCallUNet(type(tiny_unet())):
+    def forward(self, x, timesteps=None, context=None, control=None, transformer_options={}, **kwargs):
+        return super().forward(x, timesteps, context).sample
+
+
+class _DiffusersCall(nn.Module):
+    """A plain diffusers UNet (with a TSMNetwork attached) called the way KModel calls Forge's UNet."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps=None, context=None, **kwargs):
+        return self.unet(x, timesteps, context).sample
+
+
+def dequantized_copy(qunet):
+    """The float model holding exactly the quantized model's dequantized weights."""
+    unet = forge_unet()
+    qmods = dict(qunet.named_modules())
+    with torch.no_grad():
+        for path, m in unet.named_modules():
+            q = qmods[path]
+            if isinstance(m, ForgeLinear):
+                m.weight.copy_(q.dequantized())
+                if m.bias is not None:
+                    m.bias.copy_(q.bias)
+            elif not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
+                for (_, a), (_, b) in zip(m.named_parameters(recurse=False), q.named_parameters(recurse=False)):
+                    a.copy_(b)
+    return unet
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(model, snap):
+    return all(torch.equal(model.state_dict()[k], v) for k, v in snap.items())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: per-op thread start-up dominates, and hurts badly on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# files and the sampling loop
+# ------------------------------------------------------------------------------------------------
+def _randomise(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+class _CLIPHolder(nn.Module):
+    """Forge's ``JointTextEncoder`` layout (backend/patcher/clip.py): ``clip_l.transformer`` is the CLIP."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip_l = nn.Module()
+        self.clip_l.transformer = nn.Module()
+        # Forge's keys are clip_l.transformer.text_model.encoder... (this transformers flattens text_model)
+        self.clip_l.transformer.text_model = tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def foster_file(tmp_path_factory):
+    net = TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0, conv_rank=2), tiny_unet(), [tiny_clip()])
+    _randomise(net)
+    path = str(tmp_path_factory.mktemp("f") / "f8.safetensors")
+    net.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def assembled_file(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("a")
+    unet = tiny_unet()
+    files = []
+    for scales, seed in (("8", 1), ("1", 2)):
+        net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
+        _randomise(net, seed)
+        files.append(str(tmp / f"{scales}.safetensors"))
+        net.save_weights(files[-1], None, None)
+    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                  tsm_experts=",".join(files))
+    with torch.no_grad():
+        for lora in net.denoiser_loras:
+            lora.router.embedding.normal_(0, 0.5)
+            lora.router.fc.weight.normal_(0, 0.5)
+    path = str(tmp / "a.safetensors")
+    net.save_weights(path, None, None)
+    return path
+
+
+def _conds():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+
+
+def sample(unet_patcher, steps, on_call=None):
+    """Euler over a Karras schedule with fixed per-step inputs; returns the denoised outputs per call."""
+    predictor = unet_patcher.model.predictor
+    sigmas = karras_sigmas(steps, float(predictor.sigma_min), float(predictor.sigma_max))
+    cond, uncond = _conds()
+    g = torch.Generator().manual_seed(11)
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            x = torch.randn(1, 4, 8, 8, generator=g) * float(sigmas[i])
+            sigma = sigmas[i].reshape(1)
+            outs.append(torch.cat(denoise(unet_patcher, x, sigma, cond, uncond)))
+            if on_call is not None:
+                on_call(sigma)
+    return outs
+
+
+def _wrap_recording(unet, networks):
+    """Record (t the UNet receives, merged expert) at every apply_model call behind the wrapper."""
+    seen = []
+    real = unet.model.apply_model
+
+    def spy(x, t, **c):
+        seen.append((unet.model.predictor.timestep(t).float(), [n.active for n in networks]))
+        return real(x, t, **c)
+
+    wrapper = unet.model_options["model_function_wrapper"]
+    unet.model_options["model_function_wrapper"] = lambda apply_model, args: wrapper(spy, args)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+def test_timestep_from_sigma_matches_forge_predictors():
+    pred = Prediction()
+    sigma = pred.sigmas[[0, 124, 125, 500, 999]]
+    assert tsm_forge.timestep_from_sigma(pred, sigma).tolist() == [0, 124, 125, 500, 999]
+
+    class PredictionFlux:  # backend/modules/k_prediction.py: the Flux UNet receives sigma itself
+        def timestep(self, sigma):
+            return sigma
+
+    assert tsm_forge.timestep_from_sigma(PredictionFlux(), torch.tensor([0.5]), 1000).tolist() == [500.0]
+
+
+@pytest.mark.parametrize("steps", [4, 8, 30])
+def test_merge_path_follows_predictor_timestep_merges_per_crossing_and_restores(foster_file, steps):
+    model = KModel(forge_unet())
+    base = UnetPatcher(model)
+    before = snapshot(model)
+    unet, networks = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file)])
+    assert unet is not base and "model_function_wrapper" not in base.model_options  # the clone is patched
+    (net,) = networks
+    assert net.merge
+    seen = _wrap_recording(unet, networks)
+    sample(unet, steps)
+    assert len(seen) == steps
+    visited = []
+    for t, (active,) in seen:
+        assert active == expert_index(t, 8)[0].item()
+        if not visited or visited[-1] != active:
+            visited.append(active)
+    assert net.merges == len(visited) <= 8
+    assert not same(model, before)  # an expert is merged while sampling
+    net.restore()
+    assert same(model, before)
+
+
+def test_merge_path_equals_training_time_network(foster_file):
+    model = KModel(forge_unet())
+    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, 0.7)])
+    outs = sample(unet, 8)
+    net.restore()
+
+    ref_unet = tiny_unet()
+    ref = TSMNetwork.from_file(foster_file, ref_unet, [tiny_clip()], multiplier=0.7)
+    ref.apply(text_encoder=False)
+    ref.attach(ref_unet)
+    ref_model = KModel(_DiffusersCall(ref_unet))
+    torch.testing.assert_close(outs, sample(UnetPatcher(ref_model), 8), rtol=1e-4, atol=1e-5)
+
+
+def test_online_path_leaves_weights_untouched_and_equals_merge_path(foster_file):
+    merge_model = KModel(forge_unet())
+    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(merge_model), [tsm_forge.TSMRequest(foster_file)])
+    expected = sample(unet, 8)
+    net.restore()
+    plain = sample(UnetPatcher(KModel(forge_unet())), 8)
+    assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(expected, plain))  # the experts do act
+
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, mode="online")])
+    assert not net.merge
+    unet.model_patches_to(torch.device("cpu"))  # Forge's model_load/unload call wrapper.to(...)
+    unet = unet.clone()  # another extension cloning after us keeps the same wrapper
+    checks = []
+    outs = sample(unet, 8, on_call=lambda sigma: checks.append(same(model, before)))
+    assert all(checks) and net.calls == 8
+    torch.testing.assert_close(outs, expected, rtol=1e-4, atol=1e-5)
+    net.restore()
+    assert same(model, before)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # forwards put back
+
+
+def test_quantized_weights_take_the_online_path(foster_file):
+    qunet = forge_unet(QuantLinear)
+    model = KModel(qunet, storage_dtype="nf4")  # backend/loader.py: storage_dtype is 'nf4'/'fp4'/'gguf'
+    before = snapshot(model)
+    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
+    assert not net.merge
+    with pytest.raises(TSMFileError, match="mode=merge"):
+        tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, mode="merge")])
+    checks = []
+    outs = sample(unet, 8, on_call=lambda sigma: checks.append(same(model, before)))
+    assert all(checks)
+    net.restore()
+    assert same(model, before)
+
+    ref_model = KModel(dequantized_copy(qunet))
+    ref_unet, (ref_net,) = tsm_forge.apply_to_unet(UnetPatcher(ref_model), [tsm_forge.TSMRequest(foster_file)])
+    assert ref_net.merge
+    torch.testing.assert_close(outs, sample(ref_unet, 8), rtol=1e-4, atol=1e-5)
+    ref_net.restore()
+
+
+def test_assembled_file_equals_tsm_network(assembled_file):
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(assembled_file)])
+    assert not net.merge  # routers need the online path
+    outs = sample(unet, 8)
+    net.restore()
+    assert same(model, before)
+
+    ref_unet = tiny_unet()
+    ref = TSMNetwork.from_file(assembled_file, ref_unet)
+    ref.apply()
+    ref.attach(ref_unet)
+    ref_model = KModel(_DiffusersCall(ref_unet))
+    torch.testing.assert_close(outs, sample(UnetPatcher(ref_model), 8), rtol=1e-4, atol=1e-5)
+
+
+def test_two_files_one_merges_the_other_runs_online(foster_file, assembled_file):
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    prev_calls = []
+
+    def previous(apply_model, args):  # another extension's wrapper is chained, not replaced
+        prev_calls.append(1)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = UnetPatcher(model)
+    base.set_model_unet_function_wrapper(previous)
+    unet, nets = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file), tsm_forge.TSMRequest(foster_file, 0.5),
+                                                tsm_forge.TSMRequest(assembled_file)])
+    assert [n.merge for n in nets] == [True, False, False]
+    sample(unet, 4)
+    assert len(prev_calls) == 4
+    for n in reversed(nets):
+        n.restore()
+    assert same(model, before)
+
+
+def test_layer_index_finds_forge_linears_under_sgm_names():
+    sgm = nn.Module()
+    sgm.input_blocks = nn.ModuleList([nn.Module() for _ in range(5)])
+    sgm.input_blocks[4].add_module("1", nn.Module())
+    layer = ForgeLinear(nn.Linear(8, 8))
+    getattr(sgm.input_blocks[4], "1").proj_in = layer
+    getattr(sgm.input_blocks[4], "1").conv = nn.Conv2d(4, 4, 3)
+    index = tsm_forge.forge_layer_index(sgm)
+    assert set(index) == {"lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_4_1_conv"}
+    from tsm_trainer.runtime import resolve_layers
+    assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == \
+        {"lora_unet_down_blocks_1_attentions_0_proj_in": layer}
+    assert tsm_forge.is_quantized(QuantLinear(nn.Linear(4, 4))) and not tsm_forge.is_quantized(layer)
+    assert isinstance(_LinearView(layer, 8, 8, "cpu", torch.float32), nn.Linear)
+
+
+# -- text encoder and the processing lifecycle ---------------------------------------------------------
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def model_lora_keys_clip(model, key_map=None):
+    """packages_3rdparty/comfyui_lora_collection/lora.py ``model_lora_keys_clip`` (the clip_l / SD1 part),
+    as backend/patcher/lora.py returns it: ``{kohya name: model key}``."""
+    key_map = {} if key_map is None else key_map
+    sdk = model.state_dict().keys()
+    for b in range(32):
+        for c, short in LORA_CLIP_MAP.items():
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{short}"] = k
+    return key_map
+
+
+def load_lora(lora, to_load):
+    """packages_3rdparty/comfyui_lora_collection/lora.py ``load_lora``, regular kohya branch."""
+    patch_dict, loaded = {}, set()
+    for x in to_load:
+        alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
+        loaded.add(f"{x}.alpha")
+        if f"{x}.lora_up.weight" in lora:
+            patch_dict[to_load[x]] = ("lora", (lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"], alpha, None, None))
+            loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
+    return patch_dict, {k: v for k, v in lora.items() if k not in loaded}
+
+
+class CLIP:
+    """backend/patcher/clip.py ``CLIP``: clone() shares cond_stage_model; add_patches goes to
+    ModelPatcher.add_patches(*, filename, patches, strength_patch, strength_model, online_mode)."""
+
+    def __init__(self, cond_stage_model):
+        self.cond_stage_model = cond_stage_model
+        self.lora_patches = {}
+
+    def clone(self):
+        n = CLIP(self.cond_stage_model)
+        n.lora_patches = self.lora_patches.copy()
+        return n
+
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = patches
+        return set(patches)
+
+
+class ForgeObjects:
+    """backend/diffusion_engine/base.py ``ForgeObjects.shallow_copy``."""
+
+    def __init__(self, unet, clip):
+        self.unet, self.clip = unet, clip
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip)
+
+
+class ExtraNetworkParams:  # modules/extra_networks.py
+    def __init__(self, items):
+        self.items = items
+
+
+def test_processing_lifecycle_with_hires_pass(foster_file):
+    model = KModel(forge_unet())
+    clip = CLIP(_CLIPHolder())
+    sd_model = type("SD", (), {})()
+    sd_model.forge_objects_original = ForgeObjects(UnetPatcher(model), clip)
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
+    p = type("P", (), {})()
+    p.sd_model = sd_model
+    name = os.path.splitext(os.path.basename(foster_file))[0]
+    controller = tsm_forge.Controller(lambda n: foster_file if n == name else None, model_lora_keys_clip, load_lora)
+
+    # Forge's LoraLoader.refresh (backend/patcher/lora.py, @torch.inference_mode) replaces weights with
+    # inference tensors: merging and restoring must still work.
+    with torch.inference_mode():
+        for m in model.diffusion_model.modules():
+            if isinstance(m, ForgeLinear):
+                m.weight = nn.Parameter(m.weight.clone(), requires_grad=False)
+    before = snapshot(model)
+
+    # modules/processing.py process_images_inner: activate, shallow copy, process_batch, setup_conds, sample
+    p.sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+    controller.activate(p, [ExtraNetworkParams([name, "0.5", "0.8"])])
+    assert [(r.te_multiplier, r.unet_multiplier) for r in p.tsm_requests] == [(0.5, 0.8)]
+    p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+    controller.process_batch(p)
+    te_clip = p.sd_model.forge_objects.clip
+    assert te_clip is not clip and not clip.lora_patches  # a clone is patched, the original untouched
+    ((key, patches),) = te_clip.lora_patches.items()
+    assert key == (f"tsm:{foster_file}", 0.5, 1.0, False)
+    te = text_encoder_lora(load_file(foster_file)[0])
+    assert len(patches) == len({k.split(".")[0] for k in te})
+    for passes in range(2):  # first pass, then the hires pass (process_before_every_sampling again)
+        p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+        controller.process_before_every_sampling(p)
+        assert p.sd_model.forge_objects.unet is not sd_model.forge_objects_after_applying_lora.unet
+        sample(p.sd_model.forge_objects.unet, 4)
+    assert not same(model, before)
+    controller.restore()  # post_sample
+    assert same(model, before)
+    assert "model_function_wrapper" not in sd_model.forge_objects_original.unet.model_options
+
+    # a run with no tag leaves everything as is; an unknown name is a clear error
+    controller.activate(p, [])
+    p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+    controller.process_batch(p)
+    controller.process_before_every_sampling(p)
+    assert p.sd_model.forge_objects.unet is sd_model.forge_objects_original.unet
+    with pytest.raises(TSMFileError, match="no such TSM file"):
+        controller.activate(p, [ExtraNetworkParams(["missing"])])
+
+
+def test_never_called_wrapper_warns(foster_file):
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    controller = tsm_forge.Controller(lambda n: foster_file)
+    p = type("P", (), {})()
+    p.sd_model = type("SD", (), {})()
+    p.sd_model.forge_objects = ForgeObjects(UnetPatcher(model), None)
+    controller.activate(p, [ExtraNetworkParams(["x", "1", "1", "mode=online"])])
+    controller.process_before_every_sampling(p)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        controller.restore()
+    assert any("never called" in str(x.message) for x in w)
+    assert same(model, before) and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_parse_params():
+    assert tsm_forge.parse_params(["a"]) == ("a", 1.0, 1.0, "auto")
+    assert tsm_forge.parse_params(["a", "0.5"]) == ("a", 0.5, 0.5, "auto")
+    assert tsm_forge.parse_params(["a", "0.5", "0.8", "mode=online"]) == ("a", 0.8, 0.5, "online")
+    with pytest.raises(ValueError, match="mode"):
+        tsm_forge.parse_params(["a", "mode=fast"])
+    assert math.isclose(tsm_forge.parse_params(["a", "te=0.2"])[2], 0.2)
