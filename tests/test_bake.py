@@ -173,16 +173,27 @@ def _sd1_checkpoint(path, unet, te):
     up_attn = frozenset(i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t)
     state = {}
     for key, value in unet.state_dict().items():
-        module, _, param = key.rpartition(".")
-        sgm = diffusers_unet_to_sgm(module, layers_per_block=unet.config.layers_per_block,
-                                    up_blocks_with_attention=up_attn)
-        state[f"model.diffusion_model.{sgm}.{param}"] = value.clone()
+        sgm = diffusers_unet_to_sgm(key, layers_per_block=unet.config.layers_per_block, up_blocks_with_attention=up_attn)
+        state[f"model.diffusion_model.{sgm}"] = value.clone()
     for key, value in te.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
         state[f"cond_stage_model.transformer.{key}"] = value.clone()
     state["first_stage_model.decoder.conv_out.weight"] = torch.randn(3, 4, 3, 3)
     save_file(state, str(path), {"format": "pt", "note": "tiny"})
     return up_attn
+
+
+def test_sgm_names_of_parameter_paths():
+    """A parameter path maps like its module path plus the parameter (downsampler conv -> op)."""
+    for lpb, up_attn in ((2, frozenset({0, 1})), (1, frozenset({1, 2, 3}))):
+        for module in ("down_blocks.0.downsamplers.0.conv", "down_blocks.1.resnets.0.conv1",
+                       "up_blocks.0.upsamplers.0.conv", "mid_block.resnets.1.norm2", "conv_in"):
+            sgm = diffusers_unet_to_sgm(module, lpb, up_attn)
+            for param in ("weight", "bias"):
+                assert diffusers_unet_to_sgm(f"{module}.{param}", lpb, up_attn) == f"{sgm}.{param}", (module, param)
+    assert diffusers_unet_to_sgm("down_blocks.0.downsamplers.0.conv") == "input_blocks.3.0.op"
+    assert diffusers_unet_to_sgm("down_blocks.0.downsamplers.0.conv.weight") == "input_blocks.3.0.op.weight"
+    assert diffusers_unet_to_sgm("down_blocks.1.downsamplers.0.conv.bias", 1) == "input_blocks.4.0.op.bias"
 
 
 def test_bake_single_file_sd1(base, tmp_path):
@@ -204,9 +215,8 @@ def test_bake_single_file_sd1(base, tmp_path):
     bake_into_models(lora, unet, [te], multiplier=0.7)
     changed = 0
     for key, value in unet.state_dict().items():
-        module, _, param = key.rpartition(".")
-        sgm = diffusers_unet_to_sgm(module, layers_per_block=1, up_blocks_with_attention=up_attn)
-        expected[f"model.diffusion_model.{sgm}.{param}"] = value
+        sgm = diffusers_unet_to_sgm(key, layers_per_block=1, up_blocks_with_attention=up_attn)
+        expected[f"model.diffusion_model.{sgm}"] = value
     for key, value in te.state_dict().items():
         expected[f"cond_stage_model.transformer.text_model.{key}"] = value
     for key in src:

@@ -14,7 +14,8 @@ import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError, load_file
-from tsm_trainer.inspection import (BaseModelError, check_against_model, format_summary, load_base_model, summarize)
+from tsm_trainer.base_model import BaseModelError, load_base_model
+from tsm_trainer.inspection import check_against_model, format_summary, summarize
 from tsm_trainer.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.targets import FAMILIES
 
@@ -252,7 +253,7 @@ def test_load_base_model_errors_and_unet_only(tmp_path):
     (tmp_path / "broken" / "unet").mkdir(parents=True)
     (tmp_path / "broken" / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     with pytest.raises(BaseModelError, match="broken.unet: cannot load UNet2DConditionModel"):
-        load_base_model(str(tmp_path / "broken"))
+        load_base_model(str(tmp_path / "broken"), weights=True)  # a config without weights
 
 
 def test_cli_in_process(files, bases, tmp_path, capsys):

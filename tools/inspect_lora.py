@@ -21,10 +21,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars from the base model
 
 from tsm_trainer.file_format import TSMFileError  # noqa: E402
-from tsm_trainer.inspection import BaseModelError, check_against_model, format_summary, load_base_model, summarize  # noqa: E402
+from tsm_trainer.base_model import BaseModelError, load_base_model  # noqa: E402
+from tsm_trainer.inspection import check_against_model, format_summary, summarize  # noqa: E402
 
 MAX_REASONS = 20
 
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list (one object per file) instead of text")
     parser.add_argument("--check", action="store_true", help="validate each file against --base (exit 1 if one doesn't fit)")
     parser.add_argument("--base", metavar="PATH", help="local diffusers model folder (model_index.json, unet/ or "
-                                                       "transformer/, text_encoder*/); implies --check")
+                                                       "transformer/, text_encoder*/; configs only, no weights are "
+                                                       "loaded); implies --check")
     args = parser.parse_args(argv)
     if args.check and not args.base:
         parser.error("--check needs --base PATH (a local diffusers model folder)")

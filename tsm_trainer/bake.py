@@ -26,13 +26,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .base_model import DENOISER_COMPONENTS, TEXT_ENCODER_COMPONENTS
 from .file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic
-from .key_names import diffusers_unet_to_sgm
+from .key_names import diffusers_lora_name_to_sgm
 from .modules import _WrappedModule
 from .targets import layers_by_lora_name
-
-DENOISER_COMPONENTS = ("unet", "transformer")
-TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _LORA_KEY = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -296,10 +294,6 @@ UNET_ROOT = "model.diffusion_model."
 SD_TEXT_ENCODER_ROOT = "cond_stage_model.transformer."  # SD1: transformers CLIPTextModel
 SD2_TEXT_ENCODER_ROOT = "cond_stage_model.model."  # SD2: OpenCLIP
 SDXL_TEXT_ENCODER_ROOTS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
-_DIFFUSERS_TOP_LEVEL = ("conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1",
-                        "add_embedding.linear_2", "conv_norm_out", "conv_out")
-_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks|up_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)(?:_(.*))?$")
-_DIFFUSERS_MID = re.compile(r"^mid_block_(resnets|attentions)_(\d+)(?:_(.*))?$")
 _OPENCLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
                              r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
 _OPENCLIP_NAMES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
@@ -355,32 +349,6 @@ def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
     return family, index
 
 
-def diffusers_unet_name_to_sgm(name: str, layers_per_block: int, up_blocks_with_attention: frozenset[int]) -> str | None:
-    """``lora_unet_down_blocks_0_attentions_0_...`` -> ``lora_unet_input_blocks_1_1_...`` (None when
-    the name is not a diffusers UNet name). Only the block head is parsed; the rest is kept."""
-    if not name.startswith("lora_unet_"):
-        return None
-    rest = name[len("lora_unet_"):]
-    path = None
-    for top in _DIFFUSERS_TOP_LEVEL:
-        if rest == top.replace(".", "_"):
-            path = top
-    m = _DIFFUSERS_BLOCK.match(rest)
-    if m:
-        path = f"{m[1]}.{m[2]}.{m[3]}.{m[4]}" + (f".{m[5]}" if m[5] else "")
-    m = _DIFFUSERS_MID.match(rest)
-    if m:
-        path = f"mid_block.{m[1]}.{m[2]}" + (f".{m[3]}" if m[3] else "")
-    if path is None:
-        return None
-    try:
-        sgm = diffusers_unet_to_sgm(path, layers_per_block=layers_per_block,
-                                    up_blocks_with_attention=up_blocks_with_attention)
-    except ValueError:
-        return None
-    return "lora_unet_" + sgm.replace(".", "_")
-
-
 def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tensor], out_path: str,
                      multiplier: float = 1.0, overwrite: bool = False, source: str = "LoRA",
                      layers_per_block: int | None = None,
@@ -420,8 +388,10 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
     for name in pairs:
         target = index.get(name)
         if target is None:
-            sgm = diffusers_unet_name_to_sgm(name, lpb, up_attn)
-            target = index.get(sgm) if sgm else None
+            try:
+                target = index.get(diffusers_lora_name_to_sgm(name, lpb, up_attn))
+            except ValueError:  # a diffusers-looking name with no SGM counterpart
+                pass
         if target is None:
             unknown.append(name)
         else:

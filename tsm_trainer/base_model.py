@@ -1,68 +1,144 @@
-"""Local base models: a diffusers pipeline folder, loaded without touching a hub.
+"""Local base models: a diffusers folder, loaded without touching a hub.
 
-``load_components(folder, weights=False)`` builds the denoiser and text encoders from their
-configs on the meta device (instant, no memory): enough to resolve LoRA key names. With
-``weights=True`` the real weights are loaded.
+``load_components(path, weights=False)`` builds the denoiser and text encoders from their
+configs on the meta device (instant, no memory): enough to resolve LoRA key names and check
+LoRA shapes. With ``weights=True`` the real weights are loaded (optionally as ``torch_dtype``).
+
+``path`` may be
+  * a pipeline folder: ``model_index.json`` naming ``unet``/``transformer``/``prior`` and
+    ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, each a subfolder;
+  * a folder with only ``unet/`` or ``transformer/`` (and optionally ``text_encoder*/``)
+    subfolders holding a ``config.json``, and no ``model_index.json``;
+  * a bare model folder whose ``config.json`` names a diffusers denoiser class.
+
+diffusers/transformers are imported only when a component is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
-DENOISER_COMPONENTS = ("unet", "transformer")
+DENOISER_COMPONENTS = ("unet", "transformer", "prior")
 TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class BaseModelError(ValueError):
-    """A base model folder that can't be read."""
+    """A base model folder that can't be read; the message names the file or folder."""
 
 
-def load_components(folder: str, weights: bool = False) -> tuple[str, nn.Module, list[tuple[str, nn.Module | None]]]:
+def load_components(path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
+                    ) -> tuple[str, nn.Module, list[tuple[str, nn.Module | None]]]:
     """(denoiser component name, denoiser, [(text encoder component name, module or None), ...]).
 
+    Text encoders keep their pipeline positions (a missing one is None; trailing ones are
+    dropped): the positions decide the kohya ``lora_te``/``lora_te1``/... prefixes.
+
     Args:
-        folder: a diffusers pipeline folder (``model_index.json`` with ``unet/`` or
-            ``transformer/`` and ``text_encoder*/`` subfolders).
+        path: a local diffusers folder (see the module docstring); nothing is downloaded.
         weights: load the weights (slow); otherwise build from configs on the meta device.
+        torch_dtype: the dtype to load the weights in (``weights=True`` only).
     Raises:
-        BaseModelError: naming the folder and what is missing.
+        BaseModelError: naming the folder or file and what is missing or unreadable.
     """
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise BaseModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    with open(index_path) as f:
-        index = json.load(f)
-    name = next((c for c in DENOISER_COMPONENTS if c in index and os.path.isdir(os.path.join(folder, c))), None)
-    if name is None:
-        raise BaseModelError(f"{folder}: model_index.json names no unet/ or transformer/ subfolder")
-    denoiser = _load(folder, name, index[name], weights)
-    encoders = [(c, _load(folder, c, index[c], weights) if c in index and index[c][0] is not None
-                 and os.path.isdir(os.path.join(folder, c)) else None) for c in TEXT_ENCODER_COMPONENTS]
+    if not os.path.isdir(path):
+        raise BaseModelError(f"{path}: not a folder (give a local diffusers model folder: model_index.json with unet/ "
+                             "or transformer/, text_encoder/ ...; single-file checkpoints are not supported)")
+    specs = _component_classes(path)
+    if not any(n in specs for n in DENOISER_COMPONENTS):
+        bare = _class_from_config(path)
+        if bare is not None and bare[0] == "diffusers":
+            name = "transformer" if "Transformer" in bare[1] else "unet"
+            return name, _build(path, bare, weights, torch_dtype), []
+        why = ("model_index.json names no unet/, transformer/ or prior/ subfolder"
+               if os.path.isfile(os.path.join(path, "model_index.json")) else
+               "not a diffusers pipeline folder (no model_index.json), and no unet/ or transformer/ subfolder "
+               "with a config.json")
+        raise BaseModelError(f"{path}: no unet or transformer found: {why}")
+    name = next(n for n in DENOISER_COMPONENTS if n in specs)
+    denoiser = _build(os.path.join(path, name), specs[name], weights, torch_dtype)
+    encoders = [(c, _build(os.path.join(path, c), specs[c], weights, torch_dtype) if c in specs else None)
+                for c in TEXT_ENCODER_COMPONENTS]
     while encoders and encoders[-1][1] is None:
         encoders.pop()
     return name, denoiser, encoders
 
 
-def _load(folder: str, component: str, spec, weights: bool) -> nn.Module:
-    library, class_name = spec
+def load_base_model(path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
+                    ) -> tuple[nn.Module, list[nn.Module | None]]:
+    """(denoiser, [text_encoder, text_encoder_2, ...]) of :func:`load_components`, without the names."""
+    _, denoiser, encoders = load_components(path, weights, torch_dtype)
+    return denoiser, [m for _, m in encoders]
+
+
+def _component_classes(path: str) -> dict[str, tuple[str, str]]:
+    """``{component: (library, class name)}`` of the denoiser and text encoders that have a subfolder."""
+    index_path = os.path.join(path, "model_index.json")
+    wanted = (*DENOISER_COMPONENTS, *TEXT_ENCODER_COMPONENTS)
+    if not os.path.isfile(index_path):
+        found = {n: _class_from_config(os.path.join(path, n)) for n in wanted}
+        return {n: cls for n, cls in found.items() if cls is not None}
+    index = _read_json(index_path)
+    specs = {}
+    for name in wanted:
+        value = index.get(name)
+        if (isinstance(value, (list, tuple)) and len(value) == 2 and value[0] and value[1]
+                and os.path.isdir(os.path.join(path, name))):
+            specs[name] = (str(value[0]), str(value[1]))
+    return specs
+
+
+def _read_json(file: str) -> dict[str, Any]:
     try:
-        module = __import__(library, fromlist=[class_name])
-        cls = getattr(module, class_name)
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BaseModelError(f"{file}: not a JSON object")
+    return data
+
+
+def _class_from_config(folder: str) -> tuple[str, str] | None:
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    config = _read_json(cfg)
+    if config.get("_class_name"):
+        return "diffusers", str(config["_class_name"])
+    if config.get("architectures"):
+        return "transformers", str(config["architectures"][0])
+    return None
+
+
+def _build(where: str, library_class: tuple[str, str], weights: bool, torch_dtype: torch.dtype | None) -> nn.Module:
+    library, cls_name = library_class
+    if library not in ("diffusers", "transformers"):
+        raise BaseModelError(f"{where}: component class {library}.{cls_name} is not a diffusers/transformers model")
+    try:
+        cls = getattr(importlib.import_module(library), cls_name)
     except (ImportError, AttributeError) as e:
-        raise BaseModelError(f"{folder}/{component}: cannot import {library}.{class_name} ({e})") from None
-    path = os.path.join(folder, component)
+        raise BaseModelError(f"{where}: cannot import {library}.{cls_name} ({e})") from None
     try:
         if weights:
-            return cls.from_pretrained(path, local_files_only=True)
-        with torch.device("meta"):
-            if library == "diffusers":
-                return cls.from_config(cls.load_config(path))
-            from transformers import AutoConfig
+            kwargs: dict[str, Any] = {"local_files_only": True}
+            if torch_dtype is not None:
+                kwargs["torch_dtype"] = torch_dtype
+            model = cls.from_pretrained(where, **kwargs)
+        else:
+            with torch.device("meta"):
+                if library == "diffusers":
+                    model = cls.from_config(cls.load_config(where))
+                else:
+                    from transformers import AutoConfig
 
-            return cls(AutoConfig.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError, TypeError) as e:
-        raise BaseModelError(f"{path}: cannot load {class_name} ({e})") from None
+                    model = cls(AutoConfig.from_pretrained(where, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BaseModelError(f"{where}: cannot load {cls_name} ({type(e).__name__}: {first})") from None
+    return model.eval()

@@ -2,16 +2,16 @@
 
 Reads native TSM files (DESIGN.md section 4), plain kohya LoRAs and the per-expert exports
 (section 5), and diffusers/PEFT LoRAs (``unet....to_q.lora_A.weight``). No UI or trainer is
-imported; diffusers/transformers are imported only by :func:`load_base_model`.
+imported. Base models come from :mod:`tsm_trainer.base_model` (the meta-device skeleton is
+enough for :func:`check_against_model`: it compares names and shapes, never values).
 
     summary = summarize("tsm8.safetensors")
     print(format_summary(summary))
-    reasons = check_against_model("tsm8.safetensors", *load_base_model("models/sd15"))
+    reasons = check_against_model("tsm8.safetensors", *load_base_model("models/sd15"))  # base_model
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -22,7 +22,8 @@ from torch import nn
 
 from .file_format import TSMFileError, check_tsm_metadata, load_file, sshs_hashes, tensor_data_sha256
 from .intervals import interval_timestep_range
-from .targets import FAMILIES, layers_by_lora_name
+from .family_guess import guess_family
+from .targets import layers_by_lora_name
 
 KIND_LABELS = {"tsm": "native TSM file", "kohya": "kohya LoRA", "peft": "diffusers/PEFT LoRA", "unknown": "unknown"}
 
@@ -34,10 +35,6 @@ _TSM_REST = re.compile(r"^tsm\.(\d+)\.(\d+)\.(lora_down|lora_up)\.weight$")
 _PEFT_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
                        r"(?:\.[A-Za-z0-9_]+)?\.weight$")
 _PEFT_DOWN = ("lora_A", "lora.down", "lora_linear_layer.down")
-
-
-class BaseModelError(ValueError):
-    """A base model folder that cannot be loaded."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,77 +290,6 @@ def _hashes(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 
 # ----------------------------------------------------------------------------------------
-# family
-# ----------------------------------------------------------------------------------------
-def guess_family(metadata: dict[str, str], modules: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
-    """``{"name": ..., "source": ...}``: from ``modelspec.architecture``, ``ss_base_model_version``,
-    then key names. ``name`` may be ``"sd1 or sd2"``, ``"sd3 or flux"`` or ``"unknown"``."""
-    arch = metadata.get("modelspec.architecture")
-    if arch:
-        name = _family_from_text(arch, "modelspec_architecture")
-        if name:
-            return {"name": name, "source": f"modelspec.architecture={arch}"}
-    version = metadata.get("ss_base_model_version")
-    if version:
-        name = _family_from_text(version, "base_model_version")
-        if name:
-            return {"name": name, "source": f"ss_base_model_version={version}"}
-    if modules:
-        name, why = _family_from_keys(modules)
-        return {"name": name, "source": f"key names ({why})"}
-    return {"name": "unknown", "source": "no metadata, no keys"}
-
-
-def _family_from_text(value: str, attribute: str) -> str | None:
-    for f in FAMILIES.values():
-        if getattr(f, attribute) == value:
-            return f.name
-    v = value.lower()
-    for needle, name in (("xl", "sdxl"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("flux", "flux"),
-                         ("pixart", "pixart"), ("video", "video"), ("t2v", "video"), ("v2", "sd2"), ("sd_2", "sd2"),
-                         ("v1", "sd1"), ("sd_1", "sd1")):
-        if needle in v:
-            return name
-    return None
-
-
-def _family_from_keys(modules: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    names = ["_" + n.replace(".", "_") for n in modules]
-    prefixes = {m["prefix"] for m in modules.values()}
-
-    def has(*needles):
-        return next((nd for nd in needles if any(nd in n for n in names)), None)
-
-    if has("_double_blocks_", "_single_blocks_", "_single_transformer_blocks_"):
-        return "flux", has("_double_blocks_", "_single_blocks_", "_single_transformer_blocks_").strip("_")
-    if has("_joint_blocks_"):
-        return "sd3", "joint_blocks"
-    if has("_temp_attentions_", "_transformer_in_"):
-        return "video", "temporal attention"
-    if "lora_te3" in prefixes and "lora_te2" not in prefixes and "lora_te1" in prefixes:
-        return "flux", "lora_te1 + lora_te3"
-    if "lora_te3" in prefixes or "text_encoder_3" in prefixes:
-        return "sd3", "third text encoder"
-    if has("_input_blocks_", "_output_blocks_", "_middle_block_"):
-        return "sdxl", "SGM names input_blocks/output_blocks"
-    if "lora_te2" in prefixes or "text_encoder_2" in prefixes:
-        return "sdxl", "second text encoder (lora_te2)"
-    if prefixes & {"lora_transformer", "transformer"}:
-        if has("_attn2_"):
-            return "pixart", "transformer with cross-attention attn2"
-        return "sd3 or flux", "diffusers transformer names"
-    if prefixes & {"lora_unet", "unet"}:
-        for name, m in modules.items():
-            if name.replace(".", "_").endswith("attn2_to_k") and m["down"]:
-                in_dim = m["shapes"][next(iter(m["down"].values()))][1]
-                guess = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(in_dim)
-                if guess:
-                    return guess, f"cross-attention width {in_dim}"
-        return "sd1 or sd2", "UNet with diffusers names"
-    return "unknown", "no known prefix"
-
-
-# ----------------------------------------------------------------------------------------
 # text
 # ----------------------------------------------------------------------------------------
 def _size(n: int) -> str:
@@ -541,93 +467,3 @@ def _peft_resolver(denoiser: nn.Module | None, text_encoders: list[nn.Module | N
         return None
 
     return resolve
-
-
-# ----------------------------------------------------------------------------------------
-# base model
-# ----------------------------------------------------------------------------------------
-_DENOISERS = ("unet", "transformer", "prior")
-
-
-def load_base_model(path: str, torch_dtype: torch.dtype | None = None) -> tuple[nn.Module, list[nn.Module]]:
-    """(denoiser, text encoders) of a local diffusers folder; nothing is downloaded.
-
-    ``path`` is a pipeline folder (``model_index.json`` naming ``unet`` or ``transformer`` and
-    ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``), a folder with only ``unet/`` or
-    ``transformer/`` (and optionally ``text_encoder*/``) subfolders, or a model folder whose
-    ``config.json`` names a diffusers denoiser class.
-
-    Raises:
-        BaseModelError: the folder is missing or can't be loaded; the message names the path.
-    """
-    if not os.path.isdir(path):
-        raise BaseModelError(f"{path}: not a folder (give a local diffusers model folder: model_index.json with unet/ "
-                             "or transformer/, text_encoder/ ...; single-file checkpoints are not supported)")
-    components: dict[str, tuple[str, str] | None] = {}
-    index_path = os.path.join(path, "model_index.json")
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (OSError, ValueError) as e:
-            raise BaseModelError(f"{index_path}: not readable JSON ({e})") from None
-        for name, value in index.items():
-            if name in _DENOISERS or re.fullmatch(r"text_encoder(_\d)?", name):
-                if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] and value[1]:
-                    components[name] = (str(value[0]), str(value[1]))
-    else:
-        for name in [*_DENOISERS, "text_encoder", "text_encoder_2", "text_encoder_3"]:
-            cls = _class_from_config(os.path.join(path, name))
-            if cls is not None:
-                components[name] = cls
-        if not any(n in components for n in _DENOISERS):
-            cls = _class_from_config(path)
-            if cls is not None and cls[0] == "diffusers":
-                return _load_component(path, None, cls, torch_dtype), []
-    denoiser_name = next((n for n in _DENOISERS if n in components), None)
-    if denoiser_name is None:
-        raise BaseModelError(f"{path}: no unet or transformer found (expected model_index.json naming one, or a "
-                             "unet/ or transformer/ subfolder with config.json)")
-    denoiser = _load_component(path, denoiser_name, components[denoiser_name], torch_dtype)
-    encoders = [_load_component(path, n, components[n], torch_dtype)
-                for n in sorted(n for n in components if n.startswith("text_encoder"))]
-    return denoiser, encoders
-
-
-def _class_from_config(folder: str) -> tuple[str, str] | None:
-    cfg = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg):
-        return None
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BaseModelError(f"{cfg}: not readable JSON ({e})") from None
-    if config.get("_class_name"):
-        return "diffusers", config["_class_name"]
-    if config.get("architectures"):
-        return "transformers", config["architectures"][0]
-    return None
-
-
-def _load_component(path: str, subfolder: str | None, library_class: tuple[str, str], torch_dtype) -> nn.Module:
-    import importlib
-
-    library, cls_name = library_class
-    where = os.path.join(path, subfolder) if subfolder else path
-    if library not in ("diffusers", "transformers"):
-        raise BaseModelError(f"{where}: component class {library}.{cls_name} is not a diffusers/transformers model")
-    try:
-        cls = getattr(importlib.import_module(library), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise BaseModelError(f"{where}: cannot import {library}.{cls_name} ({e})") from None
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    try:
-        model = cls.from_pretrained(path, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
-        raise BaseModelError(f"{where}: cannot load {cls_name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return model.eval()

@@ -44,7 +44,7 @@ def diffusers_unet_to_sgm(path: str, layers_per_block: int = 2, up_blocks_with_a
     ``(k-1) // (L+1)``; output block k holds up block ``k // (L+1)`` (L = layers_per_block).
 
     Args:
-        path: module path in the diffusers UNet.
+        path: module path in the diffusers UNet, or a parameter path (``...conv.weight``).
         layers_per_block: the UNet's ``layers_per_block`` (2 for SDXL).
         up_blocks_with_attention: indices of up blocks that have attentions, which decides
             whether an upsampler is the block's 2nd or 3rd layer.
@@ -61,7 +61,7 @@ def diffusers_unet_to_sgm(path: str, layers_per_block: int = 2, up_blocks_with_a
         if kind == "down_blocks":
             if part == "downsamplers":
                 head = f"input_blocks.{(L + 1) * (block + 1)}.0"
-                rest = "op" if rest == "conv" else rest
+                rest = "op" + rest[len("conv"):] if rest == "conv" or rest.startswith("conv.") else rest
             else:
                 head = f"input_blocks.{(L + 1) * block + idx + 1}.{0 if part == 'resnets' else 1}"
         else:
