@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import networks.tsm_lora as tsm_lora
-from tests.tiny_models import tiny_clip, tiny_unet
+from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.intervals import expert_index
 
@@ -198,12 +198,6 @@ class Processing:
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-def _randomise(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -212,21 +206,7 @@ def tsm_dir(tmp_path_factory):
     net = TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0, conv_rank=2), tiny_unet(), [tiny_clip()])
     _randomise(net, 0)
     net.save(str(folder / "f8.safetensors"))
-    # stage 2: fostered [8] and [1], assembled [8, 1] with non-zero routers
-    unet = tiny_unet()
-    parts = []
-    for scales, seed in (("8", 1), ("1", 2)):
-        n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
-        _randomise(n, seed)
-        parts.append(str(folder / f"part{scales}.safetensors"))
-        n.save_weights(parts[-1], None, None)
-    n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                tsm_experts=",".join(parts))
-    with torch.no_grad():
-        for lora in n.denoiser_loras:
-            lora.router.embedding.normal_(0, 0.5)
-            lora.router.fc.weight.normal_(0, 0.5)
-    n.save_weights(str(folder / "a81.safetensors"), None, None)
+    write_assembled_file(folder, "a81.safetensors")  # stage 2: [8, 1], routers non-zero
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(folder / "plain_lora.safetensors"))
     return folder
 
@@ -473,7 +453,7 @@ def test_coexists_with_ordinary_loras(tsm_dir):
 
 def test_card_page_lists_tsm_files_with_intervals(tsm_dir):
     found = find_tsm_files(str(tsm_dir))
-    assert {"f8", "a81", "part8", "part1"} <= set(found) and "plain_lora" not in found
+    assert {"f8", "a81", "_part8", "_part1"} <= set(found) and "plain_lora" not in found
     from tsm_trainer.file_format import read_metadata
     text = tsm_a1111.card_description(read_metadata(found["f8"]))
     assert "TSM foster" in text and "scales 8" in text and "[0,125)" in text and "[875,1000)" in text

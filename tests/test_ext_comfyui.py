@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import networks.tsm_lora as tsm_lora
-from tests.tiny_models import tiny_clip, tiny_unet
+from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError
 from tsm_trainer.intervals import expert_index
@@ -353,12 +353,6 @@ def outer_sample(patcher, noise, sigmas, cond, uncond, cfg=4.0):
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-def _randomise(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -368,21 +362,7 @@ def lora_dir(tmp_path_factory):
     net = TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0, conv_rank=2), tiny_unet(), [tiny_clip()])
     _randomise(net)
     net.save(str(folder / "f8.safetensors"))
-    # Stage 2: [8, 1] assembled, routers non-zero.
-    unet = tiny_unet()
-    files = []
-    for scales, seed in (("8", 1), ("1", 2)):
-        n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
-        _randomise(n, seed)
-        files.append(str(folder / f"_{scales}.safetensors"))
-        n.save_weights(files[-1], None, None)
-    n = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                tsm_experts=",".join(files))
-    with torch.no_grad():
-        for lora in n.denoiser_loras:
-            lora.router.embedding.normal_(0, 0.5)
-            lora.router.fc.weight.normal_(0, 0.5)
-    n.save_weights(str(folder / "a81.safetensors"), None, None)
+    write_assembled_file(folder, "a81.safetensors")  # stage 2: [8, 1], routers non-zero
     return folder
 
 

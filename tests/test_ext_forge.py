@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import networks.tsm_lora as tsm_lora
-from tests.tiny_models import tiny_clip, tiny_unet
+from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.export import text_encoder_lora
 from tsm_trainer.file_format import TSMFileError, load_file
@@ -239,12 +239,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # files and the sampling loop
 # ------------------------------------------------------------------------------------------------
-def _randomise(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 class _CLIPHolder(nn.Module):
@@ -269,23 +263,7 @@ def foster_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assembled_file(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("a")
-    unet = tiny_unet()
-    files = []
-    for scales, seed in (("8", 1), ("1", 2)):
-        net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
-        _randomise(net, seed)
-        files.append(str(tmp / f"{scales}.safetensors"))
-        net.save_weights(files[-1], None, None)
-    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                  tsm_experts=",".join(files))
-    with torch.no_grad():
-        for lora in net.denoiser_loras:
-            lora.router.embedding.normal_(0, 0.5)
-            lora.router.fc.weight.normal_(0, 0.5)
-    path = str(tmp / "a.safetensors")
-    net.save_weights(path, None, None)
-    return path
+    return write_assembled_file(tmp_path_factory.mktemp("a"), "a.safetensors")
 
 
 def _conds():

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import networks.tsm_lora as tsm_lora
-from tests.tiny_models import tiny_unet
+from tests.tiny_models import randomise as _randomise, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError, load_file
 from tsm_trainer.intervals import expert_index
@@ -16,12 +16,6 @@ from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_l
 from tsm_trainer.targets import all_layers, layers_by_lora_name
 
 
-def _randomise(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +69,7 @@ def test_switcher_follows_the_timestep_and_merges_once_per_crossing(foster_file,
 
 
 def test_online_path_equals_the_network_for_assembled_files(tmp_path):
-    unet = tiny_unet()
-    files = []
-    for scales, seed in (("8", 1), ("1", 2)):
-        net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
-        _randomise(net, seed)
-        files.append(str(tmp_path / f"{scales}.safetensors"))
-        net.save_weights(files[-1], None, None)
-    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                  tsm_experts=",".join(files))
-    with torch.no_grad():
-        for lora in net.denoiser_loras:
-            lora.router.embedding.normal_(0, 0.5)
-            lora.router.fc.weight.normal_(0, 0.5)
-    path = str(tmp_path / "a.safetensors")
-    net.save_weights(path, None, None)
+    path = write_assembled_file(tmp_path, "a.safetensors")
 
     tensors, meta = load_file(path)
     target = tiny_unet()

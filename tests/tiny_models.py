@@ -149,3 +149,36 @@ def tiny_tokenizer():
         with open(os.path.join(d, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n")
         return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)
+
+
+def randomise(module, seed: int = 0, std: float = 0.3) -> None:
+    """Random values for every non-scalar parameter (lora_up starts at zero), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def write_assembled_file(folder, name: str = "a81.safetensors") -> str:
+    """Foster [8] and [1] on a tiny UNet, assemble [8, 1] with non-zero routers, save; returns the path."""
+    import os
+
+    import networks.tsm_lora as tsm_lora
+
+    unet = tiny_unet()
+    parts = []
+    for scales, seed in (("8", 1), ("1", 2)):
+        net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales=scales)
+        randomise(net, seed)
+        parts.append(os.path.join(str(folder), f"_part{scales}.safetensors"))
+        net.save_weights(parts[-1], None, None)
+    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                  tsm_experts=",".join(parts))
+    with torch.no_grad():
+        for lora in net.denoiser_loras:
+            lora.router.embedding.normal_(0, 0.5)
+            lora.router.fc.weight.normal_(0, 0.5)
+    path = os.path.join(str(folder), name)
+    net.save_weights(path, None, None)
+    return path
