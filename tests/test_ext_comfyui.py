@@ -36,6 +36,7 @@ import pytest
 import torch
 
 import networks.tsm_lora as tsm_lora
+from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError
@@ -99,12 +100,6 @@ def copy_nested_dicts(input_dict):  # comfy/patcher_extension.py
     return new_dict
 
 
-def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
-    # comfy/ldm/modules/diffusionmodules/util.py ("linear" is the scaled-linear schedule of SD)
-    assert schedule == "linear"
-    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
-
-
 class EPS:  # comfy/model_sampling.py
     def calculate_input(self, sigma, noise):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
@@ -115,35 +110,10 @@ class EPS:  # comfy/model_sampling.py
         return model_input - model_output * sigma
 
 
-class ModelSamplingDiscrete(torch.nn.Module):  # comfy/model_sampling.py
+class ModelSamplingDiscrete(DiscreteSigmas):  # comfy/model_sampling.py
     def __init__(self, model_config=None):
-        super().__init__()
-        betas = make_beta_schedule("linear", 1000, linear_start=0.00085, linear_end=0.012)
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.num_timesteps = 1000
-        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        self.register_buffer("sigmas", sigmas.float())
-        self.register_buffer("log_sigmas", sigmas.log().float())
+        super().__init__(0.00085, 0.012, 1000)
         self.sigma_data = 1.0
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
-
-    def timestep(self, sigma):
-        log_sigma = sigma.log()
-        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
-
-    def sigma(self, timestep):
-        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=(len(self.sigmas) - 1))
-        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
-        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
-        return log_sigma.exp().to(timestep.device)
 
 
 class ModelSampling(ModelSamplingDiscrete, EPS):  # comfy/model_base.py model_sampling(): class ModelSampling(s, c)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import networks.tsm_lora as tsm_lora
+from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.export import text_encoder_lora
@@ -30,31 +31,10 @@ from tsm_forge.adapter import _LinearView  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 # Forge stand-ins
 # ------------------------------------------------------------------------------------------------
-class Prediction(nn.Module):
+class Prediction(DiscreteSigmas):
     """backend/modules/k_prediction.py ``Prediction`` (ComfyUI's ModelSamplingDiscrete): SD's scaled-linear
     betas (make_beta_schedule "linear": linspace of sqrt, squared, float64), sigmas from alphas_cumprod,
     ``timestep(sigma)`` = nearest index in log-sigma."""
-
-    def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
-        super().__init__()
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        self.register_buffer("sigmas", sigmas.float())
-        self.register_buffer("log_sigmas", sigmas.log().float())
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
-
-    def timestep(self, sigma):
-        log_sigma = sigma.log()
-        dists = log_sigma.to(self.log_sigmas.device) - self.log_sigmas[:, None]
-        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
     def calculate_input(self, sigma, noise):  # AbstractPrediction, sigma_data = 1
         sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
