@@ -30,7 +30,8 @@ def _trainer(base, tmp_path, **overrides):
     family = get_training_family("sd1")
     components = family.load(base)
     validation = list(make_batches(99))[:1]
-    return Trainer(config, family, components, make_batches, batch_size=2, validation=validation, log=lambda s: None)
+    return Trainer(config, family, components, make_batches, batch_size=2, validation=validation, log=lambda s: None,
+                   batches_per_epoch=3)
 
 
 def test_training_reduces_validation_loss_and_saves(base, tmp_path):
@@ -95,3 +96,21 @@ def test_xformers_flag_without_xformers_is_a_clear_error(base, tmp_path):
         pass
     with pytest.raises(ValueError, match="--xformers: xformers is not installed"):
         _trainer(base, tmp_path, xformers=True)
+
+
+def test_sample_images_and_epoch_checkpoints(base, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red circle\na blue square\n")
+    trainer = _trainer(base, tmp_path, tsm_scales="8", max_train_steps=4, sample_every_n_steps=2,
+                       sample_prompts=str(prompts), sample_steps=2, sample_resolution=16, save_every_n_epochs=1,
+                       save_last_n=5)
+    trainer.run()
+    from PIL import Image
+
+    for step in (2, 4):
+        with Image.open(tmp_path / "samples" / f"step-{step}.png") as grid:
+            assert grid.size == (32, 16)  # two prompts side by side
+    # 3 batches per epoch: epoch 1 ends after step 3
+    assert (tmp_path / "state-3").is_dir()
+    with pytest.raises(ValueError, match="--sample_every_n_steps needs --sample_prompts"):
+        _trainer(base, tmp_path / "b", sample_every_n_steps=1).run()

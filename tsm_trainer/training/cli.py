@@ -63,7 +63,8 @@ def build(config: TrainConfig, log=print) -> Trainer:
     def make_batches(epoch: int):
         return (dataset.batch(epoch, i) for i in range(len(dataset)))
 
-    return Trainer(config, family, components, make_batches, batch_size, validation, log=log)
+    return Trainer(config, family, components, make_batches, batch_size, validation, log=log,
+                   batches_per_epoch=len(dataset))
 
 
 def main(argv: list[str] | None = None) -> int:

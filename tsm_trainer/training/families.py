@@ -70,6 +70,19 @@ class StableDiffusionFamily:
     def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
         return c.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample
 
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        """PIL images of ``prompts`` with whatever network is applied to the UNet (DDIM, fixed seed)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                       unet=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=generator).images
+
     def loss_weights(self, c: Components, timesteps, min_snr_gamma: float) -> torch.Tensor | None:
         """Per-sample min-SNR weights (Hang et al. 2023), or None when off."""
         if not min_snr_gamma:

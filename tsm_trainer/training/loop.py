@@ -96,14 +96,14 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
                  batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print,
-                 accelerator=None):
+                 accelerator=None, batches_per_epoch: int | None = None):
         from accelerate import Accelerator
 
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
                                                       cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.config, self.family, self.c = config, family, components
-        self.make_batches, self.batch_size = make_batches, batch_size
+        self.make_batches, self.batch_size, self.batches_per_epoch = make_batches, batch_size, batches_per_epoch
         self.validation = validation or []
         self.log = log
         torch.manual_seed(config.seed)  # identical network init on every process
@@ -266,6 +266,10 @@ class Trainer:
         if config.resume:
             self.resume(config.resume)
         self.log(describe_budget(config, self.batch_size))
+        if config.sample_every_n_steps and not config.sample_prompts:
+            raise ValueError("--sample_every_n_steps needs --sample_prompts (a text file, one prompt per line)")
+        if config.save_every_n_epochs and not self.batches_per_epoch:
+            raise ValueError("--save_every_n_epochs needs the number of batches per epoch")
         batches = self._batches()
         main = self.accelerator.is_main_process
         bar = tqdm(total=config.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
@@ -278,6 +282,11 @@ class Trainer:
                 self.writer.add_scalar("lr", self.lr_scheduler.get_last_lr()[0], self.step)
             if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
                 self.save_state()
+            elif main and config.save_every_n_epochs and self.position >= self.batches_per_epoch \
+                    and (self.epoch + 1) % config.save_every_n_epochs == 0:
+                self.save_state()  # the epoch's last batch was just used
+            if main and config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0:
+                self.log(f"samples: {self.write_samples()}")
             if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
                 self.log_validation()
         bar.close()
@@ -299,6 +308,28 @@ class Trainer:
                                           "ss_v2": str(self.network.family.v2), "ss_steps": str(self.step),
                                           "tsm.trainer_stage": config.tsm_stage})
         self.log(f"saved {path}")
+        return path
+
+    def write_samples(self) -> str:
+        """A grid of the prompts file's images at this step: ``output_dir/samples/step-N.png``."""
+        from PIL import Image
+
+        with open(self.config.sample_prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise ValueError(f"--sample_prompts {self.config.sample_prompts}: no prompt in the file")
+        self.network.eval()
+        images = self.family.sample(self.c, prompts, self.config.sample_steps, self.config.sample_guidance,
+                                    self.config.sample_resolution, self.config.seed)
+        size = self.config.sample_resolution
+        grid = Image.new("RGB", (size * len(images), size))
+        for i, image in enumerate(images):
+            grid.paste(image, (i * size, 0))
+        folder = os.path.join(self.config.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{self.step}.png")
+        grid.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
         return path
 
     def log_validation(self) -> list[float]:
