@@ -86,3 +86,20 @@ def test_script_runs_from_the_repo_root(setup):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(root / "script" / "tsm.safetensors")
+
+
+def test_paper_recipe_runs_all_stages_and_resumes_between_them(setup, capsys):
+    root, base, toml = setup
+    out = str(root / "recipe")
+    args = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
+            "--network_dim", "2", "--tsm_recipe", "paper", "--output_name", "r", "--save_every_n_steps", "1",
+            "--resume", "latest"]
+    assert main(args) == 0
+    _, meta = load_file(os.path.join(out, "r-assembled", "r.safetensors"))
+    assert meta["tsm.stage"] == "assemble" and meta["tsm.scales"] == "[8, 1]"
+    os.remove(os.path.join(out, "r-assembled", "r.safetensors"))  # as if stopped during stage 3
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1/3 (foster 8) already done" in printed and "stage 2/3 (foster 1) already done" in printed
+    assert "resumed from" in printed and "state-2" in printed  # stage 3 continued from its last state

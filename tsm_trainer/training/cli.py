@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 import torch
@@ -67,11 +69,48 @@ def build(config: TrainConfig, log=print) -> Trainer:
                    batches_per_epoch=len(dataset))
 
 
+def latest_state(output_dir: str) -> str:
+    """The newest ``state-N`` folder in ``output_dir``, or "" when there is none."""
+    if not os.path.isdir(output_dir):
+        return ""
+    states = [d for d in os.listdir(output_dir) if d.startswith("state-") and d[6:].isdigit()]
+    return os.path.join(output_dir, max(states, key=lambda d: int(d[6:]))) if states else ""
+
+
+def paper_recipe(config: TrainConfig) -> list[TrainConfig]:
+    """The paper's two-stage recipe (appendix A): foster n=8, foster n=1, assemble [8, 1] with
+    the experts frozen; each stage gets ``max_train_steps`` and its own folder."""
+    out = lambda stage: os.path.join(config.output_dir, f"{config.output_name}-{stage}")  # noqa: E731
+    common = dict(tsm_recipe="none", tsm_interval=-1, resume=config.resume)
+    return [
+        dataclasses.replace(config, tsm_stage="foster", tsm_scales="8", output_dir=out("foster8"), **common),
+        dataclasses.replace(config, tsm_stage="foster", tsm_scales="1", output_dir=out("foster1"), **common),
+        dataclasses.replace(config, tsm_stage="assemble", tsm_scales="8,1", output_dir=out("assembled"),
+                            tsm_experts=f"{out('foster8')}/{config.output_name}.safetensors,"
+                                        f"{out('foster1')}/{config.output_name}.safetensors", **common),
+    ]
+
+
+def run(config: TrainConfig, log=print) -> str:
+    """One stage, or every stage of a recipe; a stage whose file exists is done (resume skips it)."""
+    stages = paper_recipe(config) if config.tsm_recipe == "paper" else [config]
+    path = ""
+    for i, stage in enumerate(stages, 1):
+        path = os.path.join(stage.output_dir, f"{stage.output_name}.safetensors")
+        if len(stages) > 1:
+            if os.path.isfile(path):
+                log(f"stage {i}/{len(stages)} ({stage.tsm_stage} {stage.tsm_scales}) already done: {path}")
+                continue
+            log(f"stage {i}/{len(stages)}: {stage.tsm_stage} {stage.tsm_scales} -> {stage.output_dir}")
+        if stage.resume == "latest":
+            stage = dataclasses.replace(stage, resume=latest_state(stage.output_dir))
+        path = build(stage, log).run()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = load_config(argv)
-        trainer = build(config)
-        trainer.run()
+        run(load_config(argv))
     except (ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

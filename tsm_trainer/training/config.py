@@ -33,6 +33,8 @@ class TrainConfig:
     output_dir: str = _opt("output", "where checkpoints and the final file go")
     output_name: str = _opt("tsm", "file name stem of the saved network")
     # network and recipe
+    tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
+                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume", ("none", "paper"))
     tsm_stage: str = _opt("foster", "vanilla (n=1 LoRA), foster (experts) or assemble (routers)",
                           ("vanilla", "foster", "assemble"))
     tsm_scales: str = _opt("8", "scales: '8' to foster, '8,1' to assemble")
@@ -72,7 +74,8 @@ class TrainConfig:
     sample_steps: int = _opt(20, "sampler steps of the sample images")
     sample_guidance: float = _opt(5.0, "classifier-free guidance scale of the sample images")
     sample_resolution: int = _opt(512, "sample image size in pixels")
-    resume: str = _opt("", "resume from a training-state folder (output_dir/state-STEP)")
+    resume: str = _opt("", "resume from a training-state folder (output_dir/state-STEP), or 'latest' (the newest "
+                               "state in output_dir, if any)")
     validation_split: float = _opt(0.0, "held-out fraction for per-interval validation loss")
     validate_every_n_steps: int = _opt(0, "validation every N steps; 0: at the end only (when a split exists)")
     logging_dir: str = _opt("", "TensorBoard log folder; empty: off")
