@@ -75,7 +75,7 @@ def test_bad_input_stops_with_clear_messages(setup, tmp_path, capsys):
     assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(tmp_path),
                  "--no-skip_bad_files"]) == 2
     assert "broken.png" in capsys.readouterr().err
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--family", "sdxl"]) == 2
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--family", "flux"]) == 2
     assert "train_tsm.py trains only" in capsys.readouterr().err
 
 
@@ -103,3 +103,21 @@ def test_paper_recipe_runs_all_stages_and_resumes_between_them(setup, capsys):
     printed = capsys.readouterr().out
     assert "stage 1/3 (foster 8) already done" in printed and "stage 2/3 (foster 1) already done" in printed
     assert "resumed from" in printed and "state-2" in printed  # stage 3 continued from its last state
+
+
+def test_sdxl_trains_saves_sgm_names_and_samples(setup, tmp_path):
+    from tests.tiny_models import tiny_sdxl_pipeline_folder
+
+    root, _, toml = setup
+    base = tiny_sdxl_pipeline_folder(str(tmp_path / "sdxl"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    out = str(tmp_path / "out")
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
+                 "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
+                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "32"]) == 0
+    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
+    assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
+    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))

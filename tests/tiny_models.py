@@ -182,3 +182,37 @@ def write_assembled_file(folder, name: str = "a81.safetensors") -> str:
     path = os.path.join(str(folder), name)
     net.save_weights(path, None, None)
     return path
+
+
+def tiny_sdxl_pipeline_folder(folder, seed: int = 0):
+    """Write a tiny SDXL-shaped diffusers pipeline: two CLIP encoders (8 + 8 wide, pooled 16)."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = tiny_sdxl_unet(seed=seed)  # cross_attention_dim 16 = 8 + 8; pooled 16 + 6 * 4 time ids
+    torch.manual_seed(seed)
+    common = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    te1 = CLIPTextModel(CLIPTextConfig(**common)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **common)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8)
+    os.makedirs(folder, exist_ok=True)
+    for name, module in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2), ("vae", vae)):
+        module.save_pretrained(os.path.join(folder, name))
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
+    for name in ("tokenizer", "tokenizer_2"):
+        tiny_tokenizer().save_pretrained(os.path.join(folder, name))
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder
