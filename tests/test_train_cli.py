@@ -121,3 +121,24 @@ def test_sdxl_trains_saves_sgm_names_and_samples(setup, tmp_path):
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
     assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
     assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
+
+
+def test_video_family_trains_on_frame_folders(tmp_path):
+    from tests.tiny_models import tiny_video_pipeline_folder
+
+    base = tiny_video_pipeline_folder(str(tmp_path / "video"))
+    clips = tmp_path / "clips"
+    for c, colour in enumerate(["red", "blue", "green"]):
+        (clips / f"clip{c}").mkdir(parents=True)
+        for f in range(3):
+            Image.new("RGB", (16, 16), colour).save(clips / f"clip{c}" / f"{f:04d}.png")
+        (clips / f"clip{c}.txt").write_text(f"a {colour} square moving")
+    toml = tmp_path / "video.toml"
+    toml.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 16\nbatch_size = 2\n'
+                    f'  [[datasets.subsets]]\n  image_dir = "{clips}"\n  video_frames = 2\n')
+    out = str(tmp_path / "out")
+    assert main(["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out,
+                 "--max_train_steps", "2", "--network_dim", "2", "--tsm_scales", "4"]) == 0
+    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    assert meta["modelspec.architecture"] == "text-to-video-unet3d/lora"
+    assert any(".tsm.4." in k and "temp_attentions" in k and "attn1_to_k" in k for k in tensors)

@@ -216,3 +216,20 @@ def tiny_sdxl_pipeline_folder(folder, seed: int = 0):
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def tiny_video_pipeline_folder(folder, seed: int = 0):
+    """A tiny text-to-video pipeline folder (UNet3DConditionModel + image VAE + CLIP)."""
+    import json
+    import os
+
+    tiny_sd_pipeline_folder(folder, seed)  # VAE, CLIP, tokenizer, scheduler
+    tiny_unet3d(seed=seed).save_pretrained(os.path.join(folder, "unet"))
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index.update({"_class_name": "TextToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]})
+    for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+        index.pop(key, None)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder

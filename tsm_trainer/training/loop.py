@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..intervals import expert_index, interval_timestep_range
+from ..metadata import kohya_metadata, modelspec_metadata
 from ..network import TSMConfig, TSMNetwork
 from .checkpoint import load_state, prune_states, save_state
 from .config import TrainConfig
@@ -300,13 +301,14 @@ class Trainer:
         path = os.path.join(config.output_dir, f"{config.output_name}.safetensors")
         if not main:
             return path
-        self.network.save(path, metadata={"ss_output_name": config.output_name, "modelspec.title": config.output_name,
-                                          "ss_network_module": "networks.tsm_lora",
-                                          "ss_network_dim": str(config.network_dim),
-                                          "ss_network_alpha": str(config.network_alpha),
-                                          "ss_base_model_version": self.network.family.base_model_version,
-                                          "ss_v2": str(self.network.family.v2), "ss_steps": str(self.step),
-                                          "tsm.trainer_stage": config.tsm_stage})
+        family = self.network.family
+        args = {k: str(getattr(config, k)) for k in ("tsm_stage", "tsm_scales", "tsm_mixture", "tsm_interval")}
+        metadata = kohya_metadata(family, "networks.tsm_lora", config.network_dim, config.network_alpha, args,
+                                  config.output_name)
+        prediction = "v" if self.family.prediction_type == "v_prediction" else None
+        metadata.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
+        metadata.update({"ss_steps": str(self.step), "tsm.trainer_stage": config.tsm_stage})
+        self.network.save(path, metadata=metadata)
         self.log(f"saved {path}")
         return path
 
