@@ -142,3 +142,35 @@ def test_video_family_trains_on_frame_folders(tmp_path):
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
     assert meta["modelspec.architecture"] == "text-to-video-unet3d/lora"
     assert any(".tsm.4." in k and "temp_attentions" in k and "attn1_to_k" in k for k in tensors)
+
+
+def test_sd3_flow_matching_trains_and_samples(setup, tmp_path):
+    from tests.tiny_models import tiny_sd3_pipeline_folder
+
+    root, _, toml = setup
+    base = tiny_sd3_pipeline_folder(str(tmp_path / "sd3"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    out = str(tmp_path / "out")
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
+                 "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
+                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
+    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    assert meta["tsm.timestep_space"] == "flow" and meta["modelspec.prediction_type"] == "rectified_flow"
+    assert any(k.startswith("lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
+    assert {k.split("_", 2)[1] for k in tensors if k.startswith("lora_te")} == {"te1", "te2", "te3"}
+    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
+
+
+def test_flow_timesteps_are_logit_normal_and_respect_intervals():
+    import torch
+
+    from tsm_trainer.training.families import StableDiffusion3Family
+
+    family = StableDiffusion3Family()
+    g = torch.Generator().manual_seed(0)
+    t = family.draw_timesteps(0, 1000, 20000, g)
+    assert 0 <= t.min() and t.max() < 1000
+    assert abs(float(torch.logit(t / 1000).mean())) < 0.05 and abs(float(torch.logit(t / 1000).std()) - 1) < 0.05
+    t = family.draw_timesteps(250, 375, 5000, g)
+    assert t.min() >= 250 and t.max() < 375

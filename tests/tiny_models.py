@@ -233,3 +233,52 @@ def tiny_video_pipeline_folder(folder, seed: int = 0):
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single letters, built locally."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
+
+
+def tiny_sd3_pipeline_folder(folder, seed: int = 0):
+    """A tiny SD3-shaped pipeline: MM-DiT, two CLIP-with-projection encoders (8 wide, pooled 8 + 8),
+    a T5 encoder (16 wide), VAE, flow-matching scheduler."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    transformer = tiny_sd3(seed=seed)  # joint_attention_dim 16, pooled_projection_dim 16
+    torch.manual_seed(seed)
+    common = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8)
+    te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**common)).eval() for _ in range(2))
+    te3 = tiny_t5(d_model=16, seed=seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.5)
+    os.makedirs(folder, exist_ok=True)
+    for name, module in (("transformer", transformer), ("text_encoder", te1), ("text_encoder_2", te2),
+                         ("text_encoder_3", te3), ("vae", vae)):
+        module.save_pretrained(os.path.join(folder, name))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
+    for name in ("tokenizer", "tokenizer_2"):
+        tiny_tokenizer().save_pretrained(os.path.join(folder, name))
+    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_3"))
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "tokenizer_3": ["transformers", "T5Tokenizer"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder

@@ -44,16 +44,24 @@ def build_network(config: TrainConfig, components, num_train_timesteps: int) -> 
     return network
 
 
-def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int) -> torch.Tensor:
-    """(B,) long timesteps: uniform per sample; stratified (each batch from one interval of the
-    core scale, rotating with the step); or restricted to ``tsm_interval``."""
+def timestep_range(config: TrainConfig, step: int, T: int) -> tuple[int, int]:
+    """[lo, hi) this step draws t from: all of [0, T); one interval of the core scale rotating
+    with the step (stratified); or the ``tsm_interval`` being trained."""
     n = config.scales[0]
     if config.tsm_interval >= 0:
-        lo, hi = interval_timestep_range(config.tsm_interval, n, T)
-    elif config.timestep_sampling == "stratified":
-        lo, hi = interval_timestep_range(step % n, n, T)
-    else:
-        lo, hi = 0, T
+        return interval_timestep_range(config.tsm_interval, n, T)
+    if config.timestep_sampling == "stratified":
+        return interval_timestep_range(step % n, n, T)
+    return 0, T
+
+
+def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int,
+                     family=None) -> torch.Tensor:
+    """(B,) timesteps in :func:`timestep_range`, with the family's density (uniform integers for
+    DDPM families; flow families draw floats)."""
+    lo, hi = timestep_range(config, step, T)
+    if family is not None and hasattr(family, "draw_timesteps"):
+        return family.draw_timesteps(lo, hi, batch, generator)
     return torch.randint(lo, hi, (batch,), generator=generator)
 
 
@@ -185,7 +193,7 @@ class Trainer:
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             g = self._generator(micro)
-            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T)
+            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family)
             per_sample = self._loss(batch, timesteps, g)
             weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma)
             loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
@@ -228,7 +236,10 @@ class Trainer:
         for batch in self.validation:
             for i in range(LOG_INTERVALS):
                 lo, hi = interval_timestep_range(i, LOG_INTERVALS, self.T)
-                t = torch.randint(lo, hi, (len(batch["captions"]),), generator=g)
+                if hasattr(self.family, "draw_timesteps"):
+                    t = self.family.draw_timesteps(lo, hi, len(batch["captions"]), g)
+                else:
+                    t = torch.randint(lo, hi, (len(batch["captions"]),), generator=g)
                 totals[i] += self._loss(batch, t, g).sum()
                 counts[i] += len(batch["captions"])
         return (totals / counts.clamp(min=1)).tolist()
