@@ -174,3 +174,21 @@ def test_flow_timesteps_are_logit_normal_and_respect_intervals():
     assert abs(float(torch.logit(t / 1000).mean())) < 0.05 and abs(float(torch.logit(t / 1000).std()) - 1) < 0.05
     t = family.draw_timesteps(250, 375, 5000, g)
     assert t.min() >= 250 and t.max() < 375
+
+
+def test_pixart_trains_and_samples(setup, tmp_path):
+    from tests.tiny_models import tiny_pixart_pipeline_folder
+
+    root, _, toml = setup
+    base = tiny_pixart_pipeline_folder(str(tmp_path / "pixart"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    out = str(tmp_path / "out")
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
+                 "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
+                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
+    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    assert meta["ss_base_model_version"] == "pixart_alpha"
+    assert any(k.startswith("lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
+    assert any(k.startswith("lora_te_encoder_block_0_layer_0_SelfAttention_q.") for k in tensors)
+    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))

@@ -282,3 +282,28 @@ def tiny_sd3_pipeline_folder(folder, seed: int = 0):
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def tiny_pixart_pipeline_folder(folder, seed: int = 0):
+    """A tiny PixArt-alpha pipeline: DiT (learned sigma), T5 (16 wide), VAE, DDPM scheduler."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8)
+    os.makedirs(folder, exist_ok=True)
+    for name, module in (("transformer", tiny_pixart(seed=seed)), ("text_encoder", tiny_t5(16, seed)), ("vae", vae)):
+        module.save_pretrained(os.path.join(folder, name))
+    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
+    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder
