@@ -76,7 +76,8 @@ def test_bad_input_stops_with_clear_messages(setup, tmp_path, capsys):
                  "--no-skip_bad_files"]) == 2
     assert "broken.png" in capsys.readouterr().err
     assert main(["--pretrained_model", base, "--dataset_config", toml, "--family", "flux"]) == 2
-    assert "train_tsm.py trains only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--family flux, but" in err and "holds a sd1 model" in err
 
 
 def test_script_runs_from_the_repo_root(setup):
@@ -191,4 +192,21 @@ def test_pixart_trains_and_samples(setup, tmp_path):
     assert meta["ss_base_model_version"] == "pixart_alpha"
     assert any(k.startswith("lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
     assert any(k.startswith("lora_te_encoder_block_0_layer_0_SelfAttention_q.") for k in tensors)
+    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
+
+
+def test_flux_trains_and_samples(setup, tmp_path):
+    from tests.tiny_models import tiny_flux_pipeline_folder
+
+    root, _, toml = setup
+    base = tiny_flux_pipeline_folder(str(tmp_path / "flux"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    out = str(tmp_path / "out")
+    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
+                 "--network_dim", "2", "--tsm_scales", "4", "--sample_every_n_steps", "2",
+                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
+    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    assert meta["tsm.timestep_space"] == "flow" and meta["ss_base_model_version"] == "flux1"
+    assert any(k.startswith("lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
     assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))

@@ -307,3 +307,32 @@ def tiny_pixart_pipeline_folder(folder, seed: int = 0):
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def tiny_flux_pipeline_folder(folder, seed: int = 0):
+    """A tiny Flux pipeline: transformer on 2x2-packed 4-channel latents, CLIP (pooled 16), T5 (16 wide)."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    transformer = tiny_flux(seed=seed, in_channels=16)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.5)
+    os.makedirs(folder, exist_ok=True)
+    for name, module in (("transformer", transformer), ("text_encoder", tiny_clip(hidden_size=16, seed=seed)),
+                         ("text_encoder_2", tiny_t5(16, seed)), ("vae", vae)):
+        module.save_pretrained(os.path.join(folder, name))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
+    tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_2"))
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5Tokenizer"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return folder

@@ -38,7 +38,9 @@ def split_validation(scan: ScanResult, fraction: float) -> tuple[ScanResult, Sca
 
 
 def build(config: TrainConfig, log=print) -> Trainer:
-    name = detect_family_name(config.pretrained_model) if config.family == "auto" else config.family
+    name = detect_family_name(config.pretrained_model)
+    if config.family != "auto" and config.family != name and {config.family, name} != {"sd1", "sd2"}:
+        raise ValueError(f"--family {config.family}, but {config.pretrained_model} holds a {name} model")
     family = get_training_family(name, config.prediction_type)
     components = family.load(config.pretrained_model)
     data_config = load_dataset_config(config.dataset_config)
