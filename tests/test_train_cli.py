@@ -15,6 +15,16 @@ from tsm_trainer.training.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _reloads(base: str, path: str) -> None:
+    """The saved file loads back onto the base model (built from its configs), strictly."""
+    from tsm_trainer import TSMNetwork
+    from tsm_trainer.base_model import load_components
+
+    _, denoiser, encoders = load_components(base)
+    network = TSMNetwork.from_file(path, denoiser, [m for _, m in encoders])
+    assert network.denoiser_loras
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
@@ -47,6 +57,7 @@ def test_trains_foster_then_assemble_from_the_command_line(setup, capsys):
     assert "validation loss per interval:" in printed
     _, meta = load_file(f"{out}/a.safetensors")
     assert meta["tsm.stage"] == "assemble" and meta["tsm.scales"] == "[8, 1]"
+    _reloads(base, f"{out}/a.safetensors")
     assert load_file(f"{out}/f1.safetensors")[1]["tsm.scales"] == "[1]"
 
 
@@ -118,6 +129,7 @@ def test_sdxl_trains_saves_sgm_names_and_samples(setup, tmp_path):
                  "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
                  "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "32"]) == 0
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
     assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
@@ -141,6 +153,7 @@ def test_video_family_trains_on_frame_folders(tmp_path):
     assert main(["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out,
                  "--max_train_steps", "2", "--network_dim", "2", "--tsm_scales", "4"]) == 0
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["modelspec.architecture"] == "text-to-video-unet3d/lora"
     assert any(".tsm.4." in k and "temp_attentions" in k and "attn1_to_k" in k for k in tensors)
 
@@ -157,6 +170,7 @@ def test_sd3_flow_matching_trains_and_samples(setup, tmp_path):
                  "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
                  "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["tsm.timestep_space"] == "flow" and meta["modelspec.prediction_type"] == "rectified_flow"
     assert any(k.startswith("lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
     assert {k.split("_", 2)[1] for k in tensors if k.startswith("lora_te")} == {"te1", "te2", "te3"}
@@ -189,6 +203,7 @@ def test_pixart_trains_and_samples(setup, tmp_path):
                  "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
                  "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["ss_base_model_version"] == "pixart_alpha"
     assert any(k.startswith("lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
     assert any(k.startswith("lora_te_encoder_block_0_layer_0_SelfAttention_q.") for k in tensors)
@@ -207,6 +222,7 @@ def test_flux_trains_and_samples(setup, tmp_path):
                  "--network_dim", "2", "--tsm_scales", "4", "--sample_every_n_steps", "2",
                  "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
+    _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["tsm.timestep_space"] == "flow" and meta["ss_base_model_version"] == "flux1"
     assert any(k.startswith("lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
     assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
