@@ -1,7 +1,5 @@
 """Exports for plain LoRA loaders (DESIGN.md section 5), checked against diffusers itself."""
 
-import os
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline

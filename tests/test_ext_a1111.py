@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import networks.tsm_lora as tsm_lora
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.intervals import expert_index

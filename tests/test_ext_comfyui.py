@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import math
 import os
 import sys
 import types
@@ -35,7 +34,6 @@ import types
 import pytest
 import torch
 
-import networks.tsm_lora as tsm_lora
 from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork

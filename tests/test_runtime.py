@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-import networks.tsm_lora as tsm_lora
 from tests.tiny_models import randomise as _randomise, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError, load_file

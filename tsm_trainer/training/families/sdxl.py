@@ -1,0 +1,58 @@
+"""SDXL."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Components
+from .sd import StableDiffusionFamily
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: two CLIP encoders (penultimate hidden states concatenated; pooled projection of the
+    second), size/crop conditioning ``time_ids``, DDPM noise, epsilon or v-prediction."""
+
+    names = ("sdxl",)
+
+    def load(self, folder: str) -> Components:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        kw = dict(local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
+                    CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **kw) for s in ("tokenizer", "tokenizer_2")]
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+        if self.prediction_type == "auto":
+            self.prediction_type = scheduler.config.prediction_type
+        return Components(unet, encoders, tokenizers, vae, scheduler)
+
+    def encode_text(self, c: Components, captions: list[str], device) -> dict:
+        """{"encoder_hidden_states": (B, L, D1 + D2), "text_embeds": (B, P)}"""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
+        # Size conditioning: original = target = the training resolution, no crop.
+        h, w = (noisy.shape[-2] * 8, noisy.shape[-1] * 8)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=noisy.dtype, device=noisy.device).repeat(noisy.shape[0], 1)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        return c.denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.denoiser,
+                                         scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=torch.Generator().manual_seed(seed)).images
