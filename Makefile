@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-sd-scripts test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,17 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python tools/demo_sd_scripts.py --output_dir outputs/demo
+	$(BIN)/python tools/demo.py --output_dir outputs/demo
+
+demo-sd-scripts: $(STAMP)
+	$(BIN)/python tools/demo_sd_scripts.py --output_dir outputs/demo-sd-scripts
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_network.py
+	$(BIN)/python bench/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
