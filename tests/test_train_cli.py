@@ -117,24 +117,6 @@ def test_paper_recipe_runs_all_stages_and_resumes_between_them(setup, capsys):
     assert "resumed from" in printed and "state-2" in printed  # stage 3 continued from its last state
 
 
-def test_sdxl_trains_saves_sgm_names_and_samples(setup, tmp_path):
-    from tests.tiny_models import tiny_sdxl_pipeline_folder
-
-    root, _, toml = setup
-    base = tiny_sdxl_pipeline_folder(str(tmp_path / "sdxl"))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\n")
-    out = str(tmp_path / "out")
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
-                 "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
-                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "32"]) == 0
-    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
-    _reloads(base, os.path.join(out, "tsm.safetensors"))
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
-    assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
-    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
-
 
 def test_video_family_trains_on_frame_folders(tmp_path):
     from tests.tiny_models import tiny_video_pipeline_folder
@@ -158,24 +140,6 @@ def test_video_family_trains_on_frame_folders(tmp_path):
     assert any(".tsm.4." in k and "temp_attentions" in k and "attn1_to_k" in k for k in tensors)
 
 
-def test_sd3_flow_matching_trains_and_samples(setup, tmp_path):
-    from tests.tiny_models import tiny_sd3_pipeline_folder
-
-    root, _, toml = setup
-    base = tiny_sd3_pipeline_folder(str(tmp_path / "sd3"))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\n")
-    out = str(tmp_path / "out")
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
-                 "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
-                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
-    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
-    _reloads(base, os.path.join(out, "tsm.safetensors"))
-    assert meta["tsm.timestep_space"] == "flow" and meta["modelspec.prediction_type"] == "rectified_flow"
-    assert any(k.startswith("lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
-    assert {k.split("_", 2)[1] for k in tensors if k.startswith("lora_te")} == {"te1", "te2", "te3"}
-    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
-
 
 def test_flow_timesteps_are_logit_normal_and_respect_intervals():
     import torch
@@ -191,38 +155,36 @@ def test_flow_timesteps_are_logit_normal_and_respect_intervals():
     assert t.min() >= 250 and t.max() < 375
 
 
-def test_pixart_trains_and_samples(setup, tmp_path):
-    from tests.tiny_models import tiny_pixart_pipeline_folder
+FAMILIES = {  # builder, sample size, metadata that must be written, a key the file must hold, text encoders
+    "sdxl": ("tiny_sdxl_pipeline_folder", 32, {"ss_base_model_version": "sdxl_base_v1-0"},
+             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.", {"te1", "te2"}),
+    "sd3": ("tiny_sd3_pipeline_folder", 16, {"tsm.timestep_space": "flow", "modelspec.prediction_type": "rectified_flow"},
+            "lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.", {"te1", "te2", "te3"}),
+    "pixart": ("tiny_pixart_pipeline_folder", 16, {"ss_base_model_version": "pixart_alpha"},
+               "lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.", {"te"}),
+    "flux": ("tiny_flux_pipeline_folder", 16, {"tsm.timestep_space": "flow", "ss_base_model_version": "flux1"},
+             "lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.", {"te1", "te3"}),
+}
 
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_saves_reloads_and_samples(setup, tmp_path, family):
+    import tests.tiny_models as tiny_models
+
+    builder, size, expected_meta, key_prefix, encoders = FAMILIES[family]
     root, _, toml = setup
-    base = tiny_pixart_pipeline_folder(str(tmp_path / "pixart"))
+    base = getattr(tiny_models, builder)(str(tmp_path / family))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
     out = str(tmp_path / "out")
     assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
                  "--network_dim", "2", "--tsm_scales", "4", "--train_text_encoder", "--sample_every_n_steps", "2",
-                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
-    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
-    _reloads(base, os.path.join(out, "tsm.safetensors"))
-    assert meta["ss_base_model_version"] == "pixart_alpha"
-    assert any(k.startswith("lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.") for k in tensors)
-    assert any(k.startswith("lora_te_encoder_block_0_layer_0_SelfAttention_q.") for k in tensors)
-    assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
-
-
-def test_flux_trains_and_samples(setup, tmp_path):
-    from tests.tiny_models import tiny_flux_pipeline_folder
-
-    root, _, toml = setup
-    base = tiny_flux_pipeline_folder(str(tmp_path / "flux"))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\n")
-    out = str(tmp_path / "out")
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
-                 "--network_dim", "2", "--tsm_scales", "4", "--sample_every_n_steps", "2",
-                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", "16"]) == 0
-    tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
-    _reloads(base, os.path.join(out, "tsm.safetensors"))
-    assert meta["tsm.timestep_space"] == "flow" and meta["ss_base_model_version"] == "flux1"
-    assert any(k.startswith("lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.") for k in tensors)
+                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", str(size)]) == 0
+    path = os.path.join(out, "tsm.safetensors")
+    tensors, meta = load_file(path)
+    _reloads(base, path)
+    for k, v in expected_meta.items():
+        assert meta[k] == v, k
+    assert any(k.startswith(key_prefix) for k in tensors)
+    assert {k.split("_", 2)[1] for k in tensors if k.startswith("lora_te")} == encoders
     assert os.path.isfile(os.path.join(out, "samples", "step-2.png"))
