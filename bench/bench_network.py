@@ -39,7 +39,6 @@ import gc
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -49,6 +48,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from measure import interleaved_samples, peak_rss_increase  # noqa: E402
 
 BATCH = 4
 SEED = 0
@@ -134,11 +135,6 @@ def build(size: str, config: str, device: torch.device):
     return unet, net, step, params
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------
 # time
 def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner: int,
@@ -148,24 +144,9 @@ def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner:
     info = {}
     for c, (unet, net, step, params) in built.items():
         info[c] = dict(loras=len(net.denoiser_loras), trainable=sum(p.numel() for p in params))
-    for _ in range(warmup):
-        for c in CONFIGS:
-            built[c][2]()
-    sync(device)
-    samples = {c: [] for c in CONFIGS}
-    t_begin = time.perf_counter()
-    for r in range(repeats):
-        if r >= min_repeats and time.perf_counter() - t_begin > budget_s:
-            break
-        order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))  # no fixed position in the round
-        for c in order:
-            step = built[c][2]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step()
-            sync(device)
-            samples[c].append((time.perf_counter() - t0) / inner * 1e3)
+    samples = interleaved_samples({c: built[c][2] for c in CONFIGS}, device, warmup, repeats, inner, budget_s,
+                                  min_repeats)
+    samples = {c: [v * 1e3 for v in vs] for c, vs in samples.items()}
     for c in CONFIGS:
         info[c]["ms"] = statistics.median(samples[c])
         info[c]["min_ms"] = min(samples[c])
@@ -196,54 +177,14 @@ def saved_bytes(unet, step) -> int:
 
 # ---------------------------------------------------------------------------------------
 # memory
-def _rss_kib() -> tuple[int | None, int | None]:
-    """(VmRSS, VmHWM) in KiB from /proc, or (None, None)."""
-    rss = hwm = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ru_maxrss_kib() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
-
-
 def mem_child(size: str, config: str, steps: int, threads: int, queue) -> None:
     """Runs in a fresh (spawned) process: peak RSS delta of ``steps`` training steps."""
     try:
         torch.set_num_threads(threads)
         unet, net, step, params = build(size, config, torch.device("cpu"))
         gc.collect()
-        base_ru = _ru_maxrss_kib()
-        rss0, _ = _rss_kib()
-        reset = _reset_hwm()
-        _, hwm_after_reset = _rss_kib()
-        reset = reset and hwm_after_reset is not None and rss0 is not None and hwm_after_reset <= rss0 + 1024
-        for _ in range(steps):
-            step()
-        if reset:
-            _, hwm = _rss_kib()
-            delta, how = hwm - rss0, "VmHWM"
-        else:
-            delta, how = _ru_maxrss_kib() - base_ru, "ru_maxrss"
-        queue.put((size, config, delta * 1024, how))
+        delta, how = peak_rss_increase(step, steps)
+        queue.put((size, config, delta, how))
     except BaseException as exc:  # noqa: BLE001
         queue.put((size, config, None, repr(exc)))
 

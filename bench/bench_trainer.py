@@ -49,7 +49,7 @@ for p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from bench_network import _reset_hwm, _rss_kib, _ru_maxrss_kib  # noqa: E402
+from measure import interleaved_samples, peak_rss_increase  # noqa: E402
 
 BATCH = 4
 N_BATCHES = 4  # distinct pre-made batches, cycled
@@ -193,34 +193,13 @@ def quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------
 # time
 def time_size(size: str, folder: str, device: torch.device, warmup: int, repeats: int, inner: int,
               budget_s: float, min_repeats: int = 3) -> dict[str, dict]:
     built = {c: build(size, c, folder, device) for c in CONFIGS}
-    for _ in range(warmup):
-        for c in CONFIGS:
-            built[c][0]()
-    sync(device)
-    samples: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    t_begin = time.perf_counter()
-    for r in range(repeats):
-        if r >= min_repeats and time.perf_counter() - t_begin > budget_s:
-            break
-        order = CONFIGS if r % 2 == 0 else tuple(reversed(CONFIGS))
-        for c in order:
-            step = built[c][0]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                step()
-            sync(device)
-            samples[c].append((time.perf_counter() - t0) / inner)
+    samples = interleaved_samples({c: built[c][0] for c in CONFIGS}, device, warmup, repeats, inner, budget_s,
+                                  min_repeats)
     info = {c: dict(s=statistics.median(v), min_s=min(v), max_s=max(v), repeats=len(v)) for c, v in samples.items()}
     del built
     gc.collect()
@@ -236,19 +215,8 @@ def mem_child(size: str, config: str, folder: str, steps: int, queue) -> None:
         quiet()
         step, keep = build(size, config, folder, torch.device("cpu"))
         gc.collect()
-        base_ru = _ru_maxrss_kib()
-        rss0, _ = _rss_kib()
-        reset = _reset_hwm()
-        _, hwm_after_reset = _rss_kib()
-        reset = reset and hwm_after_reset is not None and rss0 is not None and hwm_after_reset <= rss0 + 1024
-        for _ in range(steps):
-            step()
-        if reset:
-            _, hwm = _rss_kib()
-            delta, how = hwm - rss0, "VmHWM"
-        else:
-            delta, how = _ru_maxrss_kib() - base_ru, "ru_maxrss"
-        queue.put((delta * 1024, how))
+        delta, how = peak_rss_increase(step, steps)
+        queue.put((delta, how))
     except BaseException as exc:  # noqa: BLE001
         queue.put((None, repr(exc)))
 
