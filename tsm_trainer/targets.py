@@ -200,10 +200,6 @@ def find_targets(root: nn.Module, patterns: re.Pattern, conv_patterns: re.Patter
                 yield path, module
 
 
-def target_names(prefix: str, translate: Callable[[str], str], path: str) -> str:
-    return lora_name(prefix, translate(path))
-
-
 def all_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every Linear and ungrouped Conv2d of a model (what a LoRA key can refer to)."""
     for path, module in root.named_modules():

@@ -127,11 +127,11 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         if config.xformers:
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
                 raise ValueError("--xformers: xformers is not installed (pip install xformers, CUDA only); "
-                                 "without the flag PyTorch's SDPA attention is used") from None
+                                 "without the flag PyTorch's SDPA attention is used")
             components.denoiser.enable_xformers_memory_efficient_attention()
         self._text_cache: dict[str, dict] | None = None if config.train_text_encoder else {}
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
