@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
     return base, path
 
 
-@pytest.mark.parametrize("tool", ["export_experts", "merge_experts", "convert"])
+@pytest.mark.parametrize("tool", ["export_experts", "merge_experts", "convert", "evaluate"])
 def test_help_has_an_example(tool):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"), "--help"], cwd="/",
                          capture_output=True, text=True, check=True).stdout

@@ -38,23 +38,11 @@ def write_data(folder: str, n: int, seed: int) -> str:
 
 
 def colour_accuracy(images, prompts) -> float:
-    from tsm_trainer.demo.shapes import detect_attributes
+    """Share of images whose colour, read back by the shapes world's detector, is the prompt's."""
+    from tsm_trainer.demo.attribute_score import score_images
 
-    hits = [detect_attributes(image)["colour"] == prompt.split()[1] for image, prompt in zip(images, prompts)]
-    return sum(hits) / len(hits)
-
-
-def labelled_grid(rows: list[tuple[str, list]], size: int = 64):
-    from PIL import Image, ImageDraw
-
-    label_w = 150
-    grid = Image.new("RGB", (label_w + size * len(rows[0][1]), size * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        draw.text((4, r * size + size // 2 - 6), label, fill="black")
-        for c, image in enumerate(images):
-            grid.paste(image.resize((size, size)), (label_w + c * size, r * size))
-    return grid
+    words = [p.split() for p in prompts]  # "a {colour} {shape} on a {background} background"
+    return score_images(images, [{"colour": w[1], "shape": w[2], "background": w[5]} for w in words])["colour"]
 
 
 def main(argv=None) -> int:
@@ -68,6 +56,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from tsm_trainer.evaluation import labelled_grid
     from tsm_trainer.intervals import interval_timestep_range
     from tsm_trainer.training.cli import build
     from tsm_trainer.training.config import TrainConfig

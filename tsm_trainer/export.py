@@ -55,6 +55,24 @@ def expert_lora(tensors: Mapping[str, torch.Tensor], n: int, e: int) -> dict[str
     return out
 
 
+def plain_lora_as_tsm(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain kohya LoRA as the tensors of a fostered n = 1 native file (the inverse of
+    :func:`expert_lora` for n = 1): denoiser pairs become expert 0 of scale 1, text-encoder pairs
+    and alphas keep their keys. The caller adds the ``tsm.*`` metadata (scales [1], stage foster).
+
+    Raises:
+        ValueError: a key that is not a kohya LoRA key (``{name}.lora_down.weight``,
+            ``{name}.lora_up.weight``, ``{name}.alpha``), e.g. a LoHa/LoKr or DoRA file.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in lora.items():
+        name, _, part = key.partition(".")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise ValueError(f"key {key!r} is not a kohya LoRA key (only lora_down/lora_up/alpha are supported)")
+        out[key if part == "alpha" or name.startswith("lora_te") else f"{name}.tsm.1.0.{part}"] = value
+    return out
+
+
 def fold_alpha(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fold alpha/r into lora_up and write alpha = r: the same deltas, scale 1 everywhere.
 

@@ -215,18 +215,12 @@ def caption_grid(images, captions, cols, scale=2, detections=None):
 
 
 def evaluate(pipe, seed, per_combo, steps, domain="base", guidance=GUIDANCE):
-    """Detector accuracy of the model's samples for every combination of ``domain`` (``per_combo`` each)."""
-    combos = [{"shape": s, "colour": c, "background": b} for s in shapes.SHAPES for c in shapes.DOMAINS[domain]
-              for b in shapes.BACKGROUNDS] * per_combo
-    images = generate(pipe, [shapes.caption(a) for a in combos], seed, steps=steps, guidance=guidance)
-    hits = {k: 0 for k in ("shape", "colour", "background", "all")}
-    for img, attrs in zip(images, combos):
-        det = shapes.detect_attributes(img)
-        ok = {k: det[k] == attrs[k] for k in ("shape", "colour", "background")}
-        for k, v in ok.items():
-            hits[k] += v
-        hits["all"] += all(ok.values())
-    return {k: round(v / max(1, len(combos)), 3) for k, v in hits.items()} | {"n": len(combos)}
+    """Attribute score of the model's samples for every combination of ``domain`` (``per_combo`` each)."""
+    from .attribute_score import all_combos, attribute_score
+
+    score = attribute_score(lambda prompts, s: generate(pipe, prompts, s, steps=steps, guidance=guidance),
+                            all_combos(domain) * per_combo, seeds=[seed])
+    return {k: round(v, 3) for k, v in score.items()}
 
 
 def sample_and_evaluate(out_dir, seed=0, steps=SAMPLE_STEPS_DEFAULT, per_combo=1, guidance=GUIDANCE, timings=None):

@@ -149,23 +149,32 @@ def render_attributes(attrs: dict, size: int = 64, rng=None) -> Image.Image:
     return render(attrs["shape"], attrs["colour"], attrs["background"], size=size, rng=rng)
 
 
-def sample(rng, domain: str = "base", size: int = 64):
-    """One (image, attributes, caption) draw from ``domain``."""
+def combo(attrs: dict) -> tuple[str, str, str]:
+    return attrs["shape"], attrs["colour"], attrs["background"]
+
+
+def sample(rng, domain: str = "base", size: int = 64, exclude=frozenset()):
+    """One (image, attributes, caption) draw from ``domain``, redrawn while its (shape, colour,
+    background) is in ``exclude`` (held-out combinations)."""
     rng = _rng(rng)
     attrs = sample_attributes(rng, domain)
+    while combo(attrs) in exclude:
+        attrs = sample_attributes(rng, domain)
     return render_attributes(attrs, size=size, rng=rng), attrs, caption(attrs)
 
 
-def write_dataset(folder, n: int, domain: str = "base", seed: int = 0, size: int = 64, caption_extension: str = ".txt"):
+def write_dataset(folder, n: int, domain: str = "base", seed: int = 0, size: int = 64, caption_extension: str = ".txt",
+                  exclude=frozenset()):
     """Write ``n`` images of ``domain`` to ``folder`` in kohya layout: ``00000.png`` with its caption in
     ``00000.txt`` next to it (point a kohya dataset TOML's ``image_dir`` at ``folder``), plus
     ``attributes.jsonl`` (one ``{"file", "shape", "colour", "background", "caption"}`` per line).
-    Deterministic given ``seed``. Returns the list of records."""
+    No image shows a (shape, colour, background) in ``exclude``. Deterministic given ``seed``.
+    Returns the list of records."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     records = []
     for i in range(n):
-        img, attrs, text = sample(rng, domain, size)
+        img, attrs, text = sample(rng, domain, size, exclude)
         name = f"{i:05d}"
         img.save(os.path.join(folder, name + ".png"))
         with open(os.path.join(folder, name + caption_extension), "w") as f:

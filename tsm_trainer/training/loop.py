@@ -12,13 +12,13 @@ import os
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..intervals import expert_index, interval_timestep_range
 from ..metadata import kohya_metadata, modelspec_metadata
 from ..network import TSMConfig, TSMNetwork
 from .checkpoint import load_state, prune_states, save_state
 from .config import TrainConfig
+from .objective import denoising_loss, draw_timesteps, loss_by_interval
 
 LOG_INTERVALS = 8  # per-interval losses are reported on 8 intervals whatever the scales
 
@@ -60,9 +60,7 @@ def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torc
     """(B,) timesteps in :func:`timestep_range`, with the family's density (uniform integers for
     DDPM families; flow families draw floats)."""
     lo, hi = timestep_range(config, step, T)
-    if family is not None and hasattr(family, "draw_timesteps"):
-        return family.draw_timesteps(lo, hi, batch, generator)
-    return torch.randint(lo, hi, (batch,), generator=generator)
+    return draw_timesteps(family, lo, hi, batch, generator)
 
 
 def describe_budget(config: TrainConfig, batch_size: int) -> str:
@@ -161,25 +159,11 @@ class Trainer:
             self.writer = SummaryWriter(config.logging_dir)
 
     # -- one step -------------------------------------------------------------------------
-    def _loss(self, batch: dict, timesteps: torch.Tensor, noise_seed_generator: torch.Generator) -> torch.Tensor:
-        c, family = self.c, self.family
-        if "latents" in batch:  # cached by the data layer
-            latents = batch["latents"].to(self.device).float()
-        else:
-            with torch.no_grad():
-                latents = family.encode_images(c, batch["pixels"].to(self.device), noise_seed_generator).float()
-        # Noise comes from a CPU generator so that runs (and resumes) are reproducible on any device.
-        noise = torch.randn(latents.shape, generator=noise_seed_generator)
-        if self.config.noise_offset:
-            noise = noise + self.config.noise_offset * torch.randn(latents.shape[:2] + (1, 1),
-                                                                   generator=noise_seed_generator)
-        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-        with self.accelerator.autocast():
-            cond = self._encode_text(batch["captions"])
-            noisy, target = family.noisy_input_and_target(c, latents, noise, timesteps)
-            pred = family.predict(c, noisy, timesteps, cond)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
-        return loss  # (B,)
+    def _loss(self, batch: dict, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B,) losses; latent sampling and noise from ``generator`` (CPU, so runs and resumes are
+        reproducible on any device)."""
+        return denoising_loss(self.family, self.c, batch, timesteps, generator, self._encode_text, self.device,
+                              self.config.noise_offset, self.accelerator.autocast)
 
     def _encode_text(self, captions: list[str]) -> dict:
         """Text conditioning; with a frozen text encoder each caption is encoded once and cached."""
@@ -233,23 +217,11 @@ class Trainer:
         return torch.Generator().manual_seed(int(seed.generate_state(1, np.uint64)[0]))
 
     # -- validation -----------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> list[float]:
         """Mean loss per interval on the held-out batches, with noise and timesteps fixed by a
         seed that doesn't depend on the run (identical for every method compared)."""
         self.network.eval()
-        totals, counts = torch.zeros(LOG_INTERVALS), torch.zeros(LOG_INTERVALS)
-        g = torch.Generator().manual_seed(1234)
-        for batch in self.validation:
-            for i in range(LOG_INTERVALS):
-                lo, hi = interval_timestep_range(i, LOG_INTERVALS, self.T)
-                if hasattr(self.family, "draw_timesteps"):
-                    t = self.family.draw_timesteps(lo, hi, len(batch["captions"]), g)
-                else:
-                    t = torch.randint(lo, hi, (len(batch["captions"]),), generator=g)
-                totals[i] += self._loss(batch, t, g).sum()
-                counts[i] += len(batch["captions"])
-        return (totals / counts.clamp(min=1)).tolist()
+        return loss_by_interval(self._loss, self.validation, self.family, self.T, LOG_INTERVALS)
 
     # -- the run ----------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
