@@ -3,8 +3,9 @@
 ``python tools/make_demo_assets.py`` writes ``demo_assets/base_model/`` (a diffusers
 StableDiffusionPipeline folder), ``demo_assets/sample_grid.png`` and ``demo_assets/base_model_eval.json``.
 
-1. Autoencoder: trained on renders in random saturated colours of any hue (so the target domain's
-   hues can be decoded, while its colour *words* stay unseen), L1 + a tiny KL term.
+1. Autoencoder: trained on renders in random colours of any hue, light to dark (so the target
+   domain's hues can be decoded, while its colour *words* stay unseen): L1 + MSE + an L1 on 8x8-pooled
+   images (hue fidelity) + a tiny KL term.
 2. Text encoder: a random-init CLIP text model, frozen (like a pretrained encoder the UNet adapts to).
 3. UNet: epsilon prediction on the base domain's latents with the SD noise schedule, min-SNR-5
    weighting, 10% caption dropout (for classifier-free guidance), AdamW with a cosine schedule.
@@ -26,7 +27,7 @@ import numpy as np
 from . import base_model as bm
 from . import shapes
 
-FULL = dict(n_images=6000, n_vae_images=4000, vae_steps=900, vae_batch=16, unet_steps=4500, unet_batch=32,
+FULL = dict(n_images=6000, n_vae_images=4000, vae_steps=1600, vae_batch=16, unet_steps=4000, unet_batch=32,
             grid_steps=30, eval_per_combo=1)
 QUICK = dict(n_images=192, n_vae_images=128, vae_steps=15, vae_batch=8, unet_steps=25, unet_batch=16,
              grid_steps=4, eval_per_combo=0)
@@ -70,8 +71,11 @@ class _Progress:
         return min(p, 1.0)
 
 
-def train_vae(vae, images, steps, batch, seed, lr=2e-3, kl_weight=1e-6, deadline=None):
+def train_vae(vae, images, steps, batch, seed, lr=2e-3, kl_weight=1e-6, colour_weight=2.0, deadline=None):
+    """L1 + MSE + a tiny KL, plus L1 between 8x8-pooled images: the pooled term is what makes hues
+    come back (without it the autoencoder spends itself on the textures and renders pink as lavender)."""
     import torch
+    import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -90,7 +94,8 @@ def train_vae(vae, images, steps, batch, seed, lr=2e-3, kl_weight=1e-6, deadline
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         kl = post.kl().mean() / x[0].numel()
-        loss = l1 + 0.5 * (rec - x).pow(2).mean() + kl_weight * kl
+        colour = (F.avg_pool2d(rec, 8) - F.avg_pool2d(x, 8)).abs().mean()
+        loss = l1 + 0.5 * (rec - x).pow(2).mean() + colour_weight * colour + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -186,23 +187,24 @@ def write_dataset(folder, n: int, domain: str = "base", seed: int = 0, size: int
     return records
 
 
-def random_saturated_colour(rng) -> tuple:
-    """A random saturated colour of any hue (for training a world-agnostic autoencoder)."""
+def random_colour(rng) -> tuple:
+    """A random chromatic colour of any hue, light to dark (for training a world-agnostic autoencoder:
+    it must reproduce pastel pink and dark brown as well as the base palette)."""
     import colorsys
 
     rng = _rng(rng)
-    h, s, v = rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.45, 1.0)
+    h, s, v = rng.uniform(0, 1), rng.uniform(0.35, 1.0), rng.uniform(0.35, 1.0)
     return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 
 def make_autoencoder_arrays(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
-    """Renders for the autoencoder: all shapes and backgrounds in random saturated colours of any hue
+    """Renders for the autoencoder: all shapes and backgrounds in random colours of any hue
     (no colour names, so the target domain's hues are reconstructable but its words stay unseen)."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         attrs = sample_attributes(rng, "base")
-        images[i] = np.asarray(render(attrs["shape"], random_saturated_colour(rng), attrs["background"], size, rng))
+        images[i] = np.asarray(render(attrs["shape"], random_colour(rng), attrs["background"], size, rng))
     return images
 
 
@@ -295,7 +297,8 @@ def detect_attributes(image) -> dict:
         out["background"] = "black" if mean < 75 else "white" if mean > 185 else "gray"
         return out
     masked = np.where(bg, lum, np.nan)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows / columns that are all shape have no std
         row_std = np.nanmean(np.nanstd(masked, axis=1)) if np.isfinite(np.nanstd(masked, axis=1)).any() else 0.0
         col_std = np.nanmean(np.nanstd(masked, axis=0)) if np.isfinite(np.nanstd(masked, axis=0)).any() else 0.0
     out["background"] = "striped" if row_std < 0.5 * col_std else "checkered"

@@ -90,8 +90,13 @@ def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[
         taken.add(label)
         runs.append((label, path))
 
+    text_cache: dict[tuple, dict] = {}  # per model: a file's text-encoder LoRA changes the encoding
+
     def encode_text(captions):
-        return family.encode_text(components, captions, device)
+        key = tuple(captions)
+        if key not in text_cache:
+            text_cache[key] = family.encode_text(components, list(captions), device)
+        return text_cache[key]
 
     def loss_fn(batch, t, generator):
         return denoising_loss(family, components, batch, t, generator, encode_text, device)
@@ -101,6 +106,7 @@ def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[
 
     for label, path in runs:
         network = None if path is None else load_lora_file(path, components, T)
+        text_cache.clear()
         try:
             with torch.no_grad():
                 result.losses[label] = loss_by_interval(loss_fn, batches, family, T, bins, seed)
