@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-sd-scripts test bench clean
+.PHONY: install demo demo-sd-scripts test bench reproduce clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_network.py
 	$(BIN)/python bench/bench_trainer.py
+
+# the paper's ablations on the demo world (docs/results.md); QUICK=1 for the 1-seed version
+reproduce: $(STAMP)
+	$(BIN)/python bench/reproduce.py $(if $(QUICK),--quick --output_dir outputs/reproduce-quick)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
