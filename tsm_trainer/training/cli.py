@@ -67,6 +67,12 @@ def build(config: TrainConfig, log=print) -> Trainer:
     def make_batches(epoch: int):
         return (dataset.batch(epoch, i) for i in range(len(dataset)))
 
+    if config.task == "distill":
+        from .distill import DistillTrainer
+
+        if config.resume:
+            raise ValueError("--resume is not supported with --task distill yet")
+        return DistillTrainer(config, family, components, make_batches, log=log)
     return Trainer(config, family, components, make_batches, batch_size, validation, log=log,
                    batches_per_epoch=len(dataset))
 

@@ -32,6 +32,8 @@ class TrainConfig:
     dataset_config: str = _opt("", "kohya dataset config TOML")
     output_dir: str = _opt("output", "where checkpoints and the final file go")
     output_name: str = _opt("tsm", "file name stem of the saved network")
+    task: str = _opt("train", "train: fine-tune (fostering / assembling); distill: a few-step student with one expert "
+                     "per step (DMD2, paper section 4.3)", ("train", "distill"))
     # network and recipe
     tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
                            "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume", ("none", "paper"))
@@ -47,6 +49,16 @@ class TrainConfig:
     network_alpha: float = _opt(4.0, "LoRA alpha")
     network_dropout: float = _opt(0.0, "neuron dropout on the LoRA hidden")
     train_text_encoder: bool = _opt(False, "also train a shared text-encoder LoRA (fostering only)")
+    # distillation (--task distill)
+    distill_timesteps: str = _opt("4", "student timesteps, descending ('999,749,499,249'), or a step count (evenly "
+                                  "spaced from T-1)")
+    distill_fake_updates: int = _opt(5, "fake-score updates per student update (two time-scale update rule)")
+    distill_fake_rank: int = _opt(16, "rank of the fake score model's LoRA")
+    distill_fake_lr: float = _opt(0.0, "fake score / discriminator learning rate; 0: learning_rate")
+    distill_real_guidance: float = _opt(1.75, "classifier-free guidance of the teacher (real) score (DMD2: 1.75)")
+    distill_gan_weight: float = _opt(0.01, "weight of the GAN terms; 0: distribution matching only")
+    distill_gan_start: str = _opt("", "fraction of training after which the GAN terms apply, one per student step "
+                                  "or one for all; empty: the paper's (appendix A.3)")
     # optimisation
     max_train_steps: int = _opt(1000, "optimizer steps")
     learning_rate: float = _opt(1e-4, "learning rate")
