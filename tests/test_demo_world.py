@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tsm_trainer.demo import base_model as bm
 from tsm_trainer.demo import shapes
@@ -119,3 +120,25 @@ def test_quick_build_gives_a_loadable_pipeline(tmp_path):
                   width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert result.images.shape == (2, 64, 64, 3)
     assert np.isfinite(result.images).all()
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form():
+    from tsm_trainer.demo.features import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2 + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    # N(0, I) vs N(m, 4I): |m|^2 + 3 (1 + 4 - 2 * 2) = 1 + 3
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_distance_separates_domains():
+    from tsm_trainer.demo.features import extract, frechet_distance, train_feature_net
+
+    net = train_feature_net(n_images=600, steps=150)
+    base1 = extract(net, shapes.make_arrays(200, "base", seed=1)[0])
+    base2 = extract(net, shapes.make_arrays(200, "base", seed=2)[0])
+    target = extract(net, shapes.make_arrays(200, "target", seed=3)[0])
+    assert base1.shape == (200, 64)
+    assert frechet_distance(base1, base2) < 0.5 * frechet_distance(base1, target)
