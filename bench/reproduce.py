@@ -125,7 +125,8 @@ def tables(results: dict, rank: int, steps: int, stage2_steps: int) -> str:
                      f"{100 * (base['mean_loss'] / statistics.fmean(col(ref, 'mean_loss')) - 1):+.1f}% | "
                      + " | ".join(f"{100 * base['attribute_score'][k]:.1f}" for k in ("colour", "shape", "background", "all"))
                      + " |")
-    for run in stage1_runs(rank):
+    present = set(results["per_seed"][seeds[0]])
+    for run in [r for r in stage1_runs(rank) if r["key"] in present]:
         key = run["key"]
         lines.append(f"| {run['n']} | {run['rank']} | ~{steps // run['n']} | {pm(col(key, 'mean_loss'))} | "
                      f"{pm(delta(key), '{:+.2f}')}% | " + " | ".join(scores(key)) + " |")
@@ -133,13 +134,15 @@ def tables(results: dict, rank: int, steps: int, stage2_steps: int) -> str:
                   f"experts of the same seed.", "",
               "| n_core | n_context " + head, "|---|---" + "|---" * 6 + "|"]
     for n_core, n_ctx, key in (("8", "-", "tsm_n8"), ("-", "1,8", "tsm_1,8_sym"), ("8", "1", "tsm_8+1_asym")):
+        if key not in present:
+            continue
         lines.append(f"| {n_core} | {n_ctx} | {pm(col(key, 'mean_loss'))} | {pm(delta(key), '{:+.2f}')}% | "
                      + " | ".join(scores(key)) + " |")
     heads = [f"[{lo},{hi})" for lo, hi in (interval_timestep_range(i, 8) for i in range(8))]
     lines += ["", f"**Per timestep interval.** Held-out loss change against LoRA r={rank}, paired by seed "
                   f"(mean over seeds, %; negative = better).", "",
               "| model | " + " | ".join(heads) + " |", "|---" * 9 + "|"]
-    for key in [r["key"] for r in stage1_runs(rank) if r["key"] != ref] + [r["key"] for r in STAGE2]:
+    for key in [r["key"] for r in stage1_runs(rank) + STAGE2 if r["key"] != ref and r["key"] in present]:
         cells = []
         for i in range(8):
             cells.append(statistics.fmean(100 * (results["per_seed"][s][key]["interval_loss"][i]
@@ -160,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--heldout_images", type=int, default=80)
     p.add_argument("--score_seeds", type=int, help="sampling seeds of the attribute score (default 4; quick 2)")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps of the attribute score's samples")
+    p.add_argument("--only", nargs="+", metavar="KEY",
+                   help="run only these rows (e.g. tsm_n2 tsm_n8; lora_r<r>, the reference, always runs, and stage-2 "
+                        "rows bring tsm_n8)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output_dir", default=os.path.join("outputs", "reproduce"))
     args = p.parse_args(argv)
@@ -184,16 +190,19 @@ def main(argv=None) -> int:
     log(f"training: seeds {seeds}, {steps} steps per stage-1 run, {stage2_steps} router steps per stage-2 run")
     seconds: dict[str, list[float]] = {}
     files: dict[int, dict[str, str]] = {}
+    wanted = set(args.only or [r["key"] for r in stage1_runs(args.rank) + STAGE2]) | {f"lora_r{args.rank}"}  # the reference
+    if wanted & {r["key"] for r in STAGE2}:
+        wanted |= {"tsm_n8", f"lora_r{args.rank}"}
     for seed in seeds:
         files[seed] = {}
-        for run in stage1_runs(args.rank):
+        for run in [r for r in stage1_runs(args.rank) if r["key"] in wanted]:
             stage = dict(tsm_stage="vanilla") if run["n"] == 1 else dict(tsm_stage="foster", tsm_scales=str(run["n"]))
             path, s = train(args, base, train_toml, seed, run["key"], log, max_train_steps=steps,
                             network_dim=run["rank"], **stage)
             files[seed][run["key"]] = path
             seconds.setdefault(run["key"], []).append(s)
-        experts = f"{files[seed]['tsm_n8']},{files[seed][f'lora_r{args.rank}']}"
-        for run in STAGE2:
+        for run in [r for r in STAGE2 if r["key"] in wanted]:
+            experts = f"{files[seed]['tsm_n8']},{files[seed][f'lora_r{args.rank}']}"
             path, s = train(args, base, train_toml, seed, run["key"], log, max_train_steps=stage2_steps,
                             tsm_stage="assemble", tsm_scales="8,1", tsm_mixture=run["mixture"], tsm_experts=experts)
             files[seed][run["key"]] = path
@@ -245,8 +254,7 @@ def main(argv=None) -> int:
         f.write(md)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    shown = [f"lora_r{args.rank}", f"lora_r{8 * args.rank}", "tsm_n2", "tsm_n4", "tsm_n8", "tsm_n16", "tsm_8+1_asym",
-             "tsm_1,8_sym"]
+    shown = [r["key"] for r in stage1_runs(args.rank) + STAGE2 if r["key"] in curves]
     mean_curves = {k: [statistics.fmean(v) for v in zip(*curves[k])] for k in shown}
     spread = {k: [summarise(list(v))[1] for v in zip(*curves[k])] for k in shown} if len(seeds) > 1 else None
     plot_loss_curves(mean_curves, family.num_train_timesteps, os.path.join(args.output_dir, "loss_vs_t.png"),

@@ -118,6 +118,13 @@ def test_student_timesteps_and_gan_schedule_are_checked(data):
     with pytest.raises(ValueError, match="distill_gan_start"):
         _trainer(data, distill_gan_start="0.5,0.5")
     assert _trainer(data).gan_start.tolist() == pytest.approx([0.8, 0.8, 0.2, 0.11])
+    with pytest.raises(ValueError, match="distill_step_weights"):
+        _trainer(data, distill_step_weights="1,2")
+    trainer = _trainer(data)  # appendix A.3: the step at t = 249 is trained 45/120 of the time
+    drawn = trainer.draw_steps(12000, torch.Generator().manual_seed(0))
+    assert torch.bincount(drawn, minlength=4).div(12000).tolist() == pytest.approx([25 / 120] * 3 + [45 / 120], abs=0.015)
+    vanilla = _trainer(data, tsm_stage="vanilla")
+    assert vanilla.step_weights.tolist() == [1.0] * 4 and vanilla.gan_start.tolist() == pytest.approx([40 / 45] * 4)
 
 
 def test_student_sampler_equals_diffusers_lcm_pipeline(data):

@@ -57,6 +57,8 @@ class TrainConfig:
     distill_fake_lr: float = _opt(0.0, "fake score / discriminator learning rate; 0: learning_rate")
     distill_real_guidance: float = _opt(1.75, "classifier-free guidance of the teacher (real) score (DMD2: 1.75)")
     distill_gan_weight: float = _opt(0.01, "weight of the GAN terms; 0: distribution matching only")
+    distill_step_weights: str = _opt("", "how often each student step is trained, one weight per step; empty: the "
+                                     "paper's for a 4-step TSM student (25,25,25,45), else uniform")
     distill_gan_start: str = _opt("", "fraction of training after which the GAN terms apply, one per student step "
                                   "or one for all; empty: the paper's (appendix A.3)")
     # optimisation

@@ -9,9 +9,11 @@ Three parties share the frozen base denoiser, each a different view of it:
 * the fake score: base + its own LoRA (zero-init, so it starts as the teacher) and a light
   discriminator head on its mid-block features, trained to denoise the student's samples (+ GAN).
 
-Two time-scale update rule: ``distill_fake_updates`` fake-score updates per student update. The GAN
-terms switch on per student step after a fraction of training (appendix A.3: the low-noise experts
-get most of their steps with the GAN, the high-noise ones without).
+Two time-scale update rule: ``distill_fake_updates`` fake-score updates per student update. Each
+sample trains a student step drawn with ``distill_step_weights``, and the GAN terms switch on per
+student step after a fraction of training; the defaults are appendix A.3's schedule (the experts at
+999 / 749 / 499 / 249 get 25K / 25K / 25K / 45K steps, the first two mostly without the GAN, the
+last two mostly with it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .student import parse_student_timesteps, predict_x0, renoise, simulate_to
 # get 20K without + 5K with; 499 5K + 20K; 249 5K + 40K; vanilla LoRA 40K + 5K.
 PAPER_GAN_START_4 = (0.8, 0.8, 0.2, 0.11)
 PAPER_GAN_START_VANILLA = 40 / 45
+# ... and each TSM expert's share of the updates: 25K, 25K, 25K and 45K steps.
+PAPER_STEP_WEIGHTS_4 = (25.0, 25.0, 25.0, 45.0)
 
 
 class DistillTrainer:
@@ -84,6 +88,14 @@ class DistillTrainer:
             raise ValueError(f"--distill_gan_start {config.distill_gan_start!r}: one fraction in [0, 1] per student "
                              f"step ({k}), or one for all")
         self.gan_start = torch.tensor(starts)
+        if config.distill_step_weights:
+            weights = [float(v) for v in config.distill_step_weights.split(",")]
+        else:
+            weights = list(PAPER_STEP_WEIGHTS_4) if k == 4 and not vanilla else [1.0] * k
+        if len(weights) != k or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"--distill_step_weights {config.distill_step_weights!r}: one non-negative weight per "
+                             f"student step ({k})")
+        self.step_weights = torch.tensor(weights, dtype=torch.float64)
         gen_params = self.student.trainable_parameters()
         fake_params = self.fake.trainable_parameters() + list(self.head.parameters())
         self.gen_opt = torch.optim.AdamW(gen_params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -201,7 +213,7 @@ class DistillTrainer:
         """Gradients of the fake score's (and discriminator's) loss on a fresh student sample."""
         real = self._latents(batch, generator)
         cond = self.encode(batch["captions"])
-        step_index = torch.randint(0, len(self.timesteps), (len(real),), generator=generator)
+        step_index = self.draw_steps(len(real), generator)
         with torch.no_grad():
             x0, _ = self.student_sample(cond, step_index, generator, tuple(real.shape))
         loss, parts = self.fake_loss(x0, cond, real, generator)
@@ -217,7 +229,7 @@ class DistillTrainer:
         real = self._latents(batch, generator)
         cond, uncond = self.encode(batch["captions"]), self.encode([""] * len(real))
         if step_index is None:
-            step_index = torch.randint(0, len(self.timesteps), (len(real),), generator=generator)
+            step_index = self.draw_steps(len(real), generator)
         for p in self.fake_params:
             p.requires_grad_(False)
         try:
@@ -230,6 +242,10 @@ class DistillTrainer:
             for p in self.fake_params:
                 p.requires_grad_(True)
         return parts
+
+    def draw_steps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) student step indices, drawn with ``step_weights``."""
+        return torch.multinomial(self.step_weights, n, replacement=True, generator=generator)
 
     def _check(self, loss: torch.Tensor, parts: dict) -> None:
         if not torch.isfinite(loss):
@@ -266,7 +282,8 @@ class DistillTrainer:
         self.log(f"distilling a {len(self.timesteps)}-step student at t = {self.timesteps}: "
                  f"{'one LoRA' if n == 1 else f'{n} experts, one per step'}, {config.max_train_steps} student updates, "
                  f"{config.distill_fake_updates} fake-score updates each; GAN from "
-                 f"{[round(float(s), 2) for s in self.gan_start]} of training per step")
+                 f"{[round(float(s), 2) for s in self.gan_start]} of training per step, steps drawn with weights "
+                 f"{[round(float(w), 2) for w in self.step_weights / self.step_weights.sum()]}")
         batches = self._batches()
         bar = tqdm(total=config.max_train_steps, desc="distill", dynamic_ncols=True)
         while self.step < config.max_train_steps:
