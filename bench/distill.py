@@ -4,7 +4,7 @@ demo scale).
 
 Usage (from the repository root)::
 
-    python bench/distill.py            # about 25 min on 2 CPU cores
+    python bench/distill.py            # about 15 min on 2 CPU cores
     python bench/distill.py --quick    # about 5 min
 
 Prints and writes ``results.md`` / ``results.json`` / ``samples.png`` to --output_dir: per sampler, the
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         score = score_images(images, combos * len(seeds))
         rows[label] = {"fd": frechet_distance(extract(net, images), real), **score,
                        "sample_seconds": time.time() - t}
-        grid.append((label[:22], images[:12]))
+        grid.append((label, images[:12]))
         log(f"  {label}: FD {rows[label]['fd']:.2f}, attributes {score}")
     renders, render_attrs, _ = shapes.make_arrays(len(prompts) * len(seeds), "base", seed=99)
     real_fd = frechet_distance(extract(net, renders), real)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         f.write(md)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"rows": rows, "real_fd": real_fd, "train_minutes": minutes, "steps": steps}, f, indent=2)
-    labelled_grid(grid).save(os.path.join(args.output_dir, "samples.png"))
+    labelled_grid(grid, label_width=190).save(os.path.join(args.output_dir, "samples.png"))
     print("\n" + md)
     return 0
 
