@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python bench/reproduce.py            # 3 seeds (about 45 min on 2 CPU cores)
-    python bench/reproduce.py --quick    # 1 seed, fewer steps (about 6 min)
+    python bench/reproduce.py --quick    # 1 seed, fewer steps (about 4 min)
 
 Fine-tunes the committed demo base model (demo_assets/base_model) on the target domain (shapes in
 pink, cyan, brown: colours and words it never saw) with, at equal total optimizer steps and equal
@@ -153,7 +153,7 @@ def tables(results: dict, rank: int, steps: int, stage2_steps: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 400 steps (about 6 min)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 400 steps (about 4 min)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
     p.add_argument("--steps", type=int, help="optimizer steps of every stage-1 run (default 1500; quick 400)")
     p.add_argument("--stage2_steps", type=int, help="router steps of the stage-2 runs (default steps / 2)")
