@@ -167,3 +167,14 @@ def test_distill_from_the_command_line_saves_a_student_file(data, stage, capsys)
 
     _, denoiser, _ = load_components(base)
     assert TSMNetwork.from_file(path, denoiser).denoiser_loras
+
+
+def test_options_the_task_would_ignore_are_refused(data):
+    root, base, toml = data
+    common = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(root / "refused")]
+    with pytest.raises(ValueError, match="--task distill does not support --mixed_precision, --resume"):
+        build(TrainConfig(task="distill", pretrained_model=base, dataset_config=toml, resume="latest",
+                          mixed_precision="bf16"))
+    assert main(common + ["--distill_fake_updates", "2"]) == 2  # a distill option without --task distill
+    assert not os.path.exists(root / "refused")
+
