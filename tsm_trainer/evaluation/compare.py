@@ -14,7 +14,7 @@ from ..file_format import TSMFileError, load_file
 from ..metadata import tsm_metadata
 from ..network import TSMNetwork
 from ..targets import detect_family
-from ..training.objective import denoising_loss, loss_by_interval
+from ..training.objective import FrozenTextCache, denoising_loss, loss_by_interval
 
 
 def load_lora_file(path: str, components, num_train_timesteps: int, multiplier: float = 1.0) -> TSMNetwork:
@@ -90,16 +90,10 @@ def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[
         taken.add(label)
         runs.append((label, path))
 
-    text_cache: dict[tuple, dict] = {}  # per model: a file's text-encoder LoRA changes the encoding
-
-    def encode_text(captions):
-        key = tuple(captions)
-        if key not in text_cache:
-            text_cache[key] = family.encode_text(components, list(captions), device)
-        return text_cache[key]
+    text_cache = FrozenTextCache(family, components, device)  # cleared per model: a file's TE LoRA changes it
 
     def loss_fn(batch, t, generator):
-        return denoising_loss(family, components, batch, t, generator, encode_text, device)
+        return denoising_loss(family, components, batch, t, generator, text_cache.encode, device)
 
     def generate(prompt_list, s):
         return family.sample(components, list(prompt_list), sample_steps, guidance, size, s)

@@ -18,7 +18,7 @@ from ..metadata import kohya_metadata, modelspec_metadata
 from ..network import TSMConfig, TSMNetwork
 from .checkpoint import load_state, prune_states, save_state
 from .config import TrainConfig
-from .objective import denoising_loss, draw_timesteps, loss_by_interval
+from .objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
 
 LOG_INTERVALS = 8  # per-interval losses are reported on 8 intervals whatever the scales
 
@@ -131,7 +131,7 @@ class Trainer:
                 raise ValueError("--xformers: xformers is not installed (pip install xformers, CUDA only); "
                                  "without the flag PyTorch's SDPA attention is used")
             components.denoiser.enable_xformers_memory_efficient_attention()
-        self._text_cache: dict[str, dict] | None = None if config.train_text_encoder else {}
+        self._text_cache = None if config.train_text_encoder else FrozenTextCache(family, components, self.device)
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
             components.denoiser.enable_gradient_checkpointing()
             components.denoiser.train()
@@ -169,13 +169,7 @@ class Trainer:
         """Text conditioning; with a frozen text encoder each caption is encoded once and cached."""
         if self._text_cache is None:
             return self.family.encode_text(self.c, captions, self.device)
-        missing = sorted({cap for cap in captions if cap not in self._text_cache})
-        if missing:
-            with torch.no_grad():
-                encoded = self.family.encode_text(self.c, missing, self.device)
-            for i, cap in enumerate(missing):
-                self._text_cache[cap] = {k: v[i] for k, v in encoded.items()}
-        return {k: torch.stack([self._text_cache[cap][k] for cap in captions]) for k in self._text_cache[captions[0]]}
+        return self._text_cache.encode(captions)
 
     def train_step(self, micro_batches: list[dict]) -> float:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""

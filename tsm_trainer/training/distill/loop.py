@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ...metadata import kohya_metadata, modelspec_metadata
 from ...network import TSMConfig, TSMNetwork
 from ..config import TrainConfig
+from ..objective import FrozenTextCache
 from .dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from .student import parse_student_timesteps, predict_x0, renoise, simulate_to
 
@@ -103,7 +104,7 @@ class DistillTrainer:
                                           weight_decay=config.weight_decay)
         self.gen_params, self.fake_params = gen_params, fake_params
         self.step = 0
-        self._text: dict[str, dict] = {}
+        self.text = FrozenTextCache(family, components, self.device)
         self.history: list[dict] = []
 
     # -- views of the base model ------------------------------------------------------------
@@ -113,13 +114,7 @@ class DistillTrainer:
         self.fake.set_multiplier(1.0 if party == "fake" else 0.0)
 
     def encode(self, captions: list[str]) -> dict:
-        missing = sorted({c for c in captions if c not in self._text})
-        if missing:
-            with torch.no_grad():
-                out = self.family.encode_text(self.c, missing, self.device)
-            for i, cap in enumerate(missing):
-                self._text[cap] = {k: v[i] for k, v in out.items()}
-        return {k: torch.stack([self._text[c][k] for c in captions]) for k in self._text[captions[0]]}
+        return self.text.encode(captions)
 
     def x0(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         out = self.family.predict(self.c, noisy, t, cond)
