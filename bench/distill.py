@@ -32,16 +32,13 @@ STUDENT_STEPS = [999, 749, 499, 249]
 
 
 def write_data(folder: str, n: int) -> str:
+    from tsm_trainer.data import write_dataset_config
     from tsm_trainer.demo import shapes
 
     images = os.path.join(folder, "images")
     if not os.path.isfile(os.path.join(images, "attributes.jsonl")):
         shapes.write_dataset(images, n, "base", seed=7)
-    toml = os.path.join(folder, "base.toml")
-    with open(toml, "w") as f:
-        f.write(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 64\nbatch_size = 8\n\n'
-                f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
-    return toml
+    return write_dataset_config(os.path.join(folder, "base.toml"), images, resolution=64, batch_size=8)
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,7 @@ STAGE2 = [dict(key="tsm_8+1_asym", mixture="asymmetric"), dict(key="tsm_1,8_sym"
 
 def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
     """Training images of the target domain without its held-out combinations, and fresh held-out renders."""
+    from tsm_trainer.data import write_dataset_config
     from tsm_trainer.demo import shapes
     from tsm_trainer.demo.attribute_score import heldout_combos
 
@@ -60,11 +61,7 @@ def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
         images = os.path.join(folder, name)
         if not os.path.isfile(os.path.join(images, "attributes.jsonl")):
             shapes.write_dataset(images, n, "target", seed, exclude=exclude)
-        toml = os.path.join(folder, f"{name}.toml")
-        with open(toml, "w") as f:
-            f.write(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 64\nbatch_size = 8\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
-        tomls.append(toml)
+        tomls.append(write_dataset_config(os.path.join(folder, f"{name}.toml"), images, resolution=64, batch_size=8))
     return tomls[0], tomls[1]
 
 

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
-from tests.tiny_models import tiny_sd_pipeline_folder
+from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
 from tsm_trainer import TSMNetwork
 from tsm_trainer.file_format import load_file
 from tsm_trainer.training.cli import build, main
@@ -20,15 +19,7 @@ from tsm_trainer.training.distill.sampler import sample_student
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     base = tiny_sd_pipeline_folder(str(root / "base"))
-    images = root / "images"
-    images.mkdir()
-    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
-        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a {colour} square")
-    toml = root / "data.toml"
-    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 4\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
-    return root, base, str(toml)
+    return root, base, write_colour_squares(root, ["red", "green", "blue", "yellow"])
 
 
 def _trainer(data, **overrides):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_models import tiny_sd_pipeline_folder
+from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
 from tsm_trainer.demo import shapes
 from tsm_trainer.demo.attribute_score import all_combos, attribute_score, heldout_combos, score_images
 from tsm_trainer.evaluation import evaluate_files
@@ -29,14 +29,7 @@ def world(tmp_path_factory):
     """A tiny SD model, 8 images, a vanilla LoRA trained on them, the same with half its change, a TSM n=4 file."""
     root = tmp_path_factory.mktemp("eval")
     base = tiny_sd_pipeline_folder(str(root / "base"))
-    images = root / "images"
-    images.mkdir()
-    for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]):
-        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a {colour} square")
-    toml = root / "data.toml"
-    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 4\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    toml = write_colour_squares(root, ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"])
     out = str(root / "out")
     common = ["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out, "--network_dim", "4",
               "--learning_rate", "1e-2", "--max_train_steps", "40"]

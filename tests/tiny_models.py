@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -336,3 +338,19 @@ def tiny_flux_pipeline_folder(folder, seed: int = 0):
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def write_colour_squares(root, colours, size: int = 16, batch_size: int = 4) -> str:
+    """One solid ``size`` x ``size`` image per colour in ``root/images`` captioned "a {colour} square", and
+    a kohya dataset TOML for them; returns the TOML's path."""
+    from PIL import Image
+
+    from tsm_trainer.data import write_dataset_config
+
+    images = os.path.join(str(root), "images")
+    os.makedirs(images, exist_ok=True)
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (size, size), colour).save(os.path.join(images, f"{i}.png"))
+        with open(os.path.join(images, f"{i}.txt"), "w") as f:
+            f.write(f"a {colour} square")
+    return write_dataset_config(os.path.join(str(root), "data.toml"), images, resolution=size, batch_size=batch_size)

@@ -25,16 +25,13 @@ PROMPTS = ["a pink circle on a white background", "a cyan star on a black backgr
 
 
 def write_data(folder: str, n: int, seed: int) -> str:
+    from tsm_trainer.data import write_dataset_config
     from tsm_trainer.demo.shapes import write_dataset
 
     images = os.path.join(folder, "images")
     if not os.path.isdir(images):
         write_dataset(images, n, "target", seed)
-    toml = os.path.join(folder, "target.toml")
-    with open(toml, "w") as f:
-        f.write(f'[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 64\nbatch_size = 8\n\n'
-                f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
-    return toml
+    return write_dataset_config(os.path.join(folder, "target.toml"), images, resolution=64, batch_size=8)
 
 
 def colour_accuracy(images, prompts) -> float:

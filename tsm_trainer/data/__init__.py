@@ -16,7 +16,8 @@ from typing import Any, Literal, Mapping
 from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
 from .cache import LatentCache, TextEncoderCache
 from .captions import process_caption, read_caption_file
-from .config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config
+from .config import (DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config,
+                     write_dataset_config)
 from .dataset import TrainDataset
 from .errors import DatasetConfigError, DatasetError
 from .images import IMAGE_EXTENSIONS
@@ -34,5 +35,5 @@ __all__ = [
     "BucketChoice", "BucketSelector", "DataConfig", "DatasetConfig", "DatasetConfigError", "DatasetError",
     "IMAGE_EXTENSIONS", "Item", "LatentCache", "Problem", "ScanResult", "SubsetConfig", "TextEncoderCache",
     "TrainDataset", "build_dataset", "load_dataset_config", "make_bucket_resolutions", "parse_dataset_config",
-    "process_caption", "read_caption_file", "scan_dataset",
+    "process_caption", "read_caption_file", "scan_dataset", "write_dataset_config",
 ]

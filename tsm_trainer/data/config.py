@@ -293,3 +293,12 @@ def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = N
     except (toml.TomlDecodeError, UnicodeDecodeError) as e:
         raise DatasetConfigError(f"{path}: not valid TOML: {e}") from None
     return parse_dataset_config(raw, str(path), defaults)
+
+
+def write_dataset_config(path: str | Path, image_dir: str | Path, resolution: int, batch_size: int,
+                         caption_extension: str = ".txt") -> str:
+    """Write the simplest kohya dataset TOML: one dataset with one subset of ``image_dir``; returns ``path``."""
+    Path(path).write_text(f'[general]\ncaption_extension = "{caption_extension}"\n\n[[datasets]]\n'
+                          f'resolution = {resolution}\nbatch_size = {batch_size}\n\n'
+                          f'  [[datasets.subsets]]\n  image_dir = "{image_dir}"\n')
+    return str(path)
