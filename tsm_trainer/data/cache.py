@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..file_format import umask_mode
+
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:40]
@@ -53,6 +55,7 @@ class _TensorStore:
             self.mem[key] = tensors
             return
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide the cache from other users
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"key": key})
