@@ -55,10 +55,10 @@ class _TensorStore:
             self.mem[key] = tensors
             return
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would hide the cache from other users
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"key": key})
+            os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the cache from other users
             os.replace(tmp, self.path(key))  # atomic: readers never see a half-written file
         finally:
             if os.path.exists(tmp):
