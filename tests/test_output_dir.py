@@ -85,13 +85,13 @@ def test_output_dir_checks_at_start(tmp_path):
     file.write_text("x")
     with pytest.raises(ValueError, match=r"^--output_dir .*file: is a file, not a folder"):
         check_output_dir(str(file), "tsm")
-    with pytest.raises(ValueError, match=r"^--output_dir .*file/sub: cannot create the folder"):
+    with pytest.raises(ValueError, match=r"^--output_dir .*file/sub: cannot create the folder \(.*file is a file\)"):
         check_output_dir(str(file / "sub"), "tsm")
     (tmp_path / "out" / "tsm.safetensors").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"^--output_name tsm: .*tsm.safetensors is a folder"):
         check_output_dir(str(tmp_path / "out"), "tsm")
     check_output_dir(str(tmp_path / "new" / "deeper"), "tsm")
-    assert (tmp_path / "new" / "deeper").is_dir() and not os.listdir(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == ["file", "out"]  # creates nothing
 
 
 def test_a_read_only_output_dir_fails_at_start(tmp_path):
@@ -105,6 +105,8 @@ def test_a_read_only_output_dir_fails_at_start(tmp_path):
         pytest.skip("no read-only folder for root here")
     with pytest.raises(ValueError, match=r"^--output_dir .*: cannot write there"):
         check_output_dir(str(folder), "tsm")
+    with pytest.raises(ValueError, match=rf"^--output_dir .*/out: cannot create it in {folder} "):
+        check_output_dir(os.path.join(str(folder), "out"), "tsm")
 
 
 @pytest.mark.parametrize("held, steps, overwrite, refused", [

@@ -1,8 +1,8 @@
 """The output folder of a training run: checked before any model loads, locked while training,
 cleared of earlier crashed saves, and never given a final file with less training than it holds.
 
-- :func:`check_output_dir` (start): the folder can be created and written, and the final file's
-  path is not a folder.
+- :func:`check_output_dir` (start, creates nothing): the folder can be created and written, and
+  the final file's path is not a folder.
 - :func:`run_lock` (the whole run): ``{output_dir}/{output_name}.lock`` holds {"pid", "host",
   "started"}; a second run with the same output name stops, naming the lock and the other PID. A
   lock whose process is gone (same host) is taken over, and said so.
@@ -40,19 +40,22 @@ def lock_path(output_dir: str, output_name: str) -> str:
 
 
 def check_output_dir(path: str, output_name: str) -> None:
-    """Raise ValueError (one line, naming the option) unless ``path`` is, or can be made, a writable
-    folder whose final-file path ``{output_name}.safetensors`` is not a folder. Creates the folder."""
+    """Raise ValueError (one line, naming the option) unless ``path`` is a writable folder, or can be
+    created as one, and its final-file path ``{output_name}.safetensors`` is not a folder. Creates
+    nothing (a probe file is written and removed)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--output_dir {path}: is a file, not a folder; choose a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--output_dir {path}: cannot create the folder ({e.strerror}); choose a writable folder") from None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {path}: cannot create the folder ({existing} is a file); choose a folder")
     try:  # os.access says yes to root on read-only mounts: write for real
-        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=path):
+        with tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=existing):
             pass
     except OSError as e:
-        raise ValueError(f"--output_dir {path}: cannot write there ({e.strerror}); choose a writable folder") from None
+        verb = "write there" if existing == os.path.abspath(path) else f"create it in {existing}"
+        raise ValueError(f"--output_dir {path}: cannot {verb} ({e.strerror}); choose a writable folder") from None
     final = final_path(path, output_name)
     if os.path.isdir(final):
         raise ValueError(f"--output_name {output_name}: {final} is a folder; move it or choose another --output_name")
@@ -200,11 +203,17 @@ def training_output(output_dir: str, output_name: str, steps: int, overwrite: bo
     body: checked, locked, cleared of stale temps, and no final file with more than ``steps``
     steps in the way (unless ``overwrite``). Yields the lock path (None on non-main processes)."""
     check_output_dir(output_dir, output_name)
-    with run_lock(output_dir, output_name, log) as lock:
-        if lock is not None:
-            remove_stale_temps(output_dir, output_name, lock, log)
-        check_final_file(final_path(output_dir, output_name), steps, overwrite)
-        yield lock
+    created = not os.path.isdir(output_dir)
+    try:
+        with run_lock(output_dir, output_name, log) as lock:
+            if lock is not None:
+                remove_stale_temps(output_dir, output_name, lock, log)
+            check_final_file(final_path(output_dir, output_name), steps, overwrite)
+            yield lock
+    except BaseException:
+        if created and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)  # a run refused before it wrote anything leaves no folder behind
+        raise
 
 
 def saved_steps(path: str) -> int | None:
