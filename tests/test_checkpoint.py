@@ -77,7 +77,8 @@ def test_save_last_n_zero_or_negative_keeps_every_state(tmp_path, keep):
 
 def test_latest_falls_back_to_the_old_layout_and_notes_what_is_kept(tmp_path):
     out = str(tmp_path)
-    assert latest_state(out, "tsm") == "" and kept_checkpoint_note(out, "tsm") == "no checkpoint of this run was saved yet"
+    assert latest_state(out, "tsm") == ""
+    assert kept_checkpoint_note(out, "tsm") == "no checkpoint of this run was saved yet"
     for step in (2, 10):
         os.makedirs(os.path.join(out, f"state-{step}"))
     assert latest_state(out, "tsm") == os.path.join(out, "state-10")
@@ -97,12 +98,16 @@ def _edit(folder, change):
 @pytest.mark.parametrize("change, needle", [
     (lambda t: t[: len(t) // 2], r"not valid JSON"),
     (lambda t: "[1, 2]", r"should hold a JSON object, not list"),
-    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "step"}), r"key 'step' should be an integer >= 0, got None"),
-    (lambda t: json.dumps({**json.loads(t), "position": "3"}), r"key 'position' should be an integer >= 0, got '3'"),
+    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "step"}),
+     r"key 'step' should be an integer >= 0, got None"),
+    (lambda t: json.dumps({**json.loads(t), "position": "3"}),
+     r"key 'position' should be an integer >= 0, got '3'"),
     (lambda t: json.dumps({**json.loads(t), "epoch": -1}), r"key 'epoch' should be an integer >= 0, got -1"),
-    (lambda t: json.dumps({**json.loads(t), "optimizer": {"scalars": {}}}), r"key 'optimizer' should hold 'param_groups'"),
+    (lambda t: json.dumps({**json.loads(t), "optimizer": {"scalars": {}}}),
+     r"key 'optimizer' should hold 'param_groups'"),
     (lambda t: json.dumps({**json.loads(t), "lr_scheduler": 3}), r"key 'lr_scheduler' should be an object"),
-    (lambda t: json.dumps({**json.loads(t), "lr_scheduler": {}}), r"the optimizer or scheduler state does not fit this run \(KeyError"),
+    (lambda t: json.dumps({**json.loads(t), "lr_scheduler": {}}),
+     r"the optimizer or scheduler state does not fit this run \(KeyError"),
     (lambda t: "\xff\xfe", r"not valid JSON"),
 ])
 def test_a_damaged_state_json_names_the_file_and_the_problem(tmp_path, change, needle):

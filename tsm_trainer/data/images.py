@@ -52,7 +52,8 @@ def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:
         grey = np.asarray(im).astype(np.float64)
         return Image.fromarray((np.clip(grey, 0, 65535) / 257.0 + 0.5).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
-        raise ImageModeError(f"{path}: 32-bit float pixels (mode F) are not supported; save it as an 8- or 16-bit image")
+        raise ImageModeError(f"{path}: 32-bit float pixels (mode F) are not supported; "
+                             "save it as an 8- or 16-bit image")
     return im.convert("RGB")
 
 

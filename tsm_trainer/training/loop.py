@@ -189,7 +189,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); "
-                    f"{kept_checkpoint_note(self.config.output_dir, self.config.output_name)}. Lower --learning_rate or use --mixed_precision bf16")
+                    f"{kept_checkpoint_note(self.config.output_dir, self.config.output_name)}. "
+                    "Lower --learning_rate or use --mixed_precision bf16")
             (loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
             idx = expert_index(timesteps, LOG_INTERVALS, self.T)
