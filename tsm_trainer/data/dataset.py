@@ -15,6 +15,7 @@ function of (seed, epoch, position), so `load_state_dict(state_dict())` continue
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -67,13 +68,15 @@ class TrainDataset:
         return sum(self._repeats[d][it.subset] for d, ds in enumerate(self.items) for it in ds)
 
     def fingerprint(self) -> str:
-        """sha256 of what decides the batches, seed aside: every item (path, file stamps, caption,
-        bucket, subset), batch sizes, repeats and shuffling. Equal fingerprints and seeds give equal
+        """sha256 of what decides the batches, seed aside: every item (files relative to their
+        image_dir, their stamps, caption, bucket, subset), batch sizes, repeats and shuffling. Equal fingerprints and seeds give equal
         batches, so a resume checks it."""
         h = hashlib.sha256(repr((self._batch_sizes, self._repeats, self.shuffle)).encode())
-        for ds_items in self.items:
+        for d, ds_items in enumerate(self.items):
             for it in ds_items:
-                h.update(repr((it.path, it.frames, it.stamp, it.caption, it.choice, it.dataset, it.subset)).encode())
+                folder = self.config.datasets[d].subsets[it.subset].image_dir  # a moved dataset is the same one
+                names = [os.path.relpath(f, folder) for f in it.frames]
+                h.update(repr((names, it.stamp, it.caption, it.choice, it.dataset, it.subset)).encode())
         return h.hexdigest()
 
     def state_dict(self) -> dict:

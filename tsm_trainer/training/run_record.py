@@ -4,8 +4,8 @@ The record (saved in ``state.json`` as ``"run"``): every training option, the da
 fingerprint (items, files, captions, buckets, repeats; :meth:`TrainDataset.fingerprint`) and the
 sha256 of the dataset config file. On resume:
 
-- ``FIXED`` options, the dataset and its config must be equal: they decide the network's shape,
-  the optimizer state and the data order, so the resumed run would not continue the saved one.
+- ``FIXED`` options, the dataset and its config must be equal: they define the network, the
+  optimizer state and the data order, so with another value the run would not continue the saved one.
 - every other option may change (learning rate, max steps, schedule, save cadence, sampling...):
   it takes effect and the change is printed.
 """
@@ -18,8 +18,8 @@ import os
 
 # Option names, before and after the kohya renaming (a name the config lacks is skipped).
 FIXED = ("seed", "family", "prediction_type", "task", "tsm_stage", "tsm_scales", "tsm_experts", "tsm_mixture",
-         "tsm_interval", "timestep_sampling", "network_dim", "network_alpha", "network_dropout", "network_module",
-         "network_args", "train_text_encoder", "optimizer", "optimizer_type", "gradient_accumulation_steps")
+         "tsm_interval", "network_dim", "network_alpha", "network_dropout", "network_module", "network_args",
+         "train_text_encoder", "optimizer", "optimizer_type")
 IGNORED = ("resume", "overwrite", "tsm_recipe")  # how this run starts, not what it trains
 DATA = {"dataset_fingerprint": "the dataset (images, captions, repeats or buckets)",
         "dataset_config_sha256": "the dataset config file's content"}
