@@ -135,7 +135,7 @@ def _age(path, seconds=60):
 
 def test_stale_temps_of_this_run_are_removed_and_nothing_else(tmp_path):
     names = {".tmp-tsm-state-4-abc": "dir", ".tmp-state-9-xyz": "dir", ".tmp-k2j3.safetensors": "file",
-             ".tmp-other-state-3-q": "dir", ".tmp-notes": "file", "tsm.safetensors": "file"}
+             ".tmp-other-state-3-q": "dir", ".tmp-notes": "file", "tsm.safetensors": "file", ".tmp-probe-x": "file"}
     for name, kind in names.items():
         p = tmp_path / name
         if kind == "dir":
@@ -149,8 +149,8 @@ def test_stale_temps_of_this_run_are_removed_and_nothing_else(tmp_path):
     with run_lock(str(tmp_path), "tsm") as lock:
         os.utime(tmp_path / ".tmp-tsm-state-8-new", (time.time() + 5, time.time() + 5))
         removed = {os.path.basename(p) for p in remove_stale_temps(str(tmp_path), "tsm", lock, lines.append)}
-    assert removed == {".tmp-tsm-state-4-abc", ".tmp-state-9-xyz", ".tmp-k2j3.safetensors"}
-    assert "removed 3 temporary file(s) of earlier interrupted saves" in lines[0]
+    assert removed == {".tmp-tsm-state-4-abc", ".tmp-state-9-xyz", ".tmp-k2j3.safetensors", ".tmp-probe-x"}
+    assert "removed 4 temporary file(s) of earlier interrupted saves" in lines[0]
     left = set(os.listdir(tmp_path))
     assert {".tmp-other-state-3-q", ".tmp-notes", "tsm.safetensors", ".tmp-tsm-state-8-new"} <= left
 
@@ -194,3 +194,29 @@ def test_outputs_get_the_umask_mode(tmp_path):
     assert mode(tmp_path / "tsm-state-1") == 0o755
     assert {mode(p) for p in (tmp_path / "tsm-state-1").iterdir()} == {0o644}
     assert {mode(p) for p in (tmp_path / "cache").iterdir()} == {0o644}
+
+
+def test_the_temp_folder_of_a_killed_state_save_is_recognised_as_this_runs(tmp_path, monkeypatch):
+    import tsm_trainer.training.checkpoint as checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    class Net:
+        def save(self, path):
+            raise Killed  # as if the process died here: the temp folder stays
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    with pytest.raises(Killed):
+        checkpoint.save_state(str(tmp_path / "tsm-state-1"), Net(), optimizer,
+                              torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), {"step": 1})
+    monkeypatch.undo()
+    (left,) = os.listdir(tmp_path)
+    _age(tmp_path / left)
+    with run_lock(str(tmp_path), "other") as lock:  # another output name's run leaves it alone
+        assert remove_stale_temps(str(tmp_path), "other", lock) == []
+    assert left.startswith(".tmp-tsm-state-1-") and os.listdir(tmp_path) == [left]
+    with run_lock(str(tmp_path), "tsm") as lock:
+        assert remove_stale_temps(str(tmp_path), "tsm", lock) == [str(tmp_path / left)]

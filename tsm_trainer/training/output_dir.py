@@ -146,7 +146,7 @@ def _is_temp_of(name: str, output_name: str) -> bool | None:
     (final files, old state layout); False: not a temp we write."""
     if name.startswith(f".tmp-{output_name}-state-"):
         return True
-    if name.startswith(".tmp-state-") or (name.startswith(".tmp-") and name.endswith(".safetensors")):
+    if name.startswith((".tmp-state-", ".tmp-probe-")) or (name.startswith(".tmp-") and name.endswith(".safetensors")):
         return None
     return False
 
