@@ -83,7 +83,7 @@ def _check_item(path: Path, frames: tuple[str, ...], caption: str, selector: Buc
     size = sizes.pop()
     w, h = size
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
-        return Problem(str(path), f"image of {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.0f}:1, beyond "
+        return Problem(str(path), f"image of {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, beyond "
                                   f"{limits.max_aspect_ratio:g}:1; crop it")
     try:
         choice = selector.select(*size)
