@@ -42,7 +42,7 @@ def test_training_reduces_validation_loss_and_saves(base, tmp_path):
     assert sum(after) < sum(before)
     tensors, meta = load_file(path)
     assert meta["tsm.scales"] == "[4]" and meta["ss_steps"] == "25"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state-")) == ["state-20"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "state-" in p.name) == ["tsm-state-20"]
 
 
 def test_resume_continues_exactly(base, tmp_path):
@@ -52,7 +52,7 @@ def test_resume_continues_exactly(base, tmp_path):
 
     first = _trainer(base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_every_n_steps=4)
     first.run()
-    resumed = _trainer(base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "state-4"))
+    resumed = _trainer(base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "tsm-state-4"))
     resumed.run()
     assert resumed.step == 7
     for key, value in expected.items():
@@ -110,6 +110,6 @@ def test_sample_images_and_epoch_checkpoints(base, tmp_path):
         with Image.open(tmp_path / "samples" / f"step-{step}.png") as grid:
             assert grid.size == (32, 16)  # two prompts side by side
     # 3 batches per epoch: epoch 1 ends after step 3
-    assert (tmp_path / "state-3").is_dir()
+    assert (tmp_path / "tsm-state-3").is_dir()
     with pytest.raises(ValueError, match="--sample_every_n_steps needs --sample_prompts"):
         _trainer(base, tmp_path / "b", sample_every_n_steps=1).run()

@@ -21,6 +21,18 @@ class TSMFileError(ValueError):
     """A file that cannot be read, or does not fit the model it is loaded into."""
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open``/``mkdir`` would give (0o644 / 0o755 under umask 022).
+    ``tempfile`` creates 0o600 / 0o700 entries; atomic writes chmod them to this before the rename."""
+    try:
+        with open("/proc/self/status") as f:  # reading the umask without setting it (thread-safe)
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return mode & ~umask
+
+
 def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
     """(``sshs_model_hash``, ``sshs_legacy_hash``) as sd-scripts computes them.
 
@@ -61,6 +73,7 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: M
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..file_format import umask_mode
+
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).hexdigest()[:40]
@@ -56,6 +58,7 @@ class _TensorStore:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"key": key})
+            os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the cache from other users
             os.replace(tmp, self.path(key))  # atomic: readers never see a half-written file
         finally:
             if os.path.exists(tmp):

@@ -6,7 +6,9 @@ All randomness comes from the `rng` argument (numpy Generator), so a (seed, epoc
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -54,7 +56,7 @@ def _expand_wildcards(caption: str, rng: np.random.Generator) -> str:
 
 
 def process_caption(caption: str, subset: SubsetConfig, rng: np.random.Generator, epoch: int = 0) -> str:
-    """The caption the text encoder sees this step.
+    """The caption the text encoder sees this step; ``epoch`` counts from 0 (kohya's epoch 1).
 
     Order (kohya): prefix/suffix; whole-caption dropout (rate, or every n-th epoch) -> "";
     wildcards (else first line); if shuffle/tag-dropout: keep the first `keep_tokens` tags
@@ -67,7 +69,7 @@ def process_caption(caption: str, subset: SubsetConfig, rng: np.random.Generator
         caption = caption + " " + subset.caption_suffix
     dropped = subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate
     n = subset.caption_dropout_every_n_epochs
-    if dropped or (n > 0 and epoch % n == 0):
+    if dropped or (n > 0 and (epoch + 1) % n == 0):  # kohya counts epochs from 1: epochs n, 2n, ... drop
         return ""
     caption = _expand_wildcards(caption, rng) if subset.enable_wildcard else caption.split("\n")[0]
 
@@ -92,3 +94,51 @@ def process_caption(caption: str, subset: SubsetConfig, rng: np.random.Generator
     if subset.secondary_separator:
         caption = caption.replace(subset.secondary_separator, subset.caption_separator)
     return caption
+
+
+@dataclass(frozen=True)
+class CaptionLength:
+    """How long a caption may be: ``count(text)`` tokens (no special tokens) against the ``limit``
+    that ``reader`` (a text encoder, named in messages) reads; the rest is cut."""
+    count: Callable[[str], int]
+    limit: int
+    reader: str
+
+
+_TOKEN_LOWER_BOUND = re.compile(r"[^\W\d_]+|\d|[^\w\s]+")
+
+
+def estimate_clip_tokens(text: str) -> int:
+    """A lower bound of CLIP's token count: its tokenizer splits words, single digits and runs of
+    punctuation apart and may split a word further, never joins them."""
+    return len(_TOKEN_LOWER_BOUND.findall(text.lower()))
+
+
+# Used when the scan has no tokenizer: reports only captions surely longer than CLIP's 75 tokens.
+ESTIMATED_CLIP = CaptionLength(estimate_clip_tokens, 75, "CLIP (estimated)")
+
+
+def tokenizer_caption_length(tokenizer, max_length: int = 512) -> CaptionLength:
+    """CaptionLength of a Hugging Face tokenizer: the limit is its ``model_max_length`` (at most
+    ``max_length``) less the special tokens it adds (CLIP: 77 - 2 = 75)."""
+    specials = len(tokenizer("").input_ids)
+    limit = min(int(tokenizer.model_max_length), max_length) - specials
+    return CaptionLength(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), limit,
+                         type(tokenizer).__name__.replace("TokenizerFast", "").replace("Tokenizer", ""))
+
+
+def caption_too_long(caption: str, subset: SubsetConfig, length: CaptionLength) -> str | None:
+    """Why ``caption`` (each line of a wildcard caption, with prefix and suffix) is cut, or None."""
+    for line in caption.split("\n"):
+        text = " ".join(t for t in (subset.caption_prefix, line, subset.caption_suffix) if t)
+        n = length.count(text)
+        if n > length.limit:
+            words = text.split()
+            lo, hi = 0, len(words)  # the most words that fit: binary search, the count is monotone in them
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if length.count(" ".join(words[:mid])) <= length.limit else (lo, mid - 1)
+            kept = " ".join(words[max(0, lo - 3):lo])
+            return (f"caption has {n} tokens, {length.reader} reads {length.limit}: everything after "
+                    f"'...{kept}' is ignored; shorten it")
+    return None

@@ -14,7 +14,9 @@ function of (seed, epoch, position), so `load_state_dict(state_dict())` continue
 """
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+import os
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,20 +67,34 @@ class TrainDataset:
         """Samples per epoch, repeats included."""
         return sum(self._repeats[d][it.subset] for d, ds in enumerate(self.items) for it in ds)
 
-    def _fingerprint(self) -> str:
-        return f"{len(self)}:{sum(len(x) for x in self.items)}:{self.seed}"
+    def fingerprint(self) -> str:
+        """sha256 of what decides the batches, seed aside: every item (files relative to their
+        image_dir, their stamps, caption, bucket, subset), batch sizes, repeats and shuffling. Equal fingerprints and seeds give equal
+        batches, so a resume checks it."""
+        h = hashlib.sha256(repr((self._batch_sizes, self._repeats, self.shuffle)).encode())
+        for d, ds_items in enumerate(self.items):
+            for it in ds_items:
+                folder = self.config.datasets[d].subsets[it.subset].image_dir  # a moved dataset is the same one
+                names = [os.path.relpath(f, folder) for f in it.frames]
+                h.update(repr((names, it.stamp, it.caption, it.choice, it.dataset, it.subset)).encode())
+        return h.hexdigest()
 
     def state_dict(self) -> dict:
         """{"epoch", "position" (next batch index in the epoch), "seed", "fingerprint"}."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "fingerprint": self._fingerprint()}
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
-        if state.get("fingerprint") not in (None, self._fingerprint()):
-            raise ValueError(f"the dataset changed since this state was saved ({state['fingerprint']} -> "
-                             f"{self._fingerprint()}, batches:items:seed); an exact resume is impossible")
+        if state.get("fingerprint") not in (None, self.fingerprint()):
+            raise ValueError("the dataset changed since this state was saved (images, captions, repeats or "
+                             "buckets); an exact resume is impossible")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def epoch_batches(self, epoch: int) -> "EpochBatches":
+        """The batches of `epoch` as a lazy sequence: a batch is loaded only when indexed, so a
+        resumed run skips to its position without loading the batches before it."""
+        return EpochBatches(self, epoch)
 
     def __iter__(self) -> Iterator[dict]:
         """The remaining batches of the current epoch; afterwards epoch += 1 and position = 0."""
@@ -159,3 +175,33 @@ class TrainDataset:
         rng = np.random.default_rng(0)  # unused by static processing
         return sorted({process_caption(it.caption, self.config.datasets[d].subsets[it.subset], rng)
                        for d, ds in enumerate(self.items) for it in ds})
+
+
+class EpochBatches(Sequence):
+    """The batches of one epoch of a TrainDataset; ``batches[i]`` loads batch i (nothing is preloaded)."""
+
+    def __init__(self, dataset: TrainDataset, epoch: int):
+        self.dataset, self.epoch = dataset, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset.plan(self.epoch))
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"batch {index} of an epoch of {len(self)}")
+        return self.dataset.batch(self.epoch, index % len(self))
+
+
+def indexed_batches(batches: Iterable[dict], start: int = 0,
+                    wanted: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, dict]]:
+    """(index, batch) for the batches at index >= ``start`` that are ``wanted`` (e.g. this process's
+    share). A sequence (:class:`EpochBatches`) is indexed, so skipped batches are never loaded; any
+    other iterable is consumed up to ``start``."""
+    if isinstance(batches, Sequence):
+        for i in range(start, len(batches)):
+            if wanted(i):
+                yield i, batches[i]
+        return
+    for i, batch in enumerate(batches):
+        if i >= start and wanted(i):
+            yield i, batch

@@ -27,18 +27,43 @@ def list_clips(folder: Path) -> list[Path]:
 
 
 def verify_image(path: Path) -> tuple[int, int]:
-    """(width, height) of a fully decodable image; raises OSError/ValueError (any PIL failure) if not."""
+    """(width, height) of a fully decodable image; raises OSError/ValueError (any PIL failure, or
+    :class:`ImageModeError`) if not."""
     with Image.open(path) as im:
         im.verify()  # structure and checksums
     with Image.open(path) as im:
         im.load()  # full decode: catches truncated data that verify() lets through
+        if im.mode == "F":
+            to_rgb(im, path)  # raises ImageModeError now rather than mid-training
         return im.size
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; alpha is dropped (composited on nothing, like kohya's convert)."""
+class ImageModeError(ValueError):
+    """An image whose pixel format cannot be turned into 8-bit RGB faithfully."""
+
+
+def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:
+    """``im`` as 8-bit RGB. 16/32-bit grey (modes I;16*, I) is scaled from 0..65535 (PIL's own
+    convert clips it at 255: a white image); palette, grey, CMYK and the alpha modes use PIL's
+    convert, which drops alpha like kohya's loader; float images (mode F) are refused by name."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I"):
+        grey = np.asarray(im).astype(np.float64)
+        return Image.fromarray((np.clip(grey, 0, 65535) / 257.0 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        raise ImageModeError(f"{path}: 32-bit float pixels (mode F) are not supported; "
+                             "save it as an 8- or 16-bit image")
+    return im.convert("RGB")
+
+
+def load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (see :func:`to_rgb`). With ``size`` (w, h), the size it will be resized
+    to, a JPEG far larger is decoded at 1/2, 1/4 or 1/8 scale (still at least twice ``size``)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        if size is not None and im.format == "JPEG":
+            im.draft("RGB", (2 * size[0], 2 * size[1]))
+        return np.asarray(to_rgb(im, path))
 
 
 def crop_offset(choice: BucketChoice, random_crop: bool, rng: np.random.Generator | None) -> tuple[int, int]:
@@ -54,7 +79,8 @@ def crop_offset(choice: BucketChoice, random_crop: bool, rng: np.random.Generato
 def fit_to_bucket(image: np.ndarray, choice: BucketChoice, offset: tuple[int, int], flip: bool) -> np.ndarray:
     """(H0, W0, 3) uint8 -> (bh, bw, 3) uint8: resize to choice.resized (Lanczos), crop at offset, flip."""
     if (image.shape[1], image.shape[0]) != choice.resized:
-        image = np.asarray(Image.fromarray(image).resize(choice.resized, Image.LANCZOS))
+        # reducing_gap: a box reduction first when shrinking 6x or more (Lanczos over the whole image is slow)
+        image = np.asarray(Image.fromarray(image).resize(choice.resized, Image.LANCZOS, reducing_gap=3.0))
     left, top = offset
     bw, bh = choice.bucket
     image = image[top:top + bh, left:left + bw]
@@ -72,5 +98,5 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def load_sample(frames: tuple[str, ...], video: bool, choice: BucketChoice, offset: tuple[int, int],
                 flip: bool) -> torch.Tensor:
     """Pixels of one sample: (3, H, W) for an image, (F, 3, H, W) for a clip (video=True)."""
-    out = [to_tensor(fit_to_bucket(load_rgb(Path(f)), choice, offset, flip)) for f in frames]
+    out = [to_tensor(fit_to_bucket(load_rgb(Path(f), choice.resized), choice, offset, flip)) for f in frames]
     return torch.stack(out) if video else out[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from .buckets import BucketChoice, BucketSelector
-from .captions import CaptionFileError, read_caption_file
+from .captions import ESTIMATED_CLIP, CaptionFileError, CaptionLength, caption_too_long, read_caption_file
 from .config import DataConfig, DatasetConfig, SubsetConfig
 from .errors import DatasetConfigError, DatasetError
 from .images import IMAGE_EXTENSIONS, list_clips, list_images, verify_image
@@ -47,10 +47,22 @@ class Problem:
 
 @dataclass
 class ScanResult:
-    """items[d]: the usable items of dataset d, in a stable (sorted) order; problems: what was skipped."""
+    """items[d]: the usable items of dataset d, in a stable (sorted) order; problems: what was skipped;
+    warnings: what is used but partly lost (over-long captions), one per file."""
     config: DataConfig
     items: list[list[Item]]
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Images beyond these are problems (reported and skipped, or refused with on_error="raise"):
+    ``max_upscale``: how much a side may be enlarged to fill its bucket (a 1x1 image would be
+    blown up hundreds of times); ``max_aspect_ratio``: long side / short side (a 10000x10 strip is
+    mostly cropped away after resizing it to gigabytes)."""
+    max_upscale: float = 4.0
+    max_aspect_ratio: float = 8.0
 
 
 def _stamp(files: tuple[str, ...]) -> str:
@@ -59,7 +71,7 @@ def _stamp(files: tuple[str, ...]) -> str:
 
 
 def _check_item(path: Path, frames: tuple[str, ...], caption: str, selector: BucketSelector,
-                di: int, si: int) -> Item | Problem:
+                di: int, si: int, limits: ImageLimits) -> Item | Problem:
     sizes = set()
     for f in frames:
         try:
@@ -69,10 +81,19 @@ def _check_item(path: Path, frames: tuple[str, ...], caption: str, selector: Buc
     if len(sizes) != 1:
         return Problem(str(path), f"frames of one clip differ in size: {sorted(sizes)}")
     size = sizes.pop()
+    w, h = size
+    if max(w, h) > limits.max_aspect_ratio * min(w, h):
+        return Problem(str(path), f"image of {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, beyond "
+                                  f"{limits.max_aspect_ratio:g}:1; crop it")
     try:
         choice = selector.select(*size)
     except ValueError as e:
         return Problem(str(path), str(e))
+    upscale = max(choice.resized[0] / w, choice.resized[1] / h)
+    if upscale > limits.max_upscale:
+        return Problem(str(path), f"image of {w}x{h} would be enlarged {upscale:.1f}x to fill its "
+                                  f"{choice.bucket[0]}x{choice.bucket[1]} bucket, beyond {limits.max_upscale:g}x; "
+                                  "use a larger image or a lower resolution")
     return Item(str(path), frames, caption, size, choice, _stamp(frames), di, si)
 
 
@@ -115,12 +136,16 @@ def _selector(d: DatasetConfig) -> BucketSelector:
                           d.bucket_reso_steps, d.bucket_no_upscale)
 
 
-def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip", workers: int = 8) -> ScanResult:
+def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip", workers: int = 8,
+                 limits: ImageLimits = ImageLimits(),
+                 caption_length: CaptionLength | None = ESTIMATED_CLIP) -> ScanResult:
     """Find, caption and decode every sample of `config`.
 
-    Problems (unreadable image, missing caption without class_tokens, short clip) are logged with
-    their paths and skipped, or with on_error="raise" all raised at once as DatasetError. A dataset
-    left with no sample raises DatasetError naming it and its folders."""
+    Problems (unreadable image, an image beyond `limits`, missing caption without class_tokens,
+    short clip) are logged with their paths and skipped, or with on_error="raise" all raised at
+    once as DatasetError. A dataset left with no sample raises DatasetError naming it and its
+    folders. Captions longer than `caption_length` allows are warnings (logged, kept in
+    ``warnings``), once per file."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     items: list[list[Item]] = []
@@ -132,7 +157,7 @@ def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip"
             for si, s in enumerate(d.subsets):
                 cands, probs = _candidates(s)
                 problems += probs
-                jobs += [pool.submit(_check_item, p, fr, cap, sel, di, si) for p, fr, cap in cands]
+                jobs += [pool.submit(_check_item, p, fr, cap, sel, di, si, limits) for p, fr, cap in cands]
             results = [j.result() for j in jobs]
             problems += [r for r in results if isinstance(r, Problem)]
             items.append([r for r in results if isinstance(r, Item)])
@@ -141,10 +166,24 @@ def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip"
         if on_error == "raise":
             raise DatasetError(f"{config.source}: {len(problems)} bad input file(s) (on_error='raise'):\n  {listing}")
         logger.warning("%s: skipping %d bad input file(s):\n  %s", config.source, len(problems), listing)
+    warnings = _long_captions(config, items, caption_length) if caption_length is not None else []
+    if warnings:
+        logger.warning("%s: %d caption(s) longer than the text encoder reads:\n  %s", config.source, len(warnings),
+                       "\n  ".join(map(str, warnings)))
     for di, d in enumerate(config.datasets):
         if not items[di]:
             dirs = ", ".join(str(s.image_dir) for s in d.subsets)
             kind = "clip folders" if d.video_frames else "images (" + " ".join(IMAGE_EXTENSIONS) + ")"
             raise DatasetError(f"{d.where}: no usable {kind} in {dirs}"
                                + (f" ({len(problems)} skipped, see above)" if problems else ""))
-    return ScanResult(config, items, problems)
+    return ScanResult(config, items, problems, warnings)
+
+
+def _long_captions(config: DataConfig, items: list[list[Item]], length: CaptionLength) -> list[Problem]:
+    out = []
+    for d, ds_items in zip(config.datasets, items):
+        for it in ds_items:
+            why = caption_too_long(it.caption, d.subsets[it.subset], length)
+            if why is not None:
+                out.append(Problem(it.path, why))
+    return out

@@ -9,9 +9,13 @@ import sys
 import torch
 
 from ..data import LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
+from ..data.captions import tokenizer_caption_length
+from .checkpoint import latest_state
 from .config import TrainConfig, load_config
 from .families import get_training_family
 from .loop import NonFiniteLossError, Trainer
+from .output_dir import training_output
+from .run_record import data_identity
 
 
 def detect_family_name(folder: str) -> str:
@@ -64,9 +68,12 @@ def build(config: TrainConfig, log=print) -> Trainer:
     family = get_training_family(name, config.prediction_type)
     components = family.load(config.pretrained_model)
     data_config = load_dataset_config(config.dataset_config)
-    scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise")
+    scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise",
+                        caption_length=tokenizer_caption_length(components.tokenizers[0]))
     for problem in scan.problems:
         log(f"skipped: {problem}")
+    for warning in scan.warnings:
+        log(f"warning: {warning}")
     train_scan, held_scan = split_validation(scan, config.validation_split)
     cache = None
     if config.cache_latents:
@@ -84,23 +91,16 @@ def build(config: TrainConfig, log=print) -> Trainer:
         validation = [held.batch(0, i) for i in range(len(held))]
     batch_size = max(d.batch_size for d in data_config.datasets)
 
-    def make_batches(epoch: int):
-        return (dataset.batch(epoch, i) for i in range(len(dataset)))
+    make_batches = dataset.epoch_batches  # lazy: a resume skips batches without loading them
 
     if config.task == "distill":
         from .distill import DistillTrainer
 
         return DistillTrainer(config, family, components, make_batches, log=log)
-    return Trainer(config, family, components, make_batches, batch_size, validation, log=log,
-                   batches_per_epoch=len(dataset))
-
-
-def latest_state(output_dir: str) -> str:
-    """The newest ``state-N`` folder in ``output_dir``, or "" when there is none."""
-    if not os.path.isdir(output_dir):
-        return ""
-    states = [d for d in os.listdir(output_dir) if d.startswith("state-") and d[6:].isdigit()]
-    return os.path.join(output_dir, max(states, key=lambda d: int(d[6:]))) if states else ""
+    trainer = Trainer(config, family, components, make_batches, batch_size, validation, log=log,
+                      batches_per_epoch=len(dataset))
+    trainer.data_identity = data_identity(dataset, config.dataset_config)
+    return trainer
 
 
 def paper_recipe(config: TrainConfig) -> list[TrainConfig]:
@@ -128,9 +128,10 @@ def run(config: TrainConfig, log=print) -> str:
                 log(f"stage {i}/{len(stages)} ({stage.tsm_stage} {stage.tsm_scales}) already done: {path}")
                 continue
             log(f"stage {i}/{len(stages)}: {stage.tsm_stage} {stage.tsm_scales} -> {stage.output_dir}")
-        if stage.resume == "latest":
-            stage = dataclasses.replace(stage, resume=latest_state(stage.output_dir))
-        path = build(stage, log).run()
+        with training_output(stage.output_dir, stage.output_name, stage.max_train_steps, stage.overwrite, log):
+            if stage.resume == "latest":
+                stage = dataclasses.replace(stage, resume=latest_state(stage.output_dir, stage.output_name))
+            path = build(stage, log).run()
     return path
 
 

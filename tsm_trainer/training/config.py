@@ -88,8 +88,9 @@ class TrainConfig:
     sample_steps: int = _opt(20, "sampler steps of the sample images")
     sample_guidance: float = _opt(5.0, "classifier-free guidance scale of the sample images")
     sample_resolution: int = _opt(512, "sample image size in pixels")
-    resume: str = _opt("", "resume from a training-state folder (output_dir/state-STEP), or 'latest' (the newest "
-                               "state in output_dir, if any)")
+    resume: str = _opt("", "resume from a training-state folder (output_dir/OUTPUT_NAME-state-STEP), or 'latest' "
+                               "(the newest state of output_name in output_dir, if any)")
+    overwrite: bool = _opt(False, "replace a final file that holds more training steps than this run ends with")
     validation_split: float = _opt(0.0, "held-out fraction for per-interval validation loss")
     validate_every_n_steps: int = _opt(0, "validation every N steps; 0: at the end only (when a split exists)")
     logging_dir: str = _opt("", "TensorBoard log folder; empty: off")

@@ -16,7 +16,10 @@ import torch
 from ..intervals import expert_index, interval_timestep_range
 from ..metadata import kohya_metadata, modelspec_metadata
 from ..network import TSMConfig, TSMNetwork
-from .checkpoint import load_state, prune_states, save_state
+from ..data.dataset import indexed_batches
+from .checkpoint import kept_checkpoint_note, load_state, prune_states, save_state, state_folder
+from .output_dir import check_final_file
+from .run_record import run_record
 from .config import TrainConfig
 from .objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
 
@@ -150,6 +153,7 @@ class Trainer:
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_train_steps)
         self.step, self.epoch, self.position = 0, 0, 0
+        self.data_identity: dict = {}  # run_record.data_identity of the dataset, saved in states and checked on resume
         self.interval_loss = torch.zeros(LOG_INTERVALS)
         self.interval_count = torch.zeros(LOG_INTERVALS)
         self.writer = None
@@ -184,8 +188,9 @@ class Trainer:
             loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); the last good "
-                    f"checkpoint in {self.config.output_dir} is kept. Lower --learning_rate or use --mixed_precision bf16")
+                    f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); "
+                    f"{kept_checkpoint_note(self.config.output_dir, self.config.output_name)}. "
+                    "Lower --learning_rate or use --mixed_precision bf16")
             (loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
             idx = expert_index(timesteps, LOG_INTERVALS, self.T)
@@ -222,24 +227,23 @@ class Trainer:
         """This process's batches: every ``num_processes``-th of the epoch's global order."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         while True:
-            for i, batch in enumerate(self.make_batches(self.epoch)):
-                if i < self.position:
-                    continue  # resumed inside an epoch
-                self.position = i + 1
-                if i % world == rank:
-                    yield batch
+            for i, batch in indexed_batches(self.make_batches(self.epoch), self.position, lambda i: i % world == rank):
+                self.position = i + 1  # resumed inside an epoch: the batches before are skipped unloaded
+                yield batch
             self.epoch += 1
             self.position = 0
 
     def save_state(self) -> str:
-        folder = os.path.join(self.config.output_dir, f"state-{self.step}")
+        folder = state_folder(self.config.output_dir, self.config.output_name, self.step)
         save_state(folder, self.network, self.optimizer, self.lr_scheduler,
-                   {"step": self.step, "epoch": self.epoch, "position": self.position})
-        prune_states(self.config.output_dir, self.config.save_last_n)
+                   {"step": self.step, "epoch": self.epoch, "position": self.position,
+                    "run": run_record(self.config, self.data_identity)})
+        prune_states(self.config.output_dir, self.config.output_name, self.config.save_last_n)
         return folder
 
     def resume(self, folder: str) -> None:
-        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler)
+        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler,
+                           run_record(self.config, self.data_identity), self.log)
         self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
         self.log(f"resumed from {folder} at step {self.step}")
 
@@ -285,6 +289,7 @@ class Trainer:
         path = os.path.join(config.output_dir, f"{config.output_name}.safetensors")
         if not main:
             return path
+        check_final_file(path, self.step, config.overwrite)
         family = self.network.family
         args = {k: str(getattr(config, k)) for k in ("tsm_stage", "tsm_scales", "tsm_mixture", "tsm_interval")}
         metadata = kohya_metadata(family, "networks.tsm_lora", config.network_dim, config.network_alpha, args,
