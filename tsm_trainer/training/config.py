@@ -266,15 +266,17 @@ def known_flags() -> list[str]:
     return [*FIELDS, "config_file", *ALIASES]
 
 
-def unknown_option_message(flag: str) -> str:
-    """Why ``--flag`` is refused: an sd-scripts option this trainer does not implement (with the
-    reason), or a typo (with the closest names)."""
+def unknown_option_message(flag: str, toml: bool = False) -> str:
+    """Why ``--flag`` (or TOML key ``flag``) is refused: an sd-scripts option this trainer does not
+    implement (with the reason), or a typo (with the closest names)."""
     name = flag.lstrip("-").split("=", 1)[0]
+    dash = "" if toml else "--"
+    shown = f"key {name!r}" if toml else f"--{name}"
     if name in REFUSED:
-        return f"--{name} is not supported by train_tsm.py: {REFUSED[name]}"
+        return f"{shown} is not supported by train_tsm.py: {REFUSED[name]}"
     close = difflib.get_close_matches(name, known_flags() + list(REFUSED), n=3, cutoff=0.75)
-    hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; see train_tsm.py --help"
-    return f"unknown option --{name}{hint}"
+    hint = f"; did you mean {' or '.join(dash + c for c in close)}?" if close else "; see train_tsm.py --help"
+    return f"unknown {shown if not toml else shown}{hint}".replace("unknown --", "unknown option --")
 
 
 def _legacy(values: dict, source: str) -> dict:
@@ -341,10 +343,8 @@ def read_config_file(path: str) -> dict:
     for key, value in flat.items():
         if key in ("config_file", "output_config"):
             raise OptionError(f"{path}: {key} cannot be set inside a config file")
-        if key in REFUSED:
-            raise OptionError(f"{path}: {unknown_option_message(key)}")
-        if key not in FIELDS and key not in ALIASES:
-            raise OptionError(f"{path}: {unknown_option_message(key)}")
+        if key in REFUSED or (key not in FIELDS and key not in ALIASES):
+            raise OptionError(f"{path}: {unknown_option_message(key, toml=True)}")
         values[key] = value
     values = _legacy(values, path)
     return {key: _check_value(key, value, path) for key, value in values.items()}
