@@ -166,7 +166,8 @@ class TrainConfig:
     sample_steps: int = _opt(20, "sampler steps of a prompt without --s", "tsm")
     sample_guidance: float = _opt(5.0, "guidance scale of a prompt without --l", "tsm")
     sample_resolution: int = _opt(512, "image size of a prompt without --w/--h", "tsm")
-    weight_decay: float = _opt(None, "weight decay (same as --optimizer_args weight_decay=...)", "tsm")
+    weight_decay: float = _opt(1e-2, "weight decay of AdamW-style optimizers (same as --optimizer_args "
+                               "weight_decay=...)", "tsm")
     debug: bool = _opt(False, "show the traceback of an error", "tsm")
     # -- distillation (--task distill) ------------------------------------------------------------
     distill_timesteps: str = _opt("4", "student timesteps, descending ('999,749,499,249'), or a step count (evenly "
@@ -187,11 +188,6 @@ class TrainConfig:
         from ..intervals import parse_scales
 
         return [1] if self.tsm_stage == "vanilla" else parse_scales(self.tsm_scales)
-
-    @property
-    def weight_decay_value(self) -> float:
-        """The weight decay the built-in AdamW-style optimizers use (torch's default 0.01 when unset)."""
-        return 1e-2 if self.weight_decay is None else self.weight_decay
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -138,7 +138,7 @@ class Trainer:
         torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
         groups = built.param_groups
         self.optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate,
-                                         parse_optimizer_args(config.optimizer_args), config.weight_decay_value)
+                                         parse_optimizer_args(config.optimizer_args), config.weight_decay)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.initial_lrs = [group["lr"] for group in self.optimizer.param_groups]
         from diffusers.optimization import get_scheduler

@@ -188,7 +188,7 @@ def _check_combinations(c: TrainConfig) -> None:
         _fail("--dataset_config and --train_data_dir exclude each other (the TOML lists the image folders)")
     if not c.dataset_config and not c.train_data_dir:
         _fail("a dataset is required: --train_data_dir (N_concept folders) or --dataset_config (kohya TOML)")
-    if c.weight_decay is not None and any(a.split("=", 1)[0].strip() == "weight_decay" for a in c.optimizer_args or []):
+    if _given(c, "weight_decay") and any(a.split("=", 1)[0].strip() == "weight_decay" for a in c.optimizer_args or []):
         _fail("--weight_decay and --optimizer_args weight_decay=... both given; give one")
     if c.lr_scheduler_num_cycles is not None and c.lr_scheduler != "cosine_with_restarts":
         _fail(f"--lr_scheduler_num_cycles only applies with --lr_scheduler cosine_with_restarts (not {c.lr_scheduler})")
