@@ -216,11 +216,14 @@ class _Parser(argparse.ArgumentParser):
         raise OptionError(message)
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str) -> float:  # argparse names it "finite number"
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(text)
     return value
+
+
+_finite_float.__name__ = "finite number"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ naming both) and paths. Each failure is an OptionError whose message names the f
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -151,10 +152,16 @@ def _check_tsm(c: TrainConfig) -> None:
                if _given(c, n)]
         if bad:
             _fail(f"--tsm_recipe paper sets the stages itself: drop {', '.join(bad)}")
-    try:
-        from ..network_args import parse_network_args as parse_tsm_args
-        from .network_plugin import tsm_network_args
+    from ..network_args import NETWORK_ARGS
+    from ..network_args import parse_network_args as parse_tsm_args
+    from .network_plugin import tsm_network_args
 
+    for key in tsm_network_args(c):
+        if key not in NETWORK_ARGS:
+            close = difflib.get_close_matches(key, list(NETWORK_ARGS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            _fail(f"--network_args {key}: unknown key for {TSM_MODULE}; {hint}(keys: {', '.join(NETWORK_ARGS)})")
+    try:
         parse_tsm_args(tsm_network_args(c))
     except ValueError as e:
         _fail(f"--network_args: {e}")
@@ -225,9 +232,11 @@ def _check_unimplemented(c: TrainConfig) -> None:
         if not hasattr(data, "folder_dataset_config"):
             _fail("--train_data_dir: folder datasets are not implemented yet; use --dataset_config with a kohya "
                   "dataset TOML (examples in dataset_configs/)")
+    from .network_plugin import import_network_module
     from .optimizers import parse_optimizer_args, resolve
 
     try:
+        import_network_module(c.network_module)
         resolve(c.optimizer_type)
         parse_optimizer_args(c.optimizer_args)
     except ValueError as e:
@@ -272,6 +281,8 @@ def _check_paths(c: TrainConfig) -> None:
     for flag, path in files:
         if path and not os.path.isfile(path):
             _fail(f"--{flag} {path}: no such file")
+    if c.network_weights and not c.network_weights.endswith(".safetensors"):
+        _fail(f"--network_weights {c.network_weights}: only .safetensors files are loaded (never pickle)")
     for flag, path in (("train_data_dir", c.train_data_dir), ("reg_data_dir", c.reg_data_dir)):
         if path and not os.path.isdir(path):
             _fail(f"--{flag} {path}: no such folder")
