@@ -227,7 +227,7 @@ _finite_float.__name__ = "finite number"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="train_tsm.py", allow_abbrev=False,
+    parser = _Parser(prog="train_tsm.py", allow_abbrev=False, usage="%(prog)s [--config_file FILE] [options]",
                      description="Train TimeStep Master LoRA experts (or any kohya network module) with sd-scripts' "
                                  "train_network.py options.")
     parser.add_argument("--config_file", default=None,
