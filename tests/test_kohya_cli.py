@@ -218,6 +218,41 @@ learning_rate = 1e-3
         load_config(["--config_file", str(config)])
 
 
+def test_max_train_epochs_sets_the_steps(world, tmp_path):
+    from safetensors import safe_open
+
+    root, base, toml = world
+    out = str(tmp_path / "out")
+    # 4 images, batch 2: 2 steps an epoch
+    assert main(_kohya_command(base, toml, out, "--network_module", "tests.kohya_plain_lora", "--max_train_epochs",
+                               "2", "--save_every_n_epochs", "1", "--network_train_unet_only")) == 0
+    with safe_open(os.path.join(out, "mine.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "4" and f.metadata()["ss_epoch"] == "2"
+    assert os.path.isfile(os.path.join(out, "mine-000001.safetensors"))  # the last epoch is the final file
+
+
+@pytest.mark.skipif(not hasattr(__import__("tsm_trainer.data", fromlist=["x"]), "folder_dataset_config"),
+                    reason="kohya folder datasets are not in this checkout yet")
+def test_kohya_folder_dataset_command_line(world, tmp_path):
+    import networks.tsm_lora as tsm_lora
+
+    root, base, _ = world
+    concept = tmp_path / "train" / "3_square"
+    concept.mkdir(parents=True)
+    for i, colour in enumerate(["red", "green"]):
+        Image.new("RGB", (16, 16), colour).save(concept / f"{i}.png")
+        (concept / f"{i}.txt").write_text(f"a {colour} square")
+    out = str(tmp_path / "out")
+    argv = _kohya_command(base, "", out, "--network_module", "networks.tsm_lora", "--network_args", "tsm_scales=8",
+                          "--optimizer_type", "AdamW8bit")
+    argv[argv.index("--dataset_config"):argv.index("--dataset_config") + 2] = ["--train_data_dir", str(concept.parent)]
+    assert main(argv) == 0
+    c = _components(base)
+    network, _ = tsm_lora.create_network_from_weights(1.0, os.path.join(out, "mine.safetensors"), c.vae,
+                                                      c.text_encoders[0], c.denoiser)
+    assert network.config.scales == [8]
+
+
 def _fails(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -306,6 +341,8 @@ def _option_cases(tmp_path):
         (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
         (["--distill_fake_updates", "2"], "--distill_fake_updates only apply with --task distill"),
         (["--v2"], "--v2, but"),
+        (["--train_data_dir", str(tmp_path)], "--dataset_config and --train_data_dir exclude each other"),
+        (["--network_weights", str(a_file)], f"--network_weights {a_file}: only .safetensors files are loaded"),
     ]
 
 

@@ -280,7 +280,7 @@ class Trainer:
         """sd-scripts' training metadata (ss_*) and, for TSM files, the trainer stage."""
         config = self.config
         lr_te = config.text_encoder_lr
-        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch), "ss_learning_rate": str(config.learning_rate),
+        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch + 1), "ss_learning_rate": str(config.learning_rate),
                 "ss_unet_lr": str(config.unet_lr), "ss_text_encoder_lr": str(lr_te[0] if lr_te else lr_te),
                 "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler,
                 "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_seed": str(config.seed),

@@ -193,6 +193,8 @@ def _check_combinations(c: TrainConfig) -> None:
         _fail("--unet_lr does not apply with --network_train_text_encoder_only")
     if c.dataset_config and c.train_data_dir:
         _fail("--dataset_config and --train_data_dir exclude each other (the TOML lists the image folders)")
+    if c.train_data_dir and c.resolution is None:
+        _fail("--train_data_dir needs --resolution (e.g. 512 or 512,768)")
     if not c.dataset_config and not c.train_data_dir:
         _fail("a dataset is required: --train_data_dir (N_concept folders) or --dataset_config (kohya TOML)")
     if _given(c, "weight_decay") and any(a.split("=", 1)[0].strip() == "weight_decay" for a in c.optimizer_args or []):
