@@ -269,7 +269,8 @@ def test_unimplemented_and_misspelt_kohya_flags_are_refused_at_start(world, tmp_
     assert "--in_json is not supported by train_tsm.py: fine-tuning metadata JSON" in \
         _fails(capsys, common + ["--in_json", "meta.json"])
     assert "--full_fp16 is not supported" in _fails(capsys, common + ["--full_fp16"])
-    assert "unknown option --netwrok_dim; did you mean --network_dim?" in _fails(capsys, common + ["--netwrok_dim", "4"])
+    assert "unknown option --netwrok_dim; did you mean --network_dim?" in \
+        _fails(capsys, common + ["--netwrok_dim", "4"])
     assert not os.path.exists(out)  # refused before anything was written
 
 
@@ -312,7 +313,8 @@ def _option_cases(tmp_path):
         (["--network_args", "tsm_scales=8", "--tsm_scales", "4"],
          "--tsm_scales 4 and --network_args tsm_scales=8 disagree"),
         (["--network_args", "tsm_scales"], "--network_args 'tsm_scales': expected key=value"),
-        (["--network_args", "tsm_scale=8"], "--network_args tsm_scale: unknown key for networks.tsm_lora; did you mean tsm_scales?"),
+        (["--network_args", "tsm_scale=8"],
+         "--network_args tsm_scale: unknown key for networks.tsm_lora; did you mean tsm_scales?"),
         (["--network_module", "tests.kohya_plain_lora", "--tsm_scales", "4"],
          "--tsm_scales only apply with --network_module networks.tsm_lora (not tests.kohya_plain_lora)"),
         (["--network_module", "no_such.module"], "--network_module no_such.module: cannot import it"),

@@ -9,10 +9,10 @@ import sys
 
 import torch
 
-from ..data import LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
+from ..data import DatasetError, LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
 from .config import TrainConfig, load_config
 from .families import get_training_family
-from .loop import Trainer
+from .loop import NonFiniteLossError, Trainer
 from .validate import DATASET_FLAGS, check_config
 
 
@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        known = isinstance(e, (ValueError, OSError)) or type(e).__name__ in ("NonFiniteLossError", "DatasetError")
+        known = isinstance(e, (ValueError, OSError, NonFiniteLossError, DatasetError))
         text = str(e).strip() or type(e).__name__
         if not known:
             text = f"{type(e).__name__}: {text} (run with --debug for the traceback)"
-        print(f"error: {' '.join(text.splitlines()) if not known else text}", file=sys.stderr)
+        print(f"error: {text}", file=sys.stderr)
         return 2
     return 0

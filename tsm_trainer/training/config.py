@@ -87,7 +87,8 @@ class TrainConfig:
     output_name: str = _opt("tsm", "file name stem of the saved network", "training")
     save_model_as: str = _opt("safetensors", "file format; only safetensors", "training",
                               ("safetensors", "ckpt", "pt"))
-    save_precision: str = _opt(None, "dtype of the saved weights (default float)", "training", ("float", "fp16", "bf16"))
+    save_precision: str = _opt(None, "dtype of the saved weights (default float)", "training",
+                               ("float", "fp16", "bf16"))
     save_every_n_steps: int = _opt(None, "save OUTPUT_NAME-stepNNNNNNNN.safetensors every N steps", "training")
     save_every_n_epochs: int = _opt(None, "save OUTPUT_NAME-NNNNNN.safetensors every N epochs", "training")
     save_last_n_steps: int = _opt(None, "keep step saves (and states) of the last N steps only", "training")
@@ -103,7 +104,8 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "autocast dtype", "training", ("no", "fp16", "bf16"))
     xformers: bool = _opt(False, "xformers attention (error at start when not installed)", "training")
     sdpa: bool = _opt(False, "PyTorch SDPA attention (the default anyway)", "training")
-    clip_skip: int = _opt(None, "use the output of the N-th last text-encoder layer (only 1 is implemented)", "training")
+    clip_skip: int = _opt(None, "use the output of the N-th last text-encoder layer (only 1 is implemented)",
+                          "training")
     noise_offset: float = _opt(None, "noise offset", "training")
     min_timestep: int = _opt(None, "smallest timestep drawn (default 0)", "training")
     max_timestep: int = _opt(None, "largest timestep drawn, exclusive (default T)", "training")
@@ -250,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "optimizer_type":
             arg_type = str  # case-insensitive, checked later
         group.add_argument(f"--{name}", type=arg_type, choices=f.metadata.get("choices"), **kwargs)
-    parser.add_argument("--pretrained_model", dest="pretrained_model_name_or_path", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pretrained_model", dest="pretrained_model_name_or_path", default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", dest="optimizer_type", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--caption_extention", dest="caption_extension", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prediction_type", dest="prediction_type", default=None,

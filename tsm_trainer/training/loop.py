@@ -280,7 +280,8 @@ class Trainer:
         """sd-scripts' training metadata (ss_*) and, for TSM files, the trainer stage."""
         config = self.config
         lr_te = config.text_encoder_lr
-        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch + 1), "ss_learning_rate": str(config.learning_rate),
+        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch + 1),
+                "ss_learning_rate": str(config.learning_rate),
                 "ss_unet_lr": str(config.unet_lr), "ss_text_encoder_lr": str(lr_te[0] if lr_te else lr_te),
                 "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler,
                 "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_seed": str(config.seed),
@@ -368,8 +369,8 @@ class Trainer:
             last = self.step >= config.max_train_steps
             if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0 and not last:
                 self._save_step()
-            if main and epoch_end and config.save_every_n_epochs and (self.epoch + 1) % config.save_every_n_epochs == 0 \
-                    and not last:
+            every_epochs = config.save_every_n_epochs
+            if main and epoch_end and every_epochs and (self.epoch + 1) % every_epochs == 0 and not last:
                 self._save_epoch(self.epoch + 1)
             sample = (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0) or \
                 (epoch_end and config.sample_every_n_epochs and (self.epoch + 1) % config.sample_every_n_epochs == 0)

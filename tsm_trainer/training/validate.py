@@ -26,8 +26,6 @@ DATASET_FLAGS = {"resolution": "resolution", "train_batch_size": "batch_size", "
                  "random_crop": "random_crop", "enable_bucket": "enable_bucket", "min_bucket_reso": "min_bucket_reso",
                  "max_bucket_reso": "max_bucket_reso", "bucket_reso_steps": "bucket_reso_steps",
                  "bucket_no_upscale": "bucket_no_upscale"}
-# the trainer's --tsm_* options and what the same network_args key is called
-_TSM_DEFAULTS = {name: FIELDS[name].default for name in TSM_OPTIONS}
 
 
 def _given(config: TrainConfig, name: str) -> bool:
@@ -137,8 +135,6 @@ def _check_tsm(c: TrainConfig) -> None:
     else:
         if not c.tsm_experts:
             _fail("--tsm_stage assemble needs --tsm_experts (the fostered files, one per scale)")
-        if len(scales) < 2 and c.tsm_mixture == "asymmetric":
-            pass  # the network module explains what assembling one scale means
         if c.tsm_interval >= 0:
             _fail("--tsm_interval only applies when fostering (not with --tsm_stage assemble)")
     if c.tsm_interval >= 0:
