@@ -251,8 +251,12 @@ class Trainer:
     def _state_network(self):
         return self.network if self.is_tsm else _SavedNetwork(self.network)
 
+    def state_folder(self, step: int) -> str:
+        """The training-state folder of ``step`` (the one place that names it)."""
+        return os.path.join(self.config.output_dir, f"state-{step}")
+
     def save_state(self, folder: str | None = None) -> str:
-        folder = folder or os.path.join(self.config.output_dir, f"state-{self.step}")
+        folder = folder or self.state_folder(self.step)
         save_state(folder, self._state_network(), self.optimizer, self.lr_scheduler,
                    {"step": self.step, "epoch": self.epoch, "position": self.position})
         return folder
@@ -326,9 +330,9 @@ class Trainer:
     def _save_step(self) -> None:
         c = self.config
         old = removal_step(self.step, c.save_last_n_steps, c.save_every_n_steps)
-        self._save_and_prune(f"{c.output_name}-step{self.step:08d}", os.path.join(c.output_dir, f"state-{self.step}"),
+        self._save_and_prune(f"{c.output_name}-step{self.step:08d}", self.state_folder(self.step),
                              None if old is None else f"{c.output_name}-step{old:08d}",
-                             None if old is None else os.path.join(c.output_dir, f"state-{old}"))
+                             None if old is None else self.state_folder(old))
 
     def _save_epoch(self, epoch: int) -> None:
         """sd-scripts: OUTPUT_NAME-NNNNNN (1-based epoch); save_last_n_epochs keeps that many epoch saves."""
@@ -337,7 +341,7 @@ class Trainer:
         old_state = None
         if old > 0:
             old_state = self._epoch_states.pop(old, None)
-        self._epoch_states[epoch] = os.path.join(c.output_dir, f"state-{self.step}")
+        self._epoch_states[epoch] = self.state_folder(self.step)
         self._save_and_prune(f"{c.output_name}-{epoch:06d}", self._epoch_states[epoch],
                              f"{c.output_name}-{old:06d}" if old > 0 else None, old_state)
 
