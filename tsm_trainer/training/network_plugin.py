@@ -76,6 +76,9 @@ def build_network(config: TrainConfig, components, log=print) -> BuiltNetwork:
     is_tsm = config.network_module == TSM_MODULE
     net_kwargs = tsm_network_args(config) if is_tsm else parse_network_args(config.network_args)
     encoders = components.text_encoders
+    if is_tsm and config.network_train_unet_only:
+        # apply_to drops a text-encoder LoRA anyway; without one, assembling unet-only fostered files works
+        encoders = []
     text_encoder = encoders if len(encoders) > 1 else (encoders[0] if encoders else None)
     unet, vae = components.denoiser, components.vae
     if config.dim_from_weights:
