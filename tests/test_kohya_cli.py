@@ -85,10 +85,10 @@ def test_every_train_network_option_is_implemented_or_refused_by_name():
     assert not set(REFUSED) & set(FIELDS)
 
 
-@pytest.mark.skipif(not os.environ.get("SD_SCRIPTS_DIR"), reason="set SD_SCRIPTS_DIR to an sd-scripts checkout")
+@pytest.mark.skipif(not os.environ.get("TSM_SD_SCRIPTS_DIR"), reason="set TSM_SD_SCRIPTS_DIR to an sd-scripts checkout")
 def test_the_list_matches_the_real_sd_scripts_parser():
     """Every ``add_argument("--name")`` of the functions train_network.py's setup_parser calls."""
-    root = os.environ["SD_SCRIPTS_DIR"]
+    root = os.environ["TSM_SD_SCRIPTS_DIR"]
     wanted = {"library/train_util.py": {"add_sd_models_arguments", "add_dataset_arguments", "add_training_arguments",
                                         "add_masked_loss_arguments", "add_optimizer_arguments"},
               "library/utils.py": {"add_logging_arguments"}, "library/sai_model_spec.py": {"add_model_spec_arguments"},
