@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Train TimeStep Master LoRA experts on a diffusers base model and a kohya dataset TOML.
+"""Train TimeStep Master LoRA experts (or any kohya network module) with sd-scripts' train_network.py options.
 
-    python train_tsm.py --pretrained_model ./sd15 --dataset_config dataset_configs/images_buckets.toml \
-        --tsm_stage foster --tsm_scales 8 --max_train_steps 4000 --output_dir output --output_name tsm8
+    python train_tsm.py --pretrained_model_name_or_path ./sd15 --dataset_config dataset_configs/images_buckets.toml \
+        --network_module networks.tsm_lora --network_args "tsm_scales=8" --max_train_steps 4000 \
+        --output_dir output --output_name tsm8
 
-Every option is also a key of --config x.toml (the command line wins); --help lists them.
+The options are sd-scripts train_network.py's (also in a kohya --config_file TOML; the command line
+wins); --help lists them.
 """
 
 import sys

@@ -164,11 +164,11 @@ def build(size: str, config: str, folder: str, device: torch.device):
 
     out = tempfile.mkdtemp(prefix="bench_trainer_out_")
     if config == "vanilla":
-        cfg = TrainConfig(pretrained_model=folder, tsm_stage="vanilla", network_dim=4, network_alpha=4.0,
-                          output_dir=out, seed=SEED)
+        cfg = TrainConfig(pretrained_model_name_or_path=folder, tsm_stage="vanilla", network_dim=4, network_alpha=4.0,
+                          network_train_unet_only=True, output_dir=out, seed=SEED)
     elif config == "tsm8":
-        cfg = TrainConfig(pretrained_model=folder, tsm_stage="foster", tsm_scales="8", network_dim=4,
-                          network_alpha=4.0, output_dir=out, seed=SEED)
+        cfg = TrainConfig(pretrained_model_name_or_path=folder, tsm_stage="foster", tsm_scales="8", network_dim=4,
+                          network_alpha=4.0, network_train_unet_only=True, output_dir=out, seed=SEED)
     else:
         raise ValueError(config)
     trainer = Trainer(cfg, family, c, make_batches=lambda epoch: batches, batch_size=BATCH, log=lambda *a: None,

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         name = "lora" if stage == "vanilla" else "tsm4"
         path = os.path.join(args.output_dir, f"{name}.safetensors")
         if not os.path.isfile(path):
-            config = TrainConfig(task="distill", pretrained_model=base, dataset_config=toml,
+            config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml,
                                  output_dir=args.output_dir, output_name=name, tsm_stage=stage,
                                  network_dim=args.rank, network_alpha=args.rank, max_train_steps=steps,
                                  learning_rate=args.learning_rate, distill_fake_updates=args.fake_updates,

@@ -75,9 +75,10 @@ def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> 
     if os.path.isfile(path):
         return path, 0.0
     rank = overrides.pop("network_dim", args.rank)
-    config = TrainConfig(pretrained_model=base, dataset_config=toml, output_dir=out, output_name=key,
-                         learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, cache_latents=True,
-                         cache_dir=os.path.join(args.output_dir, "latents"), seed=seed, **overrides)
+    config = TrainConfig(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=out, output_name=key,
+                         learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, network_train_unet_only=True,
+                         cache_latents_to_disk=True, cache_dir=os.path.join(args.output_dir, "latents"), seed=seed,
+                         **overrides)
     start = time.time()
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars and library warnings of 24 runs
         build(config, log=lambda m: None).run()

@@ -18,7 +18,7 @@ from tsm_trainer.training.loop import Trainer  # noqa: E402
 
 def main(base: str, out: str) -> None:
     torch.set_num_threads(1)
-    config = TrainConfig(pretrained_model=base, dataset_config="unused", output_dir=out, learning_rate=1e-2,
+    config = TrainConfig(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=out, learning_rate=1e-2,
                          max_train_steps=2, family="sd1", tsm_scales="8", save_every_n_steps=0)
     family = get_training_family("sd1")
     trainer = Trainer(config, family, family.load(base), lambda e: ({**b, "pixels": b["pixels"][:1],

@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 
 def _trainer(data, **overrides):
     root, base, toml = data
-    config = TrainConfig(task="distill", pretrained_model=base, dataset_config=toml, output_dir=str(root / "out"),
+    config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml, output_dir=str(root / "out"),
                          network_dim=2, distill_fake_rank=2, distill_fake_updates=1, max_train_steps=2,
                          learning_rate=1e-3, distill_real_guidance=3.0, distill_gan_weight=0.5, seed=0)
     for key, value in overrides.items():
@@ -164,7 +164,7 @@ def test_options_the_task_would_ignore_are_refused(data):
     root, base, toml = data
     common = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(root / "refused")]
     with pytest.raises(ValueError, match="--task distill does not support --mixed_precision, --resume"):
-        build(TrainConfig(task="distill", pretrained_model=base, dataset_config=toml, resume="latest",
+        build(TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml, resume="latest",
                           mixed_precision="bf16"))
     assert main(common + ["--distill_fake_updates", "2"]) == 2  # a distill option without --task distill
     assert not os.path.exists(root / "refused")

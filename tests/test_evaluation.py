@@ -32,7 +32,7 @@ def world(tmp_path_factory):
     toml = write_colour_squares(root, ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"])
     out = str(root / "out")
     common = ["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out, "--network_dim", "4",
-              "--learning_rate", "1e-2", "--max_train_steps", "40"]
+              "--learning_rate", "1e-2", "--max_train_steps", "40", "--network_train_unet_only"]
     assert train_main(common + ["--tsm_stage", "vanilla", "--output_name", "good"]) == 0
     assert train_main(common + ["--tsm_scales", "4", "--output_name", "tsm4", "--max_train_steps", "4"]) == 0
     tensors, meta = load_file(f"{out}/good.safetensors")

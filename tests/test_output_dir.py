@@ -47,11 +47,13 @@ def test_the_training_command_refuses_a_locked_output_before_loading_anything(tm
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _write_lock(lock_path(str(tmp_path), "tsm"), sleeper.pid)
-        # the model path does not exist: the lock must be refused before it is read
-        assert main(["--pretrained_model", str(tmp_path / "no-model"), "--dataset_config", "x.toml",
-                     "--output_dir", str(tmp_path)]) == 2
+        # the model folder is empty (unloadable): the lock must be refused before it is read
+        (tmp_path / "empty-model").mkdir()
+        (tmp_path / "x.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'images'\n")
+        assert main(["--pretrained_model_name_or_path", str(tmp_path / "empty-model"), "--dataset_config",
+                     str(tmp_path / "x.toml"), "--output_dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
-        assert f"PID {sleeper.pid}" in err and "tsm.lock" in err and "no-model" not in err
+        assert f"PID {sleeper.pid}" in err and "tsm.lock" in err and "empty-model" not in err
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -40,7 +40,7 @@ class CountingBatches(Sequence):
 
 def _trainer(base, out, loads=None, log=None, **overrides):
     loads = [] if loads is None else loads
-    options = dict(pretrained_model=base, dataset_config="unused", output_dir=str(out), learning_rate=1e-2,
+    options = dict(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=str(out), learning_rate=1e-2,
                    max_train_steps=7, family="sd1", tsm_scales="8")
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
@@ -53,7 +53,7 @@ def _trainer(base, out, loads=None, log=None, **overrides):
 def test_mid_epoch_resume_loads_no_skipped_batch_and_is_exact(base, tmp_path):
     straight = _trainer(base, tmp_path / "a")
     straight.run()
-    first = _trainer(base, tmp_path / "b", max_train_steps=4, save_every_n_steps=4)
+    first = _trainer(base, tmp_path / "b", max_train_steps=4, save_every_n_steps=4, save_state=True)
     first.run()  # 3 batches per epoch: the state is at epoch 1, position 1
     loads = []
     resumed = _trainer(base, tmp_path / "b", loads, resume=str(tmp_path / "b" / "tsm-state-4"))
@@ -64,7 +64,7 @@ def test_mid_epoch_resume_loads_no_skipped_batch_and_is_exact(base, tmp_path):
 
 
 def test_resume_refuses_a_changed_seed_or_dataset_and_applies_a_new_learning_rate(base, tmp_path):
-    _trainer(base, tmp_path, max_train_steps=2, save_every_n_steps=2).run()
+    _trainer(base, tmp_path, max_train_steps=2, save_every_n_steps=2, save_state=True).run()
     state = str(tmp_path / "tsm-state-2")
     with pytest.raises(ValueError, match=r"tsm-state-2/state.json: --seed was 42 when this state was saved, now 7"):
         _trainer(base, tmp_path, resume=state, seed=7).run()
@@ -80,13 +80,13 @@ def test_resume_refuses_a_changed_seed_or_dataset_and_applies_a_new_learning_rat
 
 
 def test_two_output_names_in_one_folder_keep_their_own_states(base, tmp_path):
-    f8 = _trainer(base, tmp_path, max_train_steps=3, save_every_n_steps=1, save_last_n=2, output_name="f8")
-    f1 = _trainer(base, tmp_path, max_train_steps=3, save_every_n_steps=1, save_last_n=2, output_name="f1",
+    f8 = _trainer(base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f8")
+    f1 = _trainer(base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f1",
                   tsm_stage="vanilla")
     f8.run()
     f1.run()
-    assert [os.path.basename(p) for p in list_states(str(tmp_path), "f8")] == ["f8-state-2", "f8-state-3"]
-    assert [os.path.basename(p) for p in list_states(str(tmp_path), "f1")] == ["f1-state-2", "f1-state-3"]
+    assert [os.path.basename(p) for p in list_states(str(tmp_path), "f8")] == ["f8-state-2", "f8-state-3", "f8-state-4"]
+    assert [os.path.basename(p) for p in list_states(str(tmp_path), "f1")] == ["f1-state-2", "f1-state-3", "f1-state-4"]
 
 
 def test_non_finite_loss_says_truly_whether_a_checkpoint_is_kept(base, tmp_path):
@@ -120,15 +120,19 @@ def test_command_line_guards_the_final_file_and_checks_the_dataset_on_resume(bas
     images, toml = data
     out = str(tmp_path / "out")
     args = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--network_dim", "2",
-            "--save_every_n_steps", "1"]
+            "--save_every_n_steps", "1", "--save_state"]
     assert main(args + ["--max_train_steps", "2"]) == 0
     final = os.path.join(out, "tsm.safetensors")
     mtime = os.path.getmtime(final)
     for steps in ("1", "0", "-3"):
         assert main(args + ["--max_train_steps", steps]) == 2
         err = capsys.readouterr().err
-        assert f"tsm.safetensors holds 2 training steps and this run would replace it with {steps}" in err
-        assert "--overwrite" in err and "Traceback" not in err
+        if steps == "1":
+            assert f"tsm.safetensors holds 2 training steps and this run would replace it with {steps}" in err
+            assert "--overwrite" in err
+        else:  # refused by the option check before the file is even looked at
+            assert f"--max_train_steps {steps} must be >= 1" in err
+        assert "Traceback" not in err
     assert os.path.getmtime(final) == mtime and load_file(final)[1]["ss_steps"] == "2"
     assert main(args + ["--max_train_steps", "1", "--overwrite"]) == 0
     assert load_file(final)[1]["ss_steps"] == "1"

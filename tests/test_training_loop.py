@@ -24,7 +24,7 @@ def make_batches(epoch):
 
 
 def _trainer(base, tmp_path, **overrides):
-    options = dict(pretrained_model=base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
+    options = dict(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
                    max_train_steps=7, family="sd1")
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
@@ -35,14 +35,17 @@ def _trainer(base, tmp_path, **overrides):
 
 
 def test_training_reduces_validation_loss_and_saves(base, tmp_path):
-    trainer = _trainer(base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10, save_last_n=1)
+    trainer = _trainer(base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10,
+                       save_last_n_steps=1, save_state=True)
     before = trainer.validate()
     path = trainer.run()
     after = trainer.validate()
     assert sum(after) < sum(before)
     tensors, meta = load_file(path)
     assert meta["tsm.scales"] == "[4]" and meta["ss_steps"] == "25"
-    assert sorted(p.name for p in tmp_path.iterdir() if "state-" in p.name) == ["tsm-state-20"]
+    # kohya's --save_last_n_steps 1: the step-10 save is removed at step 20; the end state is kept
+    assert sorted(p.name for p in tmp_path.iterdir() if "state-" in p.name) == ["tsm-state-20", "tsm-state-25"]
+    assert sorted(p.name for p in tmp_path.glob("*-step*")) == ["tsm-step00000020.safetensors"]
 
 
 def test_resume_continues_exactly(base, tmp_path):
@@ -50,7 +53,7 @@ def test_resume_continues_exactly(base, tmp_path):
     straight.run()
     expected = straight.network.state_dict()
 
-    first = _trainer(base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_every_n_steps=4)
+    first = _trainer(base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_state=True)
     first.run()
     resumed = _trainer(base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "tsm-state-4"))
     resumed.run()
@@ -80,7 +83,7 @@ def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
 
 
 def test_frozen_text_encoder_outputs_are_cached_and_equal(base, tmp_path):
-    trainer = _trainer(base, tmp_path, tsm_scales="8")
+    trainer = _trainer(base, tmp_path, tsm_scales="8", network_train_unet_only=True)
     captions = ["a red circle", "a blue square", "a red circle"]
     cached = trainer._encode_text(captions)["encoder_hidden_states"]
     direct = trainer.family.encode_text(trainer.c, captions, trainer.device)["encoder_hidden_states"]
@@ -102,7 +105,7 @@ def test_sample_images_and_epoch_checkpoints(base, tmp_path):
     prompts.write_text("# a comment\na red circle\na blue square\n")
     trainer = _trainer(base, tmp_path, tsm_scales="8", max_train_steps=4, sample_every_n_steps=2,
                        sample_prompts=str(prompts), sample_steps=2, sample_resolution=16, save_every_n_epochs=1,
-                       save_last_n=5)
+                       save_state=True)
     trainer.run()
     from PIL import Image
 

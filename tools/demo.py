@@ -72,11 +72,12 @@ def main(argv=None) -> int:
     base_images = family.sample(components, PROMPTS, args.sample_steps, 5.0, 64, seed=0)
     rows = [("base model", base_images)]
     losses, accuracy = {}, {"base model": colour_accuracy(base_images, PROMPTS)}
-    for label, stage, scales in (("vanilla LoRA", "vanilla", "1"), ("TSM n=8", "foster", "8")):
-        config = TrainConfig(pretrained_model=base, dataset_config=toml, output_dir=args.output_dir,
+    for label, stage, scales in (("vanilla LoRA", "vanilla", "8"), ("TSM n=8", "foster", "8")):
+        config = TrainConfig(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=args.output_dir,
                              output_name="vanilla" if stage == "vanilla" else "tsm8", tsm_stage=stage,
                              tsm_scales=scales, max_train_steps=args.steps, learning_rate=args.learning_rate,
-                             network_dim=4, network_alpha=4, cache_latents=True, validation_split=0.2, seed=0)
+                             network_dim=4, network_alpha=4, network_train_unet_only=True, cache_latents=True,
+                             validation_split=0.2, seed=0)
         print(f"\n== {label}: {args.steps} steps")
         trainer = build(config, log=print)
         losses["base model"] = losses.get("base model") or _base_losses(trainer)

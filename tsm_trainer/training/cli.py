@@ -1,14 +1,15 @@
-"""``train_tsm.py``: parse options, load the base model and the dataset, run the trainer."""
+"""``train_tsm.py``: parse and check every option, load the base model and the dataset, run the trainer."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 
 import torch
 
-from ..data import LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
+from ..data import DatasetError, LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
 from ..data.captions import tokenizer_caption_length
 from .checkpoint import latest_state
 from .config import TrainConfig, load_config
@@ -16,6 +17,7 @@ from .families import get_training_family
 from .loop import NonFiniteLossError, Trainer
 from .output_dir import training_output
 from .run_record import data_identity
+from .validate import DATASET_FLAGS, check_config
 
 
 def detect_family_name(folder: str) -> str:
@@ -42,32 +44,62 @@ def split_validation(scan: ScanResult, fraction: float) -> tuple[ScanResult, Sca
 
 
 # Options the distillation loop does not implement (yet): refused rather than silently ignored.
-DISTILL_UNSUPPORTED = ("tsm_recipe", "tsm_interval", "timestep_sampling", "train_text_encoder", "network_dropout",
-                       "optimizer", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps", "mixed_precision",
-                       "gradient_checkpointing", "min_snr_gamma", "noise_offset", "xformers", "save_every_n_steps",
-                       "save_every_n_epochs", "sample_every_n_steps", "resume", "validation_split", "logging_dir")
+DISTILL_UNSUPPORTED = ("tsm_recipe", "tsm_interval", "timestep_sampling", "network_module", "network_args",
+                       "network_weights", "dim_from_weights", "network_train_text_encoder_only", "network_dropout",
+                       "unet_lr", "text_encoder_lr", "scale_weight_norms", "optimizer_type", "optimizer_args",
+                       "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power",
+                       "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "min_snr_gamma",
+                       "noise_offset", "min_timestep", "max_timestep", "xformers", "save_every_n_steps",
+                       "save_every_n_epochs", "save_state", "save_precision", "sample_every_n_steps",
+                       "sample_every_n_epochs", "resume", "validation_split", "logging_dir", "max_train_epochs",
+                       "prior_loss_weight")
 
 
-def check_task_options(config: TrainConfig) -> None:
-    """Options that the chosen --task would ignore stop with an error naming them."""
-    from .config import FIELDS
+def dataset_options(config: TrainConfig) -> dict:
+    """The dataset flags given on the command line, under the dataset TOML's names."""
+    out = {}
+    for flag, key in DATASET_FLAGS.items():
+        value = getattr(config, flag)
+        if value is None:
+            continue
+        if flag == "resolution":
+            try:
+                sizes = [int(v) for v in str(value).split(",")]
+            except ValueError:
+                raise ValueError(f"--resolution {value!r}: expected '512' or '512,768' (width,height)") from None
+            if len(sizes) not in (1, 2):
+                raise ValueError(f"--resolution {value!r}: expected '512' or '512,768' (width,height)")
+            value = sizes[0] if len(sizes) == 1 else sizes
+        out[key] = value
+    return out
 
-    changed = lambda names: [f"--{n}" for n in names if getattr(config, n) != FIELDS[n].default]  # noqa: E731
-    if config.task == "distill" and changed(DISTILL_UNSUPPORTED):
-        raise ValueError(f"--task distill does not support {', '.join(changed(DISTILL_UNSUPPORTED))} (yet)")
-    distill_only = [n for n in FIELDS if n.startswith("distill_")]
-    if config.task != "distill" and changed(distill_only):
-        raise ValueError(f"{', '.join(changed(distill_only))} only apply with --task distill")
+
+def load_data_config(config: TrainConfig):
+    """The DataConfig of --dataset_config (with the dataset flags as its defaults, as kohya) or of
+    --train_data_dir / --reg_data_dir folders."""
+    options = dataset_options(config)
+    if config.train_data_dir:
+        from ..data import folder_dataset_config
+
+        if "resolution" not in options:
+            raise ValueError("--train_data_dir needs --resolution (e.g. 512 or 512,768)")
+        return folder_dataset_config(config.train_data_dir, config.reg_data_dir or None, **options)
+    return load_dataset_config(config.dataset_config, defaults=options)
 
 
 def build(config: TrainConfig, log=print) -> Trainer:
-    check_task_options(config)
-    name = detect_family_name(config.pretrained_model)
+    config = check_config(config)
+    name = detect_family_name(config.pretrained_model_name_or_path)
+    path = config.pretrained_model_name_or_path
     if config.family != "auto" and config.family != name and {config.family, name} != {"sd1", "sd2"}:
-        raise ValueError(f"--family {config.family}, but {config.pretrained_model} holds a {name} model")
-    family = get_training_family(name, config.prediction_type)
-    components = family.load(config.pretrained_model)
-    data_config = load_dataset_config(config.dataset_config)
+        raise ValueError(f"--family {config.family}, but {path} holds a {name} model")
+    if config.v2 and name != "sd2":
+        raise ValueError(f"--v2, but {path} holds a {name} model")
+    if config.v_parameterization and name not in ("sd1", "sd2", "sdxl", "pixart", "video"):
+        raise ValueError(f"--v_parameterization does not apply to {path} (a {name} model)")
+    family = get_training_family(name, "v_prediction" if config.v_parameterization else "auto")
+    components = family.load(path)
+    data_config = load_data_config(config)
     scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise",
                         caption_length=tokenizer_caption_length(components.tokenizers[0]))
     for problem in scan.problems:
@@ -76,12 +108,14 @@ def build(config: TrainConfig, log=print) -> Trainer:
         log(f"warning: {warning}")
     train_scan, held_scan = split_validation(scan, config.validation_split)
     cache = None
-    if config.cache_latents:
+    if config.cache_latents or config.cache_latents_to_disk:
         def encode(pixels):
             with torch.no_grad():
                 return family.encode_images(components, pixels, torch.Generator().manual_seed(config.seed)).float()
 
-        cache = LatentCache(encode, cache_dir=config.cache_dir or None, namespace=f"{config.pretrained_model}:{name}")
+        cache_dir = (config.cache_dir or os.path.join(config.output_dir, "latent_cache")) \
+            if config.cache_latents_to_disk else None
+        cache = LatentCache(encode, cache_dir=cache_dir, namespace=f"{path}:{name}")
     dataset = TrainDataset(train_scan, seed=config.seed, latent_cache=cache)
     if cache is not None:
         log(f"cached latents of {dataset.cache_latents()} images")
@@ -90,6 +124,11 @@ def build(config: TrainConfig, log=print) -> Trainer:
         held = TrainDataset(held_scan, seed=config.seed + 1, shuffle=False)
         validation = [held.batch(0, i) for i in range(len(held))]
     batch_size = max(d.batch_size for d in data_config.datasets)
+    if config.max_train_epochs:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        steps = config.max_train_epochs * math.ceil(len(dataset) / world / config.gradient_accumulation_steps)
+        log(f"--max_train_epochs {config.max_train_epochs}: {steps} steps")
+        config = dataclasses.replace(config, max_train_steps=steps)
 
     make_batches = dataset.epoch_batches  # lazy: a resume skips batches without loading them
 
@@ -119,6 +158,7 @@ def paper_recipe(config: TrainConfig) -> list[TrainConfig]:
 
 def run(config: TrainConfig, log=print) -> str:
     """One stage, or every stage of a recipe; a stage whose file exists is done (resume skips it)."""
+    config = check_config(config)  # everything is checked before the first model loads
     stages = paper_recipe(config) if config.tsm_recipe == "paper" else [config]
     path = ""
     for i, stage in enumerate(stages, 1):
@@ -136,9 +176,21 @@ def run(config: TrainConfig, log=print) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line ``error: ...`` on stderr and exit code 2; --debug adds the traceback."""
+    args = sys.argv[1:] if argv is None else argv
     try:
         run(load_config(argv))
-    except (ValueError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user sees one line; --debug shows where it came from
+        if "--debug" in args:
+            import traceback
+
+            traceback.print_exc()
+        known = isinstance(e, (ValueError, OSError, NonFiniteLossError, DatasetError))
+        text = str(e).strip() or type(e).__name__
+        if not known:
+            text = f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+        print(f"error: {text}", file=sys.stderr)
         return 2
     return 0

@@ -1,27 +1,35 @@
-"""The fixed training loop: one code path for every family and stage.
+"""The fixed training loop: one code path for every family, stage and network module.
 
 Per step: encode images and captions, draw noise and per-sample timesteps (from one seeded
-generator, so resume is exact), predict, weight the loss (min-SNR), backward, clip, step.
-Logs loss per timestep interval. Checkpoints are atomic; a non-finite loss stops training
-with the last good checkpoint kept.
+generator, so resume is exact), predict, weight the loss (min-SNR, prior loss weight), backward,
+clip, step, max-norm. The network comes from ``--network_module`` (network_plugin.py); the TSM
+parts (expert budget, stratified or one-interval timesteps, loss per interval) apply to TSM
+networks. Saves follow sd-scripts (OUTPUT_NAME-stepNNNNNNNN / -NNNNNN files, --save_state
+folders, --save_last_n_steps/epochs); files are written atomically.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from ..intervals import expert_index, interval_timestep_range
 from ..metadata import kohya_metadata, modelspec_metadata
-from ..network import TSMConfig, TSMNetwork
 from ..data.dataset import indexed_batches
-from .checkpoint import kept_checkpoint_note, load_state, prune_states, save_state, state_folder
+from ..network import TSMNetwork
+from .checkpoint import kept_checkpoint_note, load_state, save_state, state_folder
 from .output_dir import check_final_file
 from .run_record import run_record
 from .config import TrainConfig
+from .network_plugin import build_network
 from .objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
+from .optimizers import build_optimizer, parse_optimizer_args
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 LOG_INTERVALS = 8  # per-interval losses are reported on 8 intervals whatever the scales
 
@@ -30,39 +38,31 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_network(config: TrainConfig, components, num_train_timesteps: int) -> TSMNetwork:
-    stage = "foster" if config.tsm_stage == "vanilla" else config.tsm_stage
-    tsm = TSMConfig(scales=config.scales, stage=stage, mixture=config.tsm_mixture,
-                    interval=None if config.tsm_interval < 0 else config.tsm_interval,
-                    rank=config.network_dim, alpha=config.network_alpha,
-                    dropout=config.network_dropout or None, num_train_timesteps=num_train_timesteps)
-    encoders = components.text_encoders if config.train_text_encoder else []
-    network = TSMNetwork(tsm, components.denoiser, encoders)
-    if stage == "assemble":
-        if not config.tsm_experts:
-            raise ValueError("--tsm_stage assemble needs --tsm_experts (the fostered files, one per scale)")
-        network.load_experts([p for p in config.tsm_experts.split(",") if p])
-    network.apply()
-    network.attach(components.denoiser)
-    return network
-
-
-def timestep_range(config: TrainConfig, step: int, T: int) -> tuple[int, int]:
-    """[lo, hi) this step draws t from: all of [0, T); one interval of the core scale rotating
-    with the step (stratified); or the ``tsm_interval`` being trained."""
+def timestep_range(config: TrainConfig, step: int, T: int, tsm: bool = True) -> tuple[int, int]:
+    """[lo, hi) this step draws t from: [--min_timestep, --max_timestep) (default [0, T)), within
+    one interval of the core scale rotating with the step (stratified) or the ``tsm_interval`` being
+    trained (TSM networks)."""
+    lo, hi = config.min_timestep or 0, T if config.max_timestep is None else min(config.max_timestep, T)
+    if not tsm:
+        return lo, hi
     n = config.scales[0]
     if config.tsm_interval >= 0:
-        return interval_timestep_range(config.tsm_interval, n, T)
-    if config.timestep_sampling == "stratified":
-        return interval_timestep_range(step % n, n, T)
-    return 0, T
+        a, b = interval_timestep_range(config.tsm_interval, n, T)
+    elif config.timestep_sampling == "stratified":
+        a, b = interval_timestep_range(step % n, n, T)
+    else:
+        return lo, hi
+    if max(a, lo) >= min(b, hi):
+        raise ValueError(f"--min_timestep/--max_timestep [{lo}, {hi}) and the expert's interval [{a}, {b}) do not "
+                         "overlap")
+    return max(a, lo), min(b, hi)
 
 
 def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int,
-                     family=None) -> torch.Tensor:
+                     family=None, tsm: bool = True) -> torch.Tensor:
     """(B,) timesteps in :func:`timestep_range`, with the family's density (uniform integers for
     DDPM families; flow families draw floats)."""
-    lo, hi = timestep_range(config, step, T)
+    lo, hi = timestep_range(config, step, T, tsm)
     return draw_timesteps(family, lo, hi, batch, generator)
 
 
@@ -78,31 +78,26 @@ def describe_budget(config: TrainConfig, batch_size: int) -> str:
             f"{samples} samples, about {samples / n:.0f} per expert (1/{n} each)")
 
 
-def _optimizer(config: TrainConfig, groups):
-    if config.optimizer == "adamw":
-        # Fused: one kernel for the many small expert tensors (6x faster steps than the per-tensor loop
-        # on CPU); devices without a fused kernel get the multi-tensor version.
-        try:
-            return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
-        except (RuntimeError, ValueError):
-            return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True)
-    if config.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ValueError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if config.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+def removal_step(step: int, last_n: int | None, every: int | None) -> int | None:
+    """sd-scripts' get_remove_step_no: the step save that falls out of the last ``last_n`` steps."""
+    if not last_n or not every:
+        return None
+    old = step - last_n - 1
+    old -= old % every
+    return old if old > 0 else None
 
-        return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise ValueError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
-    return Prodigy(groups, lr=config.learning_rate if config.learning_rate != 1e-4 else 1.0,
-                   weight_decay=config.weight_decay)
+
+class _SavedNetwork:
+    """``save`` / ``load_weights`` for checkpoint.py, over a kohya module's save_weights / load_weights."""
+
+    def __init__(self, network):
+        self.network = network
+
+    def save(self, path: str, dtype=None, metadata=None) -> None:
+        self.network.save_weights(path, dtype, metadata or {})
+
+    def load_weights(self, path: str):
+        return self.network.load_weights(path)
 
 
 class Trainer:
@@ -134,40 +129,46 @@ class Trainer:
                 raise ValueError("--xformers: xformers is not installed (pip install xformers, CUDA only); "
                                  "without the flag PyTorch's SDPA attention is used")
             components.denoiser.enable_xformers_memory_efficient_attention()
-        self._text_cache = None if config.train_text_encoder else FrozenTextCache(family, components, self.device)
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
             components.denoiser.enable_gradient_checkpointing()
             components.denoiser.train()
         self.T = family.num_train_timesteps
-        self.network = build_network(config, components, self.T).to(self.device)
+        built = build_network(config, components, log)
+        self.network = built.network.to(self.device)
+        self.network_args = built.network_args
+        self.is_tsm = isinstance(self.network, TSMNetwork)
+        self._text_cache = None if built.train_text_encoder else FrozenTextCache(family, components, self.device)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
-        lr_te = config.text_encoder_lr if config.text_encoder_lr >= 0 else config.learning_rate
-        groups = [{"params": self.network.trainable_parameters(text_encoder=False), "lr": config.learning_rate}]
-        te_params = self.network.trainable_parameters(denoiser=False)
-        if te_params:
-            groups.append({"params": te_params, "lr": lr_te})
-        self.optimizer = _optimizer(config, groups)
-        self.trainable = [p for group in groups for p in group["params"]]
+        groups = built.param_groups
+        self.optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate,
+                                         parse_optimizer_args(config.optimizer_args), config.weight_decay)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         from diffusers.optimization import get_scheduler
 
+        extra = {}
+        if config.lr_scheduler_num_cycles is not None:
+            extra["num_cycles"] = config.lr_scheduler_num_cycles
+        if config.lr_scheduler_power is not None:
+            extra["power"] = config.lr_scheduler_power
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.max_train_steps)
+                                          num_training_steps=config.max_train_steps, **extra)
         self.step, self.epoch, self.position = 0, 0, 0
         self.data_identity: dict = {}  # run_record.data_identity of the dataset, saved in states and checked on resume
         self.interval_loss = torch.zeros(LOG_INTERVALS)
         self.interval_count = torch.zeros(LOG_INTERVALS)
         self.writer = None
-        if config.logging_dir:
+        if config.logging_dir and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(config.logging_dir)
+            run = (config.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime())
+            self.writer = SummaryWriter(os.path.join(config.logging_dir, run))
 
     # -- one step -------------------------------------------------------------------------
     def _loss(self, batch: dict, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B,) losses; latent sampling and noise from ``generator`` (CPU, so runs and resumes are
         reproducible on any device)."""
         return denoising_loss(self.family, self.c, batch, timesteps, generator, self._encode_text, self.device,
-                              self.config.noise_offset, self.accelerator.autocast)
+                              self.config.noise_offset or 0.0, self.accelerator.autocast)
 
     def _encode_text(self, captions: list[str]) -> dict:
         """Text conditioning; with a frozen text encoder each caption is encoded once and cached."""
@@ -179,13 +180,20 @@ class Trainer:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
         if not self.network.training:  # validation and sampling switch to eval
             self.network.train()
+        if hasattr(self.network, "on_step_start"):
+            self.network.on_step_start(self.c.text_encoders, self.c.denoiser)
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             g = self._generator(micro)
-            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family)
+            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family,
+                                         self.is_tsm)
             per_sample = self._loss(batch, timesteps, g)
-            weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma)
-            loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+            weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma or 0.0)
+            weighted = per_sample * weights if weights is not None else per_sample
+            if "is_reg" in batch and self.config.prior_loss_weight != 1.0:
+                is_reg = torch.as_tensor(batch["is_reg"], device=weighted.device)
+                weighted = weighted * torch.where(is_reg, self.config.prior_loss_weight, 1.0)
+            loss = weighted.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); "
@@ -193,17 +201,22 @@ class Trainer:
                     "Lower --learning_rate or use --mixed_precision bf16")
             (loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
-            idx = expert_index(timesteps, LOG_INTERVALS, self.T)
-            self.interval_loss.index_add_(0, idx, per_sample.detach().float().cpu())
-            self.interval_count.index_add_(0, idx, torch.ones(len(idx)))
+            if self.is_tsm:
+                idx = expert_index(timesteps, LOG_INTERVALS, self.T)
+                self.interval_loss.index_add_(0, idx, per_sample.detach().float().cpu())
+                self.interval_count.index_add_(0, idx, torch.ones(len(idx)))
         params = self.trainable
         if self.accelerator.num_processes > 1:
             sync_gradients(params, self.accelerator)
         if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            clip = self.network.get_trainable_params() if hasattr(self.network, "get_trainable_params") else params
+            torch.nn.utils.clip_grad_norm_(list(clip), self.config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.scale_weight_norms:
+            self.keys_scaled, _, _ = self.network.apply_max_norm_regularization(self.config.scale_weight_norms,
+                                                                                self.device)
         self.step += 1
         return total
 
@@ -227,25 +240,98 @@ class Trainer:
         """This process's batches: every ``num_processes``-th of the epoch's global order."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         while True:
+            if hasattr(self.network, "on_epoch_start"):
+                self.network.on_epoch_start(self.c.text_encoders, self.c.denoiser)
             for i, batch in indexed_batches(self.make_batches(self.epoch), self.position, lambda i: i % world == rank):
                 self.position = i + 1  # resumed inside an epoch: the batches before are skipped unloaded
                 yield batch
             self.epoch += 1
             self.position = 0
 
-    def save_state(self) -> str:
-        folder = state_folder(self.config.output_dir, self.config.output_name, self.step)
-        save_state(folder, self.network, self.optimizer, self.lr_scheduler,
+    def _state_network(self):
+        return self.network if self.is_tsm else _SavedNetwork(self.network)
+
+    def state_folder(self, step: int) -> str:
+        """The training-state folder of ``step`` (named by checkpoint.state_folder)."""
+        return state_folder(self.config.output_dir, self.config.output_name, step)
+
+    def save_state(self, folder: str | None = None) -> str:
+        folder = folder or self.state_folder(self.step)
+        save_state(folder, self._state_network(), self.optimizer, self.lr_scheduler,
                    {"step": self.step, "epoch": self.epoch, "position": self.position,
                     "run": run_record(self.config, self.data_identity)})
-        prune_states(self.config.output_dir, self.config.output_name, self.config.save_last_n)
         return folder
 
     def resume(self, folder: str) -> None:
-        extra = load_state(folder, self.network, self.optimizer, self.lr_scheduler,
+        extra = load_state(folder, self._state_network(), self.optimizer, self.lr_scheduler,
                            run_record(self.config, self.data_identity), self.log)
         self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
         self.log(f"resumed from {folder} at step {self.step}")
+
+    def _metadata(self) -> dict[str, str]:
+        """sd-scripts' training metadata (ss_*) and, for TSM files, the trainer stage."""
+        config = self.config
+        lr_te = config.text_encoder_lr
+        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch + 1),
+                "ss_learning_rate": str(config.learning_rate),
+                "ss_unet_lr": str(config.unet_lr), "ss_text_encoder_lr": str(lr_te[0] if lr_te else lr_te),
+                "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler,
+                "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_seed": str(config.seed),
+                "ss_mixed_precision": config.mixed_precision, "ss_max_train_steps": str(config.max_train_steps),
+                "ss_network_dropout": str(config.network_dropout), "ss_min_snr_gamma": str(config.min_snr_gamma),
+                "ss_noise_offset": str(config.noise_offset)}
+        if config.training_comment:
+            meta["ss_training_comment"] = config.training_comment
+        prediction = "v" if self.family.prediction_type == "v_prediction" else None
+        if self.is_tsm:
+            family = self.network.family
+            meta["tsm.trainer_stage"] = config.tsm_stage
+        else:
+            from ..targets import detect_family
+
+            family = detect_family(self.c.denoiser)
+            dim = getattr(self.network, "lora_dim", config.network_dim)
+            meta.update(kohya_metadata(family, config.network_module, dim, config.network_alpha, self.network_args,
+                                       config.output_name))
+        meta.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
+        return meta
+
+    def save_network(self, name: str) -> str:
+        """Write ``output_dir/name.safetensors`` through the module's save_weights (atomic for TSM)."""
+        path = os.path.join(self.config.output_dir, f"{name}.safetensors")
+        meta = self._metadata()
+        meta["modelspec.title"] = name
+        self.network.save_weights(path, SAVE_DTYPES[self.config.save_precision], meta)
+        return path
+
+    def _save_and_prune(self, name: str, state: str, removed_name: str | None, removed_state: str | None) -> None:
+        self.save_network(name)
+        if self.config.save_state:
+            self.save_state(state)
+        for path in (removed_name and os.path.join(self.config.output_dir, f"{removed_name}.safetensors"),
+                     removed_state):
+            if path and os.path.isfile(path):
+                os.remove(path)
+            elif path and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _save_step(self) -> None:
+        c = self.config
+        old = removal_step(self.step, c.save_last_n_steps, c.save_every_n_steps)
+        self._save_and_prune(f"{c.output_name}-step{self.step:08d}", self.state_folder(self.step),
+                             None if old is None else f"{c.output_name}-step{old:08d}",
+                             None if old is None else self.state_folder(old))
+
+    def _save_epoch(self, epoch: int) -> None:
+        """sd-scripts: OUTPUT_NAME-NNNNNN (1-based epoch); save_last_n_epochs keeps that many epoch saves."""
+        c = self.config
+        old = epoch - c.save_every_n_epochs * c.save_last_n_epochs if c.save_last_n_epochs else 0
+        old_state = None
+        if old > 0:
+            old_state = self._epoch_states.pop(old, None)
+        self._epoch_states[epoch] = self.state_folder(self.step)
+        self._save_and_prune(f"{c.output_name}-{epoch:06d}", self._epoch_states[epoch],
+                             f"{c.output_name}-{old:06d}" if old > 0 else None, old_state)
 
     def run(self) -> str:
         from tqdm.auto import tqdm
@@ -254,11 +340,13 @@ class Trainer:
         os.makedirs(config.output_dir, exist_ok=True)
         if config.resume:
             self.resume(config.resume)
-        self.log(describe_budget(config, self.batch_size))
-        if config.sample_every_n_steps and not config.sample_prompts:
+        if self.is_tsm:
+            self.log(describe_budget(config, self.batch_size))
+        if (config.sample_every_n_steps or config.sample_every_n_epochs) and not config.sample_prompts:
             raise ValueError("--sample_every_n_steps needs --sample_prompts (a text file, one prompt per line)")
         if config.save_every_n_epochs and not self.batches_per_epoch:
             raise ValueError("--save_every_n_epochs needs the number of batches per epoch")
+        self._epoch_states: dict[int, str] = {}
         batches = self._batches()
         main = self.accelerator.is_main_process
         bar = tqdm(total=config.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not main)
@@ -269,12 +357,16 @@ class Trainer:
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, self.step)
                 self.writer.add_scalar("lr", self.lr_scheduler.get_last_lr()[0], self.step)
-            if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0:
-                self.save_state()
-            elif main and config.save_every_n_epochs and self.position >= self.batches_per_epoch \
-                    and (self.epoch + 1) % config.save_every_n_epochs == 0:
-                self.save_state()  # the epoch's last batch was just used
-            if main and config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0:
+            epoch_end = bool(self.batches_per_epoch) and self.position >= self.batches_per_epoch  # last batch used
+            last = self.step >= config.max_train_steps
+            if main and config.save_every_n_steps and self.step % config.save_every_n_steps == 0 and not last:
+                self._save_step()
+            every_epochs = config.save_every_n_epochs
+            if main and epoch_end and every_epochs and (self.epoch + 1) % every_epochs == 0 and not last:
+                self._save_epoch(self.epoch + 1)
+            sample = (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0) or \
+                (epoch_end and config.sample_every_n_epochs and (self.epoch + 1) % config.sample_every_n_epochs == 0)
+            if main and sample:
                 self.log(f"samples: {self.write_samples()}")
             if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
                 self.log_validation()
@@ -290,14 +382,9 @@ class Trainer:
         if not main:
             return path
         check_final_file(path, self.step, config.overwrite)
-        family = self.network.family
-        args = {k: str(getattr(config, k)) for k in ("tsm_stage", "tsm_scales", "tsm_mixture", "tsm_interval")}
-        metadata = kohya_metadata(family, "networks.tsm_lora", config.network_dim, config.network_alpha, args,
-                                  config.output_name)
-        prediction = "v" if self.family.prediction_type == "v_prediction" else None
-        metadata.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
-        metadata.update({"ss_steps": str(self.step), "tsm.trainer_stage": config.tsm_stage})
-        self.network.save(path, metadata=metadata)
+        if config.save_state:
+            self.save_state()
+        path = self.save_network(config.output_name)
         self.log(f"saved {path}")
         return path
 
@@ -305,18 +392,22 @@ class Trainer:
         """A grid of the prompts file's images at this step: ``output_dir/samples/step-N.png``."""
         from PIL import Image
 
-        with open(self.config.sample_prompts, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-        if not prompts:
-            raise ValueError(f"--sample_prompts {self.config.sample_prompts}: no prompt in the file")
+        from .sample_prompts import read_sample_prompts
+
+        config = self.config
         self.network.eval()
-        images = self.family.sample(self.c, prompts, self.config.sample_steps, self.config.sample_guidance,
-                                    self.config.sample_resolution, self.config.seed)
-        size = self.config.sample_resolution
-        grid = Image.new("RGB", (size * len(images), size))
-        for i, image in enumerate(images):
-            grid.paste(image, (i * size, 0))
-        folder = os.path.join(self.config.output_dir, "samples")
+        images = []
+        for p in read_sample_prompts(config.sample_prompts):
+            images += self.family.sample(self.c, [p.prompt], p.steps or config.sample_steps,
+                                         config.sample_guidance if p.guidance is None else p.guidance,
+                                         p.size or config.sample_resolution, config.seed if p.seed is None else p.seed)
+        height = max(image.height for image in images)
+        grid = Image.new("RGB", (sum(image.width for image in images), height))
+        x = 0
+        for image in images:
+            grid.paste(image, (x, 0))
+            x += image.width
+        folder = os.path.join(config.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{self.step}.png")
         grid.save(path + ".tmp.png")
@@ -330,7 +421,6 @@ class Trainer:
                 self.writer.add_scalar(f"val_interval_loss/{i}", v, self.step)
         self.log("validation loss per interval: " + " ".join(f"{v:.4f}" for v in losses))
         return losses
-
 
 
 def sync_gradients(params: list[torch.nn.Parameter], accelerator) -> None:

@@ -20,7 +20,7 @@ import os
 FIXED = ("seed", "family", "prediction_type", "task", "tsm_stage", "tsm_scales", "tsm_experts", "tsm_mixture",
          "tsm_interval", "network_dim", "network_alpha", "network_dropout", "network_module", "network_args",
          "train_text_encoder", "optimizer", "optimizer_type")
-IGNORED = ("resume", "overwrite", "tsm_recipe")  # how this run starts, not what it trains
+IGNORED = ("resume", "overwrite", "tsm_recipe", "debug")  # how this run starts, not what it trains
 DATA = {"dataset_fingerprint": "the dataset (images, captions, repeats or buckets)",
         "dataset_config_sha256": "the dataset config file's content"}
 
