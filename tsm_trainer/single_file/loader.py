@@ -162,7 +162,8 @@ def build_scheduler(model: SingleFileModel):
     """The DDPM training scheduler of SD 1.x / 2.x / SDXL with the model's prediction type."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**model.settings["scheduler"], prediction_type=model.prediction_type)
+    # from_config keeps DDIM's keys (set_alpha_to_one) for the samplers built from this config
+    return DDPMScheduler.from_config({**model.settings["scheduler"], "prediction_type": model.prediction_type})
 
 
 def build_tokenizers(model: SingleFileModel, tokenizer_cache_dir: str | None = None) -> list:

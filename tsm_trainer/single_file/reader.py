@@ -57,14 +57,13 @@ class CheckpointFile:
 
 
 def _torch_state_dict(path: str) -> dict[str, torch.Tensor]:
+    import zipfile
+
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "zip" not in str(e).lower():
-            raise BaseModelError(f"{path}: cannot be read with torch's weights_only loader ({e})") from None
-        loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
+        # mmap needs the zip format (torch >= 1.6 saves); older files are read whole
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - UnpicklingError and friends: never fall back to full pickle
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BaseModelError(f"{path}: refused by torch's weights_only loader ({first}); only plain tensors are "
                              "loaded, never pickled code: convert the file to .safetensors") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
