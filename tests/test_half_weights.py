@@ -76,6 +76,13 @@ def test_fp16_single_file_trains_on_cpu(data, tmp_path):
     path = str(tmp_path / "half.safetensors")
     write_checkpoint(path, "sd1", dtype=torch.float16)
     trains(path, data, str(tmp_path / "plain"))
+    # the saved network loads back onto the module tree built from the single file's header
+    from tsm_trainer import TSMNetwork
+    from tsm_trainer.base_model import load_components
+
+    _, denoiser, encoders = load_components(path)
+    network = TSMNetwork.from_file(str(tmp_path / "plain" / "tsm.safetensors"), denoiser, [m for _, m in encoders])
+    assert network.denoiser_loras and network.denoiser_loras[0].lora_name.startswith("lora_unet_down_blocks_0_")
     if bf16_autocast_on_cpu():
         trains(path, data, str(tmp_path / "bf16"), "--mixed_precision", "bf16")
 
