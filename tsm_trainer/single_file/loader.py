@@ -52,7 +52,12 @@ def describe(path: str, prediction_type: str = "auto") -> SingleFileModel:
     ``layout.recorded_prediction_type``), else epsilon; an explicit value wins over the record."""
     if prediction_type not in ("auto", "epsilon", "v_prediction"):
         raise BaseModelError(f"prediction type {prediction_type!r} is not auto, epsilon or v_prediction")
-    ckpt = CheckpointFile(path)
+    return describe_checkpoint(CheckpointFile(path), prediction_type)
+
+
+def describe_checkpoint(ckpt: CheckpointFile, prediction_type: str = "auto") -> SingleFileModel:
+    """:func:`describe` of an opened file (or anything with ``path``, ``shapes`` and ``metadata``)."""
+    path = ckpt.path
     family = identify(ckpt)
     cfg = settings(family)
     recorded = recorded_prediction_type(ckpt)
