@@ -98,5 +98,9 @@ def test_bad_folders_and_options_are_named(tmp_path):
         folder_dataset_config(tmp_path / "t", resolution=16, batch_size=0)
     with pytest.raises(DatasetConfigError, match="unknown key 'flip_augment'"):
         folder_dataset_config(tmp_path / "t", resolution=16, flip_augment=True)
+    assert folder_dataset_config(tmp_path / "t", resolution="64,32").datasets[0].resolution == (64, 32)  # kohya's W,H
+    assert folder_dataset_config(tmp_path / "t", resolution="64").datasets[0].resolution == (64, 64)
+    with pytest.raises(DatasetConfigError, match=r"--resolution '512x512': expected SIZE or WIDTH,HEIGHT"):
+        folder_dataset_config(tmp_path / "t", resolution="512x512")
     with pytest.raises(DatasetConfigError, match="'num_repeats' comes from the folder names"):
         folder_dataset_config(tmp_path / "t", resolution=16, num_repeats=3)

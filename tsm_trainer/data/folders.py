@@ -65,8 +65,24 @@ def _concept_subsets(base: str | Path, is_reg: bool, flag: str) -> list[dict[str
     return subsets
 
 
+def _resolution(value: Any) -> Any:
+    """kohya's --resolution string "512" / "768,512" -> 512 / [768, 512]; other values as given."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, str):
+        try:
+            parts = [int(p) for p in value.split(",")]
+        except ValueError:
+            raise DatasetConfigError(f"--resolution {value!r}: expected SIZE or WIDTH,HEIGHT in pixels, e.g. 512 or "
+                                     "768,512") from None
+        if len(parts) not in (1, 2):
+            raise DatasetConfigError(f"--resolution {value!r}: expected SIZE or WIDTH,HEIGHT, e.g. 512 or 768,512")
+        return parts[0] if len(parts) == 1 else parts
+    return value
+
+
 def folder_dataset_config(train_data_dir: str | Path, reg_data_dir: str | Path | None = None, *,
-                          resolution: int | tuple[int, int] | list[int], batch_size: int = 1,
+                          resolution: int | str | tuple[int, int] | list[int], batch_size: int = 1,
                           caption_extension: str = ".caption", enable_bucket: bool = False,
                           min_bucket_reso: int = 256, max_bucket_reso: int = 1024, bucket_reso_steps: int = 64,
                           bucket_no_upscale: bool = False, shuffle_caption: bool = False, keep_tokens: int = 0,
@@ -75,8 +91,8 @@ def folder_dataset_config(train_data_dir: str | Path, reg_data_dir: str | Path |
 
     One dataset; one subset per ``N_concept`` sub-folder (training folders first, then reg
     folders, each sorted by name). The keyword arguments are kohya's command-line values and
-    mean what the dataset TOML keys of the same name mean: ``resolution`` is an int or
-    (width, height); ``caption_extension`` gets a leading dot if it has none (as in kohya).
+    mean what the dataset TOML keys of the same name mean: ``resolution`` is an int, (width, height),
+    or kohya's command-line string ("512" or "768,512" = width,height); ``caption_extension`` gets a leading dot if it has none (as in kohya).
     ``subset_options`` takes any other subset-level TOML key (``caption_dropout_rate``,
     ``flip_aug``, ``keep_tokens_separator``, ``caption_prefix``, ...); a value of None means
     kohya's default. Unknown keys and bad values raise :class:`DatasetConfigError` naming them.
@@ -88,7 +104,7 @@ def folder_dataset_config(train_data_dir: str | Path, reg_data_dir: str | Path |
     subsets = _concept_subsets(train_data_dir, False, "--train_data_dir")
     if reg_data_dir is not None:
         subsets += _concept_subsets(reg_data_dir, True, "--reg_data_dir")
-    general = dict(resolution=list(resolution) if isinstance(resolution, tuple) else resolution,
+    general = dict(resolution=_resolution(resolution),
                    batch_size=batch_size, caption_extension=caption_extension, enable_bucket=enable_bucket,
                    min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
                    bucket_reso_steps=bucket_reso_steps, bucket_no_upscale=bucket_no_upscale,
