@@ -66,9 +66,9 @@ def test_sd2_openclip_layout_and_v_prediction_sources(tmp_path, caplog):
     ref = write_checkpoint(path, "sd2", vocab=100)
     model = describe(path)
     assert (model.family, model.prediction_type, model.prediction_source) == ("sd2", "epsilon", "default")
-    assert "--v_parameterization" in caplog.text  # SD 2 with nothing recorded: said, not guessed silently
     family = get_training_family("sd2")
     c = family.load(path, tokenizer_cache_dir=cache)
+    assert "training it as epsilon" in caplog.text and "--v_parameterization" in caplog.text  # said, not silent
     same_outputs(c, ref, "sd2")  # 2 of the file's 3 OpenCLIP layers: SD 2 conditions on the penultimate one
     assert c.text_encoders[0].config.num_hidden_layers == 2 and not c.denoiser.config.upcast_attention
     assert len(c.tokenizers[0]) == 74  # the tiny tokenizer from the kohya-layout cache folder
@@ -86,6 +86,28 @@ def test_sd2_openclip_layout_and_v_prediction_sources(tmp_path, caplog):
     assert (describe(path).prediction_type, describe(path).prediction_source) == ("v_prediction",
                                                                                   str(tmp_path / "sd21.yaml"))
     assert describe(path, "epsilon").prediction_type == "epsilon"  # given explicitly: wins
+
+
+def test_sd2_full_size_files_recording_nothing_get_a1111s_test_run(tmp_path, monkeypatch, caplog):
+    """A1111 runs the UNet once (t = 999, inputs 0.5) and calls it v-prediction when output - input
+    averages below -1; here the output is steered through the last convolution's bias."""
+    from safetensors.torch import load_file
+
+    from tsm_trainer.single_file import loader
+
+    cache = save_tiny_tokenizer(tmp_path / "tokenizers", KOHYA_NAMES[1:2])
+    path = str(tmp_path / "sd2.safetensors")
+    write_checkpoint(path, "sd2", vocab=100)
+    state = load_file(path)
+    monkeypatch.setattr(loader, "FULL_SIZE_SD2", ([32, 64], 64))  # the probe is for full-size UNets only
+    for bias, expected in ((-5.0, "v_prediction"), (5.0, "epsilon")):
+        state["model.diffusion_model.out.2.bias"] = torch.full((4,), bias)
+        save_file(state, path)
+        family = get_training_family("sd2")
+        c = family.load(path, tokenizer_cache_dir=cache)
+        assert family.prediction_type == expected == c.noise_scheduler.config.prediction_type
+        assert loader.a1111_v_prediction_test(c.denoiser) == (expected == "v_prediction")
+        assert f"A1111's test run says {expected}" in caplog.text
 
 
 def test_sdxl_two_encoders_and_pooled_size_conditioning(tmp_path):

@@ -69,10 +69,7 @@ def describe_checkpoint(ckpt: CheckpointFile, prediction_type: str = "auto") -> 
     elif recorded:
         prediction_type, source = recorded
     else:
-        prediction_type, source = "epsilon", "default"
-        if family == "sd2":
-            logger.warning("%s: an SD 2.x checkpoint that records no prediction type: training it as epsilon. "
-                           "SD 2.x 768 models are v-prediction: pass --v_parameterization for those", path)
+        prediction_type, source = "epsilon", "default"  # SD 2.x: see settle_prediction_type
     encoders = [text_encoder_config(ckpt.shapes, te, path) for te in cfg["text_encoders"]]
     pooled = encoders[-1]["projection_dim"] if family == "sdxl" else None
     unet = unet_config(ckpt.shapes, cfg["unet"], path, pooled, prediction_type == "v_prediction")
@@ -161,6 +158,36 @@ def build_vae(model: SingleFileModel, weights: bool, dtype: torch.dtype) -> nn.M
 
     state = convert_ldm_vae_checkpoint(model.file.tensors(VAE), model.vae)
     return _assign(module, state, dtype, f"VAE '{VAE}*'", model.path)
+
+
+FULL_SIZE_SD2 = ([320, 640, 1280, 1280], 1024)  # (block_out_channels, cross_attention_dim)
+
+
+def a1111_v_prediction_test(unet: nn.Module) -> bool:
+    """A1111's test for an SD 2.x UNet (``is_using_v_parameterization_for_sd2``): at t = 999 with
+    latents and text all 0.5, a v-prediction UNet's output minus its input averages below -1."""
+    p = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=p.device), context).sample
+    return (out.float() - x.float()).mean().item() < -1
+
+
+def settle_prediction_type(model: SingleFileModel, unet: nn.Module) -> None:
+    """For an SD 2.x file that records no prediction type (nothing given either): full-size UNets
+    get A1111's test run, as A1111 does; otherwise epsilon stays, with a warning. Sets
+    ``model.prediction_type`` and ``model.prediction_source``."""
+    if model.family != "sd2" or model.prediction_source != "default":
+        return
+    if (list(unet.config.block_out_channels), unet.config.cross_attention_dim) == FULL_SIZE_SD2:
+        v = a1111_v_prediction_test(unet)
+        model.prediction_type, model.prediction_source = ("v_prediction" if v else "epsilon"), "A1111's test run"
+        logger.warning("%s: an SD 2.x checkpoint that records no prediction type: A1111's test run says %s "
+                       "(give --v_parameterization if it is a v-prediction model)", model.path, model.prediction_type)
+    else:
+        logger.warning("%s: an SD 2.x checkpoint that records no prediction type: training it as epsilon. "
+                       "SD 2.x 768 models are v-prediction: pass --v_parameterization for those", model.path)
 
 
 def build_scheduler(model: SingleFileModel):

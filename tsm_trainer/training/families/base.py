@@ -32,14 +32,16 @@ def single_file_components(path: str, family_names: tuple[str, ...], prediction_
     must be one of ``family_names``."""
     from ...base_model import BaseModelError
     from ...single_file import (build_scheduler, build_text_encoder, build_tokenizers, build_unet, build_vae,
-                                describe)
+                                describe, settle_prediction_type)
 
     model = describe(path, prediction_type)
     if model.family not in family_names:
         raise BaseModelError(f"{path}: holds an {model.family} model, not {'/'.join(family_names)}")
     dtype = weight_dtype or torch.float32
+    unet = build_unet(model, True, dtype)
+    settle_prediction_type(model, unet)
     encoders = [build_text_encoder(model, i, True, dtype) for i in range(len(model.text_encoders))]
-    components = Components(build_unet(model, True, dtype), encoders, build_tokenizers(model, tokenizer_cache_dir),
+    components = Components(unet, encoders, build_tokenizers(model, tokenizer_cache_dir),
                             build_vae(model, True, vae_dtype or torch.float32), build_scheduler(model))
     return components, model.prediction_type
 
