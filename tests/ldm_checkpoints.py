@@ -108,7 +108,8 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
 
 
 def clip_to_ldm(te, prefix: str) -> dict[str, torch.Tensor]:
-    """HF layout under ``prefix`` (SD 1 ``cond_stage_model.transformer.``, SDXL ``conditioner.embedders.0.transformer.``)."""
+    """HF layout under ``prefix`` (SD 1 ``cond_stage_model.transformer.``, SDXL
+    ``conditioner.embedders.0.transformer.``)."""
     return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in te.state_dict().items() if not k.startswith("text_projection")}
 
@@ -119,7 +120,8 @@ def clip_to_open_clip(te, prefix: str, extra_layer: bool = False, seed: int = 1)
     sd = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()}
     out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
            prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"], prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
+           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+           prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
     width = sd["embeddings.token_embedding.weight"].shape[1]
     out[prefix + "text_projection"] = (sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd
                                        else torch.eye(width))
@@ -175,7 +177,8 @@ def _without_projection(te):
     from transformers import CLIPTextModel
 
     model = CLIPTextModel(te.config).eval()
-    state = {k.removeprefix("text_model."): v for k, v in te.state_dict().items() if not k.startswith("text_projection")}
+    state = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()
+             if not k.startswith("text_projection")}
     model.load_state_dict(state)
     return model
 

@@ -57,7 +57,8 @@ def test_sd1_rebuilds_the_saved_models_with_the_clip_tokenizer(tmp_path):
     # the cheap path (configs only, meta device) gives the same module tree for LoRA key names
     name, unet, encoders = load_components(path)
     assert name == "unet" and unet.device.type == "meta" and [n for n, _ in encoders] == ["text_encoder"]
-    assert {k: v.shape for k, v in unet.state_dict().items()} == {k: v.shape for k, v in c.denoiser.state_dict().items()}
+    shapes = {k: v.shape for k, v in c.denoiser.state_dict().items()}
+    assert {k: v.shape for k, v in unet.state_dict().items()} == shapes
 
 
 def test_sd2_openclip_layout_and_v_prediction_sources(tmp_path, caplog):

@@ -54,7 +54,7 @@ def test_file_saved_by_sd_scripts_loads_like_sd_scripts_loads_it(tmp_path, v2):
     from library import model_util
     from transformers import CLIPTextModel
 
-    from tsm_trainer.single_file import build_text_encoder, build_unet, build_vae, describe
+    from tsm_trainer.single_file import build_text_encoder, build_unet, build_vae, describe, settle_prediction_type
 
     torch.manual_seed(0)
     unet = model_util.UNet2DConditionModel(**model_util.create_unet_diffusers_config(v2, v2))
@@ -74,8 +74,10 @@ def test_file_saved_by_sd_scripts_loads_like_sd_scripts_loads_it(tmp_path, v2):
     assert model.family == ("sd2" if v2 else "sd1")
     assert model.unet["block_out_channels"] == [320, 640, 1280, 1280] and model.unet["layers_per_block"] == 2
     assert model.text_encoders[0]["num_hidden_layers"] == (23 if v2 else 12)
-    got = outputs(build_unet(model, True, torch.float32), build_text_encoder(model, 0, True, torch.float32),
-                  build_vae(model, True, torch.float32), v2)
+    unet = build_unet(model, True, torch.float32)
+    settle_prediction_type(model, unet)  # the file records nothing: a full-size SD 2 UNet gets A1111's test run
+    assert model.prediction_source == ("A1111's test run" if v2 else "default")
+    got = outputs(unet, build_text_encoder(model, 0, True, torch.float32), build_vae(model, True, torch.float32), v2)
     torch.testing.assert_close(got["text"], want["text"])
     torch.testing.assert_close(got["vae"], want["vae"])
     # sd-scripts runs its own UNet implementation (library.original_unet): equal up to float rounding

@@ -52,8 +52,9 @@ def load_components(path: str, weights: bool = False, torch_dtype: torch.dtype |
     if os.path.isfile(path):
         return _single_file_components(path, weights, torch_dtype)
     if not os.path.isdir(path):
-        raise BaseModelError(f"{path}: not a folder or a checkpoint file (give a local diffusers model folder: model_index.json "
-                             "with unet/ or transformer/, text_encoder/ ...; or a single-file .safetensors checkpoint)")
+        raise BaseModelError(f"{path}: not a folder or a checkpoint file (give a local diffusers model folder: "
+                             "model_index.json with unet/ or transformer/, text_encoder/ ...; or a single-file "
+                             ".safetensors checkpoint)")
     specs = _component_classes(path)
     if not any(n in specs for n in DENOISER_COMPONENTS):
         bare = _class_from_config(path)

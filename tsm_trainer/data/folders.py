@@ -92,7 +92,8 @@ def folder_dataset_config(train_data_dir: str | Path, reg_data_dir: str | Path |
     One dataset; one subset per ``N_concept`` sub-folder (training folders first, then reg
     folders, each sorted by name). The keyword arguments are kohya's command-line values and
     mean what the dataset TOML keys of the same name mean: ``resolution`` is an int, (width, height),
-    or kohya's command-line string ("512" or "768,512" = width,height); ``caption_extension`` gets a leading dot if it has none (as in kohya).
+    or kohya's command-line string ("512" or "768,512" = width,height); ``caption_extension`` gets a
+    leading dot if it has none (as in kohya).
     ``subset_options`` takes any other subset-level TOML key (``caption_dropout_rate``,
     ``flip_aug``, ``keep_tokens_separator``, ``caption_prefix``, ...); a value of None means
     kohya's default. Unknown keys and bad values raise :class:`DatasetConfigError` naming them.

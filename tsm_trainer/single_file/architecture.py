@@ -106,7 +106,8 @@ def vae_config(shapes: Shapes, settings: dict, path: str) -> dict[str, Any]:
         "latent_channels": _shape(shapes, VAE + "decoder.conv_in.weight", path)[1],
         "use_quant_conv": VAE + "quant_conv.weight" in shapes,
         "use_post_quant_conv": VAE + "post_quant_conv.weight" in shapes,
-        **{k: settings[k] for k in ("norm_num_groups", "sample_size", "scaling_factor", "force_upcast") if k in settings},
+        **{k: settings[k] for k in ("norm_num_groups", "sample_size", "scaling_factor", "force_upcast")
+           if k in settings},
     }
 
 

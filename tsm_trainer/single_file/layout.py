@@ -11,14 +11,12 @@ Anything else stops with a :class:`BaseModelError` naming the keys that identifi
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 
 from ..base_model import BaseModelError
 from .reader import CheckpointFile
 
-logger = logging.getLogger(__name__)
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
