@@ -231,3 +231,13 @@ def test_incomplete_sd_files_are_named(tmp_path):
         get_training_family("sdxl").load(path)
     with pytest.raises(BaseModelError, match=r"the sd3 family is read from a diffusers folder only"):
         get_training_family("sd3").load(path)
+
+
+def test_clip_tokenizers_pad_as_the_families_do(tmp_path):
+    from tsm_trainer.single_file import clip_tokenizer
+
+    sd1 = clip_tokenizer("<|endoftext|>", "openai_clip-vit-large-patch14")
+    sd2 = clip_tokenizer("!", "stabilityai_stable-diffusion-2")  # SD 2 and SDXL's second encoder pad with "!"
+    assert sd1.pad_token_id == 49407 and sd2.pad_token_id == 0
+    ids = sd2("a cat", padding="max_length", max_length=77).input_ids
+    assert ids[:4] == [49406, 320, 2368, 49407] and ids[4:] == [0] * 73
