@@ -1,4 +1,4 @@
-"""Local base models: a diffusers folder, loaded without touching a hub.
+"""Local base models: a diffusers folder or a single-file checkpoint, loaded without touching a hub.
 
 ``load_components(path, weights=False)`` builds the denoiser and text encoders from their
 configs on the meta device (instant, no memory): enough to resolve LoRA key names and check
@@ -9,7 +9,9 @@ LoRA shapes. With ``weights=True`` the real weights are loaded (optionally as ``
     ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, each a subfolder;
   * a folder with only ``unet/`` or ``transformer/`` (and optionally ``text_encoder*/``)
     subfolders holding a ``config.json``, and no ``model_index.json``;
-  * a bare model folder whose ``config.json`` names a diffusers denoiser class.
+  * a bare model folder whose ``config.json`` names a diffusers denoiser class;
+  * a single-file SD 1.x / 2.x / SDXL checkpoint (``.safetensors``, or ``.ckpt`` through torch's
+    weights_only loader) in the LDM / SGM layout: see :mod:`tsm_trainer.single_file`.
 
 diffusers/transformers are imported only when a component is built.
 """
@@ -40,15 +42,19 @@ def load_components(path: str, weights: bool = False, torch_dtype: torch.dtype |
     dropped): the positions decide the kohya ``lora_te``/``lora_te1``/... prefixes.
 
     Args:
-        path: a local diffusers folder (see the module docstring); nothing is downloaded.
+        path: a local diffusers folder or single-file checkpoint (see the module docstring); nothing
+            is downloaded.
         weights: load the weights (slow); otherwise build from configs on the meta device.
         torch_dtype: the dtype to load the weights in (``weights=True`` only).
     Raises:
         BaseModelError: naming the folder or file and what is missing or unreadable.
     """
+    if os.path.isfile(path):
+        return _single_file_components(path, weights, torch_dtype)
     if not os.path.isdir(path):
-        raise BaseModelError(f"{path}: not a folder (give a local diffusers model folder: model_index.json with unet/ "
-                             "or transformer/, text_encoder/ ...; single-file checkpoints are not supported)")
+        raise BaseModelError(f"{path}: not a folder or a checkpoint file (give a local diffusers model folder: "
+                             "model_index.json with unet/ or transformer/, text_encoder/ ...; or a single-file "
+                             ".safetensors checkpoint)")
     specs = _component_classes(path)
     if not any(n in specs for n in DENOISER_COMPONENTS):
         bare = _class_from_config(path)
@@ -74,6 +80,27 @@ def load_base_model(path: str, weights: bool = False, torch_dtype: torch.dtype |
     """(denoiser, [text_encoder, text_encoder_2, ...]) of :func:`load_components`, without the names."""
     _, denoiser, encoders = load_components(path, weights, torch_dtype)
     return denoiser, [m for _, m in encoders]
+
+
+def _single_file_components(path: str, weights: bool, torch_dtype: torch.dtype | None):
+    from .single_file import build_text_encoder, build_unet, describe
+
+    model = describe(path)
+    dtype = torch_dtype or torch.float32
+    encoders = [(name, build_text_encoder(model, i, weights, dtype))
+                for i, name in enumerate(TEXT_ENCODER_COMPONENTS[:len(model.text_encoders)])]
+    return "unet", build_unet(model, weights, dtype), encoders
+
+
+def frozen_weight_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
+    """dtype of the frozen UNet / text encoders, kohya's rule: float32 on CPU (CPU kernels are slow or
+    missing in half precision, and autocast runs there in bfloat16 anyway); on CUDA the mixed-precision
+    dtype ("fp16" / "bf16"), which halves their memory. The VAE stays float32 unless stated."""
+    if torch.device(device).type != "cuda" or mixed_precision in ("no", "", None):
+        return torch.float32
+    if mixed_precision not in ("fp16", "bf16"):
+        raise ValueError(f"--mixed_precision {mixed_precision!r}: expected no, fp16 or bf16")
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def _component_classes(path: str) -> dict[str, tuple[str, str]]:

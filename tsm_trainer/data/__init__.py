@@ -3,6 +3,7 @@
 Typical use::
 
     cfg = load_dataset_config("dataset_configs/images_buckets.toml", defaults={"resolution": 512})
+    # or kohya's folders: folder_dataset_config("train/", reg_data_dir="reg/", resolution=512, batch_size=2)
     scan = scan_dataset(cfg, on_error="skip")        # decodes every file now; raises DatasetError if empty
     ds = TrainDataset(scan, seed=42, latent_cache=LatentCache(vae_encode, cache_dir=None, namespace=vae_id))
     ds.cache_latents()                               # optional pre-pass, then the VAE may be freed
@@ -18,8 +19,9 @@ from .cache import LatentCache, TextEncoderCache
 from .captions import process_caption, read_caption_file
 from .config import (DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config,
                      write_dataset_config)
-from .dataset import TrainDataset
+from .dataset import TrainDataset, item_repeats
 from .errors import DatasetConfigError, DatasetError
+from .folders import concept_folder_params, folder_dataset_config
 from .images import IMAGE_EXTENSIONS
 from .scan import Item, Problem, ScanResult, scan_dataset
 
@@ -34,6 +36,7 @@ def build_dataset(config: str | Path | DataConfig, seed: int = 0, on_error: Lite
 __all__ = [
     "BucketChoice", "BucketSelector", "DataConfig", "DatasetConfig", "DatasetConfigError", "DatasetError",
     "IMAGE_EXTENSIONS", "Item", "LatentCache", "Problem", "ScanResult", "SubsetConfig", "TextEncoderCache",
-    "TrainDataset", "build_dataset", "load_dataset_config", "make_bucket_resolutions", "parse_dataset_config",
+    "TrainDataset", "build_dataset", "concept_folder_params", "folder_dataset_config", "item_repeats",
+    "load_dataset_config", "make_bucket_resolutions", "parse_dataset_config",
     "process_caption", "read_caption_file", "scan_dataset", "write_dataset_config",
 ]

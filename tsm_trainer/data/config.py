@@ -58,6 +58,12 @@ def _str(v):
     return v
 
 
+def _extension(v):
+    """kohya adds the missing leading dot: "txt" -> ".txt"."""
+    v = _str(v)
+    return v if not v or v.startswith(".") else "." + v
+
+
 def _resolution(v):
     """int r -> (r, r); [w, h] -> (w, h). Returned as (width, height), kohya's order."""
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
@@ -82,7 +88,7 @@ DATASET_KEYS: dict[str, Spec] = {
 }
 SUBSET_KEYS: dict[str, Spec] = {  # valid at every level, inherited downward
     "num_repeats": (_int(1), "an integer >= 1"),
-    "caption_extension": (_str, "a string such as \".txt\""),
+    "caption_extension": (_extension, "a string such as \".txt\""),
     "class_tokens": (_str, "a string"),
     "shuffle_caption": (_bool, "true or false"),
     "caption_separator": (_str, "a string"),

@@ -6,7 +6,8 @@ A batch is a dict:
   "captions": list[str] of B processed captions (shuffle / dropout / wildcards applied)
   "keys":    list[str] of B source paths (image file or clip folder)
   "bucket":  (H, W) of the pixels
-  "is_reg":  (B,) bool, DreamBooth regularisation subsets
+  "is_reg":  (B,) bool, True for images of regularisation subsets (``is_reg``, ``--reg_data_dir``):
+             the loop weights their loss by ``prior_loss_weight``
   "network_multiplier": float of the dataset, "dataset": int index, "flipped": list[bool]
 
 Randomness (bucket shuffles, batch order, caption shuffle/dropout, flip, random crop) is a pure
@@ -15,6 +16,7 @@ function of (seed, epoch, position), so `load_state_dict(state_dict())` continue
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -28,6 +30,37 @@ from .errors import DatasetConfigError
 from .images import crop_offset, load_sample
 from .sampler import PlannedBatch, epoch_rng, plan_epoch
 from .scan import Item, ScanResult
+
+logger = logging.getLogger(__name__)
+
+
+def item_repeats(items: list[Item], subsets, where: str = "dataset") -> list[int]:
+    """How often each of one dataset's ``items`` appears per epoch, as kohya's DreamBoothDataset counts.
+
+    A training item appears its subset's ``num_repeats`` times. Regularisation items (``is_reg``)
+    are balanced to the training count N = sum of training repeats: in order, each reg item is
+    taken with its ``num_repeats`` until N is reached (later ones get 0: unused); if the reg
+    items fall short, one more repeat is added to each in turn until N is reached.
+    """
+    repeats = [0 if subsets[it.subset].is_reg else subsets[it.subset].num_repeats for it in items]
+    reg = [i for i, it in enumerate(items) if subsets[it.subset].is_reg]
+    num_train = sum(repeats)
+    if reg and num_train == 0:
+        raise DatasetConfigError(f"{where}: only regularisation images (is_reg); kohya balances them against "
+                                 "training images, so add a training subset (or set is_reg = false)")
+    if reg and sum(subsets[items[i].subset].num_repeats for i in reg) > num_train:
+        logger.warning("%s: more regularisation images (with repeats) than training images; some are not used, "
+                       "as in kohya", where)
+    n, first = 0, True
+    while reg and n < num_train:
+        for i in reg:
+            step = subsets[items[i].subset].num_repeats if first else 1
+            repeats[i] += step
+            n += step
+            if n >= num_train:
+                break
+        first = False
+    return repeats
 
 
 class TrainDataset:
@@ -46,7 +79,8 @@ class TrainDataset:
                                                  "caching (the crop changes every epoch); set it false or "
                                                  "disable latent caching")
         self._batch_sizes = [d.batch_size for d in self.config.datasets]
-        self._repeats = [[s.num_repeats for s in d.subsets] for d in self.config.datasets]
+        self._repeats = [item_repeats(ds_items, d.subsets, d.where)
+                         for ds_items, d in zip(self.items, self.config.datasets)]
         self.epoch = 0
         self.position = 0
         self._plan_cache: tuple[int, list[PlannedBatch]] | None = None
@@ -65,7 +99,7 @@ class TrainDataset:
     @property
     def num_samples(self) -> int:
         """Samples per epoch, repeats included."""
-        return sum(self._repeats[d][it.subset] for d, ds in enumerate(self.items) for it in ds)
+        return sum(map(sum, self._repeats))
 
     def fingerprint(self) -> str:
         """sha256 of what decides the batches, seed aside: every item (files relative to their

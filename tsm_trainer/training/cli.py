@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ..base_model import frozen_weight_dtype
 from ..data import DatasetError, LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
 from ..data.captions import tokenizer_caption_length
 from .checkpoint import latest_state
@@ -98,7 +99,9 @@ def build(config: TrainConfig, log=print) -> Trainer:
     if config.v_parameterization and name not in ("sd1", "sd2", "sdxl", "pixart", "video"):
         raise ValueError(f"--v_parameterization does not apply to {path} (a {name} model)")
     family = get_training_family(name, "v_prediction" if config.v_parameterization else "auto")
-    components = family.load(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    components = family.load(path, weight_dtype=frozen_weight_dtype(config.mixed_precision, device),
+                              tokenizer_cache_dir=config.tokenizer_cache_dir or None)
     data_config = load_data_config(config)
     scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise",
                         caption_length=tokenizer_caption_length(components.tokenizers[0]))

@@ -45,10 +45,12 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------------
-    pretrained_model_name_or_path: str = _opt("", "base model: a local diffusers folder (or a single-file checkpoint "
-                                              "where supported)", "model")
+    pretrained_model_name_or_path: str = _opt("", "base model: a local diffusers folder, or a single-file "
+                                              "checkpoint (.safetensors; SD 1.x, 2.x, SDXL)", "model")
     v2: bool = _opt(False, "the base model is SD 2.x (checked against the model)", "model")
     v_parameterization: bool = _opt(False, "v-prediction loss (SD 2.x 768-v); default: the model's scheduler", "model")
+    tokenizer_cache_dir: str = _opt("", "single-file checkpoints: a folder to keep the CLIP tokenizer in (filled on "
+                                    "first use); default: built from the installed CLIP vocabulary", "model")
     # -- dataset ----------------------------------------------------------------------------------
     dataset_config: str = _opt("", "kohya dataset config TOML", "dataset")
     train_data_dir: str = _opt("", "kohya folder dataset: sub-folders named N_concept (N repeats)", "dataset")

@@ -27,7 +27,6 @@ _LORAPLUS = ("a network_args key of sd-scripts' networks.lora (LoRA+), not a fla
 
 REFUSED: dict[str, str] = {
     **dict.fromkeys(("console_log_level", "console_log_file", "console_log_simple"), _LOGGING),
-    "tokenizer_cache_dir": "the tokenizer is read from the base model folder",
     **dict.fromkeys(("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
                      "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
                      "metadata_preprocessor", "metadata_is_negative_embedding"), _METADATA),

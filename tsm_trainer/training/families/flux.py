@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, require_folder
 from .sd3 import StableDiffusion3Family
 
 class FluxFamily(StableDiffusion3Family):
@@ -15,18 +15,24 @@ class FluxFamily(StableDiffusion3Family):
     names = ("flux",)
     guidance = 1.0
 
-    def load(self, folder: str) -> Components:
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-        kw = dict(local_files_only=True)
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
         transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
         encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
                     T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **kw)]
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw),
-                      T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw)]
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok),
+                      T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **tok)]
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
         return Components(transformer, encoders, tokenizers, vae, scheduler)
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, require_folder
 from .sd import StableDiffusionFamily
 
 class PixArtFamily(StableDiffusionFamily):
@@ -14,16 +14,22 @@ class PixArtFamily(StableDiffusionFamily):
 
     names = ("pixart",)
 
-    def load(self, folder: str) -> Components:
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
         from transformers import T5EncoderModel, T5Tokenizer
 
-        kw = dict(local_files_only=True)
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
         transformer = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
         encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = T5Tokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler", **kw))
+        tokenizer = T5Tokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler", **tok))
         if self.prediction_type == "auto":
             self.prediction_type = scheduler.config.prediction_type
         return Components(transformer, [encoder], [tokenizer], vae, scheduler)

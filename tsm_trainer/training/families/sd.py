@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, single_file_components
 
 class StableDiffusionFamily:
     """SD 1.x / 2.x: VAE latents, one CLIP text encoder, DDPM noise, epsilon or v-prediction."""
@@ -14,19 +16,30 @@ class StableDiffusionFamily:
     def __init__(self, prediction_type: str = "auto"):
         self.prediction_type = prediction_type
 
-    def load(self, folder: str) -> Components:
+    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder or a single-file checkpoint. The frozen UNet and text encoder are loaded in
+        ``weight_dtype`` and the VAE in ``vae_dtype`` (both float32 unless given, whatever the files
+        store; see ``base_model.frozen_weight_dtype``). ``tokenizer_cache_dir``: kohya's option, for
+        single files (a diffusers folder has its own tokenizer)."""
+        if os.path.isfile(path):
+            components, self.prediction_type = single_file_components(
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+            return components
+        note_folder_tokenizer(path, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        kw = load_kwargs(weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         if self.prediction_type == "auto":
             self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{folder}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+            raise ValueError(f"{path}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
         return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
 
     @property

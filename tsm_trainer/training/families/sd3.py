@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, require_folder
 
 class StableDiffusion3Family:
     """SD3 / SD3.5 (MM-DiT): rectified flow. ``x_s = (1 - s) x + s n``, target ``n - x``, the
@@ -21,19 +21,25 @@ class StableDiffusion3Family:
             raise ValueError(f"SD3 is a flow-matching model; --prediction_type {prediction_type} does not apply")
         self.normal = torch.distributions.Normal(logit_mean, logit_std)
 
-    def load(self, folder: str) -> Components:
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-        kw = dict(local_files_only=True)
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
         transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
         encoders = [CLIPTextModelWithProjection.from_pretrained(folder, subfolder=s, **kw)
                     for s in ("text_encoder", "text_encoder_2")]
         encoders.append(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **kw))
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **kw) for s in ("tokenizer", "tokenizer_2")]
-        tokenizers.append(T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_3", **kw))
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **tok) for s in ("tokenizer", "tokenizer_2")]
+        tokenizers.append(T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_3", **tok))
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
         return Components(transformer, encoders, tokenizers, vae, scheduler)
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, single_file_components
 from .sd import StableDiffusionFamily
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
@@ -13,17 +15,25 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     names = ("sdxl",)
 
-    def load(self, folder: str) -> Components:
+    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """As :meth:`StableDiffusionFamily.load`, with two text encoders and tokenizers."""
+        if os.path.isfile(path):
+            components, self.prediction_type = single_file_components(
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+            return components
+        note_folder_tokenizer(path, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        kw = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-                    CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw)]
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **kw) for s in ("tokenizer", "tokenizer_2")]
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+        kw = load_kwargs(weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
+                      for s in ("tokenizer", "tokenizer_2")]
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         if self.prediction_type == "auto":
             self.prediction_type = scheduler.config.prediction_type
         return Components(unet, encoders, tokenizers, vae, scheduler)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Components
+from .base import Components, load_kwargs, note_folder_tokenizer, require_folder
 from .sd import StableDiffusionFamily
 
 class TextToVideoFamily(StableDiffusionFamily):
@@ -13,16 +13,22 @@ class TextToVideoFamily(StableDiffusionFamily):
 
     names = ("video",)
 
-    def load(self, folder: str) -> Components:
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        kw = dict(local_files_only=True)
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
         unet = UNet3DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
         if self.prediction_type == "auto":
             self.prediction_type = scheduler.config.prediction_type
         return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
