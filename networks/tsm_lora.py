@@ -9,6 +9,8 @@ names and call conventions sd-scripts' train_network.py and gen_img.py use.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -18,13 +20,14 @@ from torch import nn
 # `networks` is a namespace package (no __init__.py), like sd-scripts' own `networks/`:
 # with tsm-trainer installed (or on PYTHONPATH), both folders merge and this module imports
 # from inside an unmodified sd-scripts checkout.
-from tsm_trainer.file_format import TSMFileError, load_file, read_metadata
+from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
 from tsm_trainer.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.network import TSMConfig, TSMNetwork
 from tsm_trainer.network_args import parse_network_args
 from tsm_trainer.targets import text_encoder_kind
 
 NETWORK_MODULE = "networks.tsm_lora"
+logger = logging.getLogger(__name__)
 
 
 def _text_encoders(text_encoder, train_t5xxl: bool) -> list[nn.Module | None]:
@@ -45,8 +48,16 @@ class TSMLoRANetwork(TSMNetwork):
 
     # -- installation -------------------------------------------------------------------
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Install the wrappers; hook ``unet`` so its timestep argument routes the experts."""
-        self.apply(text_encoder=apply_text_encoder, denoiser=apply_unet)
+        """Install the wrappers; hook ``unet`` so its timestep argument routes the experts.
+
+        Assembling with ``--network_train_unet_only`` keeps the text-encoder LoRA fostered in
+        stage 1 (frozen, applied, saved): the assembled file must be the whole network.
+        """
+        carry = self.config.stage == "assemble" and not apply_text_encoder and bool(self.text_encoder_loras)
+        if carry:
+            logger.info("networks.tsm_lora: carrying the fostered text-encoder LoRA (%d modules, frozen) into the "
+                        "assembled network although --network_train_unet_only is set", len(self.text_encoder_loras))
+        self.apply(text_encoder=apply_text_encoder or carry, denoiser=apply_unet)
         if apply_unet:
             self.attach(unet)
 
@@ -83,6 +94,14 @@ class TSMLoRANetwork(TSMNetwork):
         """sd-scripts >= v0.9: one lr per text encoder; returns ``(groups, descriptions)``."""
         lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         return self._param_groups(lrs, unet_lr, default_lr)
+
+    def prepare_network(self, args) -> None:
+        """sd-scripts calls this with its parsed arguments right after create_network, before the
+        optimizer and the first step: the first point where the module sees them."""
+        save_as = getattr(args, "save_model_as", "safetensors")
+        if save_as != "safetensors":
+            raise ValueError(f"--save_model_as {save_as}: TSM networks are saved as .safetensors only "
+                             "(use --save_model_as safetensors)")
 
     def prepare_grad_etc(self, text_encoder, unet) -> None:
         self.set_stage_trainable()
@@ -183,8 +202,15 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         raise ValueError("network_args tsm_stage=assemble needs tsm_experts=<fostered files, one per scale>")
     if stage == "foster" and experts:
         raise ValueError("network_args tsm_experts is only used with tsm_stage=assemble")
-    config = TSMConfig(rank=int(network_dim or 4), alpha=float(network_alpha if network_alpha is not None else 1.0),
-                       **fields)
+    rank = 4 if network_dim is None else int(network_dim)  # None: kohya's default
+    if rank < 1:
+        raise ValueError(f"--network_dim {network_dim}: the LoRA rank must be >= 1")
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"--network_alpha {network_alpha}: must be a finite number")
+    for path in experts or ():  # cheap checks of the files before the network is built
+        check_tsm_metadata(read_metadata(path), path)
+    config = TSMConfig(rank=rank, alpha=alpha, **fields)
     train_t5xxl = options.get("train_t5xxl", False)
     network = TSMLoRANetwork(config, unet, _text_encoders(text_encoder, train_t5xxl), multiplier=multiplier,
                              network_args=kwargs, train_t5xxl=train_t5xxl)
