@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,6 +73,17 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: M
             os.unlink(tmp)
         raise
     return metadata
+
+
+def check_not_an_input(out: str, inputs: Sequence[str], flag: str = "--out") -> None:
+    """Refuse an output path that is (or resolves to, through links) one of the inputs."""
+    for path in inputs:
+        same = os.path.realpath(out) == os.path.realpath(path)
+        if not same and os.path.exists(out) and os.path.exists(path):
+            same = os.path.samefile(out, path)
+        if same:
+            raise TSMFileError(f"{flag} {out} is the input file {path}: choose another output path "
+                               "(the input would be overwritten)")
 
 
 def _current_umask() -> int:
