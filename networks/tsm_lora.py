@@ -45,6 +45,7 @@ class TSMLoRANetwork(TSMNetwork):
         super().__init__(*args, **kwargs)
         self.network_args = {k: str(v) for k, v in (network_args or {}).items()}
         self.train_t5xxl = train_t5xxl
+        self.resolution: tuple[int, int] | None = None  # set by prepare_network
 
     # -- installation -------------------------------------------------------------------
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
@@ -102,6 +103,9 @@ class TSMLoRANetwork(TSMNetwork):
         if save_as != "safetensors":
             raise ValueError(f"--save_model_as {save_as}: TSM networks are saved as .safetensors only "
                              "(use --save_model_as safetensors)")
+        resolution = getattr(args, "resolution", None)  # (w, h) after sd-scripts' prepare_dataset_args
+        if isinstance(resolution, (tuple, list)) and len(resolution) == 2:
+            self.resolution = tuple(int(v) for v in resolution)
 
     def prepare_grad_etc(self, text_encoder, unet) -> None:
         self.set_stage_trainable()
@@ -146,7 +150,7 @@ class TSMLoRANetwork(TSMNetwork):
             raise ValueError(f"{file}: TSM networks are saved as .safetensors only (use --save_model_as safetensors)")
         name = os.path.splitext(os.path.basename(file))[0]
         meta = kohya_metadata(self.family, NETWORK_MODULE, self.config.rank, self.config.alpha, self.network_args, name)
-        meta.update(modelspec_metadata(self.family, name))
+        meta.update(modelspec_metadata(self.family, name, resolution=self.resolution))
         meta.update(metadata or {})  # what sd-scripts passes wins over our defaults
         self.save(file, dtype, meta)
 

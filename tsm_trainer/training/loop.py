@@ -108,7 +108,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
                  batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print,
-                 accelerator=None, batches_per_epoch: int | None = None):
+                 accelerator=None, batches_per_epoch: int | None = None,
+                 resolution: tuple[int, int] | None = None):
         from accelerate import Accelerator
 
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
@@ -118,6 +119,7 @@ class Trainer:
         self.make_batches, self.batch_size, self.batches_per_epoch = make_batches, batch_size, batches_per_epoch
         self.validation = validation or []
         self.log = log
+        self.resolution = resolution  # the dataset's (width, height), written as modelspec.resolution
         torch.manual_seed(config.seed)  # identical network init on every process
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
@@ -290,7 +292,8 @@ class Trainer:
         metadata = kohya_metadata(family, "networks.tsm_lora", config.network_dim, config.network_alpha, args,
                                   config.output_name)
         prediction = "v" if self.family.prediction_type == "v_prediction" else None
-        metadata.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
+        metadata.update(modelspec_metadata(family, config.output_name, prediction_type=prediction,
+                                           resolution=self.resolution))
         metadata.update({"ss_steps": str(self.step), "tsm.trainer_stage": config.tsm_stage})
         self.network.save(path, metadata=metadata)
         self.log(f"saved {path}")
