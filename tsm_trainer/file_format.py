@@ -116,8 +116,10 @@ def load_file(path: str, device: str | torch.device = "cpu") -> tuple[dict[str, 
 def _check_readable(path: str) -> None:
     if not os.path.isfile(path):
         raise TSMFileError(f"{path}: no such file")
-    if not os.access(path, os.R_OK):
-        raise TSMFileError(f"{path}: permission denied (make the file readable by this user)")
+    try:
+        open(path, "rb").close()  # safetensors reports a refused open as "No such file or directory"
+    except PermissionError:
+        raise TSMFileError(f"{path}: permission denied (make the file readable by this user)") from None
     if not str(path).endswith(".safetensors"):
         raise TSMFileError(f"{path}: only .safetensors files are loaded (never pickle-based .pt/.ckpt/.bin)")
 
