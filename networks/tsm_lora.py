@@ -9,6 +9,7 @@ names and call conventions sd-scripts' train_network.py and gen_img.py use.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -151,7 +152,10 @@ class TSMLoRANetwork(TSMNetwork):
         name = os.path.splitext(os.path.basename(file))[0]
         meta = kohya_metadata(self.family, NETWORK_MODULE, self.config.rank, self.config.alpha, self.network_args, name)
         meta.update(modelspec_metadata(self.family, name, resolution=self.resolution))
-        meta.update(metadata or {})  # what sd-scripts passes wins over our defaults
+        meta.update(metadata or {})  # what sd-scripts passes wins over our defaults...
+        resolution = self.resolution or _datasets_resolution(meta.get("ss_datasets"))
+        if resolution:  # ...except its resolution, a 512 guess when --resolution is only in --dataset_config
+            meta["modelspec.resolution"] = f"{resolution[0]}x{resolution[1]}"
         self.save(file, dtype, meta)
 
     def load_weights(self, file: str, tensors=None, metadata=None) -> dict:
@@ -192,6 +196,15 @@ class TSMLoRANetwork(TSMNetwork):
             for lora in self.all_loras:
                 lora.apply_to()
             self._pre_calculated = False
+
+
+def _datasets_resolution(ss_datasets: str | None) -> tuple[int, int] | None:
+    """The largest (width, height) of sd-scripts' ``ss_datasets`` metadata (JSON), if any."""
+    try:
+        sizes = [tuple(int(v) for v in d["resolution"]) for d in json.loads(ss_datasets or "[]")]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return max(sizes, key=lambda r: r[0] * r[1], default=None)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,

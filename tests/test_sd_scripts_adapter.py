@@ -244,8 +244,12 @@ def test_prepare_network_refuses_ckpt_and_records_the_resolution(tmp_path):
     path = str(tmp_path / "r.safetensors")
     net.save_weights(path, None, {})
     assert load_file(path)[1]["modelspec.resolution"] == "64x48"
-    net.save_weights(path, None, {"modelspec.resolution": "96x96"})  # what sd-scripts passes wins
-    assert load_file(path)[1]["modelspec.resolution"] == "96x96"
+    net.save_weights(path, None, {"modelspec.resolution": "512x512"})  # sd-scripts' guess without --resolution
+    assert load_file(path)[1]["modelspec.resolution"] == "64x48"
+    other = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8")
+    other.save_weights(path, None, {"modelspec.resolution": "512x512",
+                                    "ss_datasets": json.dumps([{"resolution": [32, 32]}, {"resolution": [64, 64]}])})
+    assert load_file(path)[1]["modelspec.resolution"] == "64x64"  # from sd-scripts' dataset metadata
 
 
 def test_assemble_after_a_unet_only_stage_1(tmp_path):
