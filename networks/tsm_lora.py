@@ -207,9 +207,15 @@ def _datasets_resolution(ss_datasets: str | None) -> tuple[int, int] | None:
     return max(sizes, key=lambda r: r[0] * r[1], default=None)
 
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
-                   neuron_dropout: float | None = None, **kwargs) -> TSMLoRANetwork:
-    """sd-scripts factory. ``kwargs`` are the raw ``--network_args`` (strict: unknown keys are errors)."""
+def check_network_config(network_dim: int | None, network_alpha: float | None, neuron_dropout: float | None = None,
+                         **kwargs) -> tuple[TSMConfig, dict[str, Any]]:
+    """Everything about ``--network_dim``, ``--network_alpha`` and ``--network_args`` that can be
+    checked without a model (keys, values, combinations, the tsm_experts files' metadata).
+
+    sd-scripts imports this module only after loading the models (train_network.py), so
+    create_network runs this first; ``python -m networks.tsm_lora`` runs it before a launch.
+    Returns the config and the non-config options (tsm_experts, train_t5xxl).
+    """
     fields, options = parse_network_args(kwargs)
     if fields.get("dropout") is None:
         fields["dropout"] = neuron_dropout
@@ -225,14 +231,20 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     alpha = 1.0 if network_alpha is None else float(network_alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"--network_alpha {network_alpha}: must be a finite number")
-    for path in experts or ():  # cheap checks of the files before the network is built
+    for path in experts or ():
         check_tsm_metadata(read_metadata(path), path)
-    config = TSMConfig(rank=rank, alpha=alpha, **fields)
+    return TSMConfig(rank=rank, alpha=alpha, **fields), options
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
+                   neuron_dropout: float | None = None, **kwargs) -> TSMLoRANetwork:
+    """sd-scripts factory. ``kwargs`` are the raw ``--network_args`` (strict: unknown keys are errors)."""
+    config, options = check_network_config(network_dim, network_alpha, neuron_dropout, **kwargs)
     train_t5xxl = options.get("train_t5xxl", False)
     network = TSMLoRANetwork(config, unet, _text_encoders(text_encoder, train_t5xxl), multiplier=multiplier,
                              network_args=kwargs, train_t5xxl=train_t5xxl)
-    if experts:
-        network.load_experts(experts)
+    if options.get("tsm_experts"):
+        network.load_experts(options["tsm_experts"])
     return network
 
 
@@ -254,3 +266,32 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                        tensors=weights_sd, metadata=metadata, load=False)
     network.train_t5xxl = train_t5xxl
     return network, weights_sd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Pre-flight check of a launch's network options in a second, before sd-scripts loads models:
+    ``python -m networks.tsm_lora --network_dim 4 --network_alpha 4 --network_args "tsm_scales=8"``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m networks.tsm_lora", description=main.__doc__)
+    parser.add_argument("--network_dim", type=int)
+    parser.add_argument("--network_alpha", type=float)
+    parser.add_argument("--network_dropout", type=float)
+    parser.add_argument("--network_args", nargs="*", default=[])
+    args = parser.parse_args(argv)
+    try:
+        malformed = [a for a in args.network_args if "=" not in a]
+        if malformed:
+            raise ValueError(f"--network_args {malformed[0]!r}: expected key=value")
+        kwargs = dict(a.split("=", 1) for a in args.network_args)
+        config, _ = check_network_config(args.network_dim, args.network_alpha, args.network_dropout, **kwargs)
+    except (ValueError, TSMFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: stage {config.stage}, scales {config.scales}, rank {config.rank}, alpha {config.alpha}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

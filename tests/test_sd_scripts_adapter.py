@@ -335,3 +335,12 @@ def test_saved_files_get_the_umask_mode(tmp_path):
         os.umask(old)
     assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "b.safetensors").st_mode & 0o777 == 0o600
+
+
+def test_pre_flight_check_of_network_options(capsys):
+    assert tsm_lora.main(["--network_dim", "4", "--network_alpha", "4", "--network_args", "tsm_scales=8"]) == 0
+    assert "ok: stage foster, scales [8], rank 4, alpha 4.0" in capsys.readouterr().out
+    assert tsm_lora.main(["--network_args", "tsm_scale=8"]) == 2
+    assert "did you mean 'tsm_scales'?" in capsys.readouterr().err
+    assert tsm_lora.main(["--network_args", "tsm_scales=8,1", "tsm_stage=assemble", "tsm_experts=nowhere.safetensors"]) == 2
+    assert "nowhere.safetensors: no such file" in capsys.readouterr().err
