@@ -9,6 +9,9 @@ names and call conventions sd-scripts' train_network.py and gen_img.py use.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -18,13 +21,14 @@ from torch import nn
 # `networks` is a namespace package (no __init__.py), like sd-scripts' own `networks/`:
 # with tsm-trainer installed (or on PYTHONPATH), both folders merge and this module imports
 # from inside an unmodified sd-scripts checkout.
-from tsm_trainer.file_format import TSMFileError, load_file, read_metadata
+from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
 from tsm_trainer.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.network import TSMConfig, TSMNetwork
 from tsm_trainer.network_args import parse_network_args
 from tsm_trainer.targets import text_encoder_kind
 
 NETWORK_MODULE = "networks.tsm_lora"
+logger = logging.getLogger(__name__)
 
 
 def _text_encoders(text_encoder, train_t5xxl: bool) -> list[nn.Module | None]:
@@ -42,11 +46,20 @@ class TSMLoRANetwork(TSMNetwork):
         super().__init__(*args, **kwargs)
         self.network_args = {k: str(v) for k, v in (network_args or {}).items()}
         self.train_t5xxl = train_t5xxl
+        self.resolution: tuple[int, int] | None = None  # set by prepare_network
 
     # -- installation -------------------------------------------------------------------
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
-        """Install the wrappers; hook ``unet`` so its timestep argument routes the experts."""
-        self.apply(text_encoder=apply_text_encoder, denoiser=apply_unet)
+        """Install the wrappers; hook ``unet`` so its timestep argument routes the experts.
+
+        Assembling with ``--network_train_unet_only`` keeps the text-encoder LoRA fostered in
+        stage 1 (frozen, applied, saved): the assembled file must be the whole network.
+        """
+        carry = self.config.stage == "assemble" and not apply_text_encoder and bool(self.text_encoder_loras)
+        if carry:
+            logger.info("networks.tsm_lora: carrying the fostered text-encoder LoRA (%d modules, frozen) into the "
+                        "assembled network although --network_train_unet_only is set", len(self.text_encoder_loras))
+        self.apply(text_encoder=apply_text_encoder or carry, denoiser=apply_unet)
         if apply_unet:
             self.attach(unet)
 
@@ -83,6 +96,17 @@ class TSMLoRANetwork(TSMNetwork):
         """sd-scripts >= v0.9: one lr per text encoder; returns ``(groups, descriptions)``."""
         lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
         return self._param_groups(lrs, unet_lr, default_lr)
+
+    def prepare_network(self, args) -> None:
+        """sd-scripts calls this with its parsed arguments right after create_network, before the
+        optimizer and the first step: the first point where the module sees them."""
+        save_as = getattr(args, "save_model_as", "safetensors")
+        if save_as != "safetensors":
+            raise ValueError(f"--save_model_as {save_as}: TSM networks are saved as .safetensors only "
+                             "(use --save_model_as safetensors)")
+        resolution = getattr(args, "resolution", None)  # (w, h) after sd-scripts' prepare_dataset_args
+        if isinstance(resolution, (tuple, list)) and len(resolution) == 2:
+            self.resolution = tuple(int(v) for v in resolution)
 
     def prepare_grad_etc(self, text_encoder, unet) -> None:
         self.set_stage_trainable()
@@ -127,8 +151,11 @@ class TSMLoRANetwork(TSMNetwork):
             raise ValueError(f"{file}: TSM networks are saved as .safetensors only (use --save_model_as safetensors)")
         name = os.path.splitext(os.path.basename(file))[0]
         meta = kohya_metadata(self.family, NETWORK_MODULE, self.config.rank, self.config.alpha, self.network_args, name)
-        meta.update(modelspec_metadata(self.family, name))
-        meta.update(metadata or {})  # what sd-scripts passes wins over our defaults
+        meta.update(modelspec_metadata(self.family, name, resolution=self.resolution))
+        meta.update(metadata or {})  # what sd-scripts passes wins over our defaults...
+        resolution = self.resolution or _datasets_resolution(meta.get("ss_datasets"))
+        if resolution:  # ...except its resolution, a 512 guess when --resolution is only in --dataset_config
+            meta["modelspec.resolution"] = f"{resolution[0]}x{resolution[1]}"
         self.save(file, dtype, meta)
 
     def load_weights(self, file: str, tensors=None, metadata=None) -> dict:
@@ -171,9 +198,24 @@ class TSMLoRANetwork(TSMNetwork):
             self._pre_calculated = False
 
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
-                   neuron_dropout: float | None = None, **kwargs) -> TSMLoRANetwork:
-    """sd-scripts factory. ``kwargs`` are the raw ``--network_args`` (strict: unknown keys are errors)."""
+def _datasets_resolution(ss_datasets: str | None) -> tuple[int, int] | None:
+    """The largest (width, height) of sd-scripts' ``ss_datasets`` metadata (JSON), if any."""
+    try:
+        sizes = [tuple(int(v) for v in d["resolution"]) for d in json.loads(ss_datasets or "[]")]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return max(sizes, key=lambda r: r[0] * r[1], default=None)
+
+
+def check_network_config(network_dim: int | None, network_alpha: float | None, neuron_dropout: float | None = None,
+                         **kwargs) -> tuple[TSMConfig, dict[str, Any]]:
+    """Everything about ``--network_dim``, ``--network_alpha`` and ``--network_args`` that can be
+    checked without a model (keys, values, combinations, the tsm_experts files' metadata).
+
+    sd-scripts imports this module only after loading the models (train_network.py), so
+    create_network runs this first; ``python -m networks.tsm_lora`` runs it before a launch.
+    Returns the config and the non-config options (tsm_experts, train_t5xxl).
+    """
     fields, options = parse_network_args(kwargs)
     if fields.get("dropout") is None:
         fields["dropout"] = neuron_dropout
@@ -183,13 +225,26 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         raise ValueError("network_args tsm_stage=assemble needs tsm_experts=<fostered files, one per scale>")
     if stage == "foster" and experts:
         raise ValueError("network_args tsm_experts is only used with tsm_stage=assemble")
-    config = TSMConfig(rank=int(network_dim or 4), alpha=float(network_alpha if network_alpha is not None else 1.0),
-                       **fields)
+    rank = 4 if network_dim is None else int(network_dim)  # None: kohya's default
+    if rank < 1:
+        raise ValueError(f"--network_dim {network_dim}: the LoRA rank must be >= 1")
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"--network_alpha {network_alpha}: must be a finite number")
+    for path in experts or ():
+        check_tsm_metadata(read_metadata(path), path)
+    return TSMConfig(rank=rank, alpha=alpha, **fields), options
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
+                   neuron_dropout: float | None = None, **kwargs) -> TSMLoRANetwork:
+    """sd-scripts factory. ``kwargs`` are the raw ``--network_args`` (strict: unknown keys are errors)."""
+    config, options = check_network_config(network_dim, network_alpha, neuron_dropout, **kwargs)
     train_t5xxl = options.get("train_t5xxl", False)
     network = TSMLoRANetwork(config, unet, _text_encoders(text_encoder, train_t5xxl), multiplier=multiplier,
                              network_args=kwargs, train_t5xxl=train_t5xxl)
-    if experts:
-        network.load_experts(experts)
+    if options.get("tsm_experts"):
+        network.load_experts(options["tsm_experts"])
     return network
 
 
@@ -211,3 +266,32 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
                                        tensors=weights_sd, metadata=metadata, load=False)
     network.train_t5xxl = train_t5xxl
     return network, weights_sd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Pre-flight check of a launch's network options in a second, before sd-scripts loads models:
+    ``python -m networks.tsm_lora --network_dim 4 --network_alpha 4 --network_args "tsm_scales=8"``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m networks.tsm_lora", description=main.__doc__)
+    parser.add_argument("--network_dim", type=int)
+    parser.add_argument("--network_alpha", type=float)
+    parser.add_argument("--network_dropout", type=float)
+    parser.add_argument("--network_args", nargs="*", default=[])
+    args = parser.parse_args(argv)
+    try:
+        malformed = [a for a in args.network_args if "=" not in a]
+        if malformed:
+            raise ValueError(f"--network_args {malformed[0]!r}: expected key=value")
+        kwargs = dict(a.split("=", 1) for a in args.network_args)
+        config, _ = check_network_config(args.network_dim, args.network_alpha, args.network_dropout, **kwargs)
+    except (ValueError, TSMFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: stage {config.stage}, scales {config.scales}, rank {config.rank}, alpha {config.alpha}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -143,6 +143,6 @@ def test_peft_conversion_round_trips_and_loads_in_diffusers(base, tsm_file, tmp_
     torch.testing.assert_close(_unet_out(pipe.unet, lo), unet_ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(torch.tensor([[0, 5, 9, 13, 1]]))[0], te_ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KeyError, match="lora_unet_nowhere"):
+    with pytest.raises(ValueError, match="lora_unet_nowhere"):
         kohya_to_peft({"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
                        "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1)}, index, components)

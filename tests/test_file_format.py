@@ -119,16 +119,24 @@ def test_missing_extra_key_and_metadata_errors_name_them(tmp_path):
     tensors, meta = load_file(path)
     key = next(k for k in tensors if k.endswith("tsm.8.3.lora_up.weight"))
 
+    alpha = key.split(".")[0] + ".alpha"
     missing = dict(tensors)
-    del missing[key]
+    del missing[alpha]
     save_file(missing, str(tmp_path / "m.safetensors"), meta)
-    with pytest.raises(TSMFileError, match=r"m.safetensors: does not fit this model: 1 missing key\(s\), e.g. \['" + key):
+    with pytest.raises(TSMFileError, match=r"m.safetensors: does not fit this model: 1 missing key\(s\), e.g. \['" + alpha):
         net.load_weights(str(tmp_path / "m.safetensors"))
+
+    half = dict(tensors)
+    del half[key]
+    save_file(half, str(tmp_path / "h.safetensors"), meta)
+    with pytest.raises(TSMFileError, match=r"h.safetensors: key '.*tsm\.8\.3\.lora_down.weight' has no matching '" + key):
+        net.load_weights(str(tmp_path / "h.safetensors"))
 
     extra = dict(tensors)
     extra[key.replace("tsm.8.3", "tsm.8.9")] = tensors[key].clone()
+    extra[key.replace("tsm.8.3", "tsm.8.9").replace("lora_up", "lora_down")] = tensors[key.replace("lora_up", "lora_down")].clone()
     save_file(extra, str(tmp_path / "e.safetensors"), meta)
-    with pytest.raises(TSMFileError, match=r"e.safetensors: does not fit this model: 1 unknown key.*tsm\.8\.9"):
+    with pytest.raises(TSMFileError, match=r"e.safetensors: does not fit this model: 2 unknown key.*tsm\.8\.9"):
         net.load_weights(str(tmp_path / "e.safetensors"))
 
     save_file(tensors, str(tmp_path / "v.safetensors"), {**meta, "tsm.format_version": "9"})

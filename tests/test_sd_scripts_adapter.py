@@ -216,3 +216,131 @@ def test_max_norm_regularization():
     pair = lora.expert(4, 3)
     norm = (lora.pair_delta(pair.lora_down.weight, pair.lora_up.weight) * lora.scale).norm()
     assert norm <= 0.5 + 1e-5
+
+
+def test_network_args_and_sizes_are_checked_first():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match=r"unknown network_args key 'tsm_scale' for networks.tsm_lora \(did you mean 'tsm_scales'\?\)"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scale="8")
+    with pytest.raises(ValueError, match=r"--network_dim 0: the LoRA rank must be >= 1"):
+        tsm_lora.create_network(1.0, 0, 4, None, None, unet, tsm_scales="8")
+    with pytest.raises(ValueError, match=r"--network_alpha nan: must be a finite number"):
+        tsm_lora.create_network(1.0, 4, float("nan"), None, None, unet, tsm_scales="8")
+    with pytest.raises(TSMFileError, match=r"missing.safetensors: no such file"):
+        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                tsm_experts="missing.safetensors")
+
+
+def test_prepare_network_refuses_ckpt_and_records_the_resolution(tmp_path):
+    """sd-scripts (train_network.py, right after create_network) calls network.prepare_network(args)."""
+    from argparse import Namespace
+
+    unet = tiny_unet()
+    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8")
+    for fmt in ("ckpt", "pt"):
+        with pytest.raises(ValueError, match=rf"--save_model_as {fmt}: TSM networks are saved as .safetensors only"):
+            net.prepare_network(Namespace(save_model_as=fmt, resolution=(64, 64)))
+    net.prepare_network(Namespace(save_model_as="safetensors", resolution=(64, 48)))
+    path = str(tmp_path / "r.safetensors")
+    net.save_weights(path, None, {})
+    assert load_file(path)[1]["modelspec.resolution"] == "64x48"
+    net.save_weights(path, None, {"modelspec.resolution": "512x512"})  # sd-scripts' guess without --resolution
+    assert load_file(path)[1]["modelspec.resolution"] == "64x48"
+    other = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8")
+    other.save_weights(path, None, {"modelspec.resolution": "512x512",
+                                    "ss_datasets": json.dumps([{"resolution": [32, 32]}, {"resolution": [64, 64]}])})
+    assert load_file(path)[1]["modelspec.resolution"] == "64x64"  # from sd-scripts' dataset metadata
+
+
+def test_assemble_after_a_unet_only_stage_1(tmp_path):
+    """--network_train_unet_only at stage 1: apply_to(..., apply_text_encoder=False) drops the TE LoRA."""
+    unet, te = tiny_unet(), tiny_clip()
+    paths = []
+    for scales, seed in (("8", 1), ("1", 2)):
+        net = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales=scales)
+        net.apply_to(te, unet, False, True)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+        paths.append(str(tmp_path / f"u{scales}.safetensors"))
+        net.save_weights(paths[-1], None, None)
+        net.remove()
+    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                      tsm_experts=",".join(paths))
+    assert network.text_encoder_loras == []
+    network.apply_to(te, unet, True, True)  # stage 2 without the flag
+    out = str(tmp_path / "a.safetensors")
+    network.save_weights(out, None, None)
+    tensors, _ = load_file(out)
+    assert not any(k.startswith("lora_te") for k in tensors) and any(".router." in k for k in tensors)
+    tsm_lora.create_network_from_weights(1.0, out, None, tiny_clip(), tiny_unet())[0].load_weights(out)
+
+
+def test_unet_only_assemble_carries_the_fostered_text_encoder_lora(tmp_path):
+    unet, te = tiny_unet(), tiny_clip()
+    net8, f8 = _foster(tmp_path, "8", unet, te, 1)
+    _, f1 = _foster(tmp_path, "1", unet, te, 2)
+    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
+                                      tsm_experts=f"{f8},{f1}")
+    network.apply_to(te, unet, False, True)  # --network_train_unet_only at stage 2
+    network.prepare_grad_etc(te, unet)
+    assert network.text_encoder_loras and not any(p.requires_grad for lo in network.text_encoder_loras
+                                                  for p in lo.parameters())
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        carried = te(ids)[0]
+    network.remove()
+    net8.apply_to(te, unet)
+    with torch.no_grad():
+        torch.testing.assert_close(te(ids)[0], carried, rtol=0, atol=0)  # the TE LoRA is applied, as fostered
+    net8.remove()
+    out = str(tmp_path / "a.safetensors")
+    network.save_weights(out, None, None)
+    tensors, _ = load_file(out)
+    te_keys = [k for k in net8.state_dict() if k.startswith("lora_te")]
+    assert te_keys and all(torch.equal(tensors[k], net8.state_dict()[k]) for k in te_keys)
+
+
+def test_forged_scales_are_refused_before_anything_is_built(tmp_path):
+    from safetensors.torch import save_file
+
+    unet = tiny_unet()
+    _, path = _foster(tmp_path, "8", unet, None, 1)
+    tensors, meta = load_file(path)
+    forged = str(tmp_path / "forged.safetensors")
+    save_file(tensors, forged, {**meta, "tsm.scales": "[1000000]"})
+    with pytest.raises(TSMFileError, match=r"forged.safetensors: tsm.scales=\[1000000\]: every scale must be in "
+                                           r"1..tsm.num_train_timesteps=1000"):
+        tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
+    save_file(tensors, forged, {**meta, "tsm.scales": "[999]"})
+    with pytest.raises(TSMFileError, match=r"forged.safetensors: keys '.tsm.8.\*' belong to scale 8, which is not in "
+                                           r"tsm.scales=\[999\]"):
+        tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
+    save_file({k: v for k, v in tensors.items() if ".tsm.8.7." not in k}, forged, meta)
+    with pytest.raises(TSMFileError, match=r"forged.safetensors: tsm.scales says scale 8 has 8 experts, the keys "
+                                           r"hold 7 \(1 missing\)"):
+        tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
+
+
+def test_saved_files_get_the_umask_mode(tmp_path):
+    import os
+
+    net = tsm_lora.create_network(1.0, 2, 2, None, None, tiny_unet(), tsm_scales="8")
+    old = os.umask(0o022)
+    try:
+        net.save_weights(str(tmp_path / "a.safetensors"), None, None)
+        os.umask(0o077)
+        net.save_weights(str(tmp_path / "b.safetensors"), None, None)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "b.safetensors").st_mode & 0o777 == 0o600
+
+
+def test_pre_flight_check_of_network_options(capsys):
+    assert tsm_lora.main(["--network_dim", "4", "--network_alpha", "4", "--network_args", "tsm_scales=8"]) == 0
+    assert "ok: stage foster, scales [8], rank 4, alpha 4.0" in capsys.readouterr().out
+    assert tsm_lora.main(["--network_args", "tsm_scale=8"]) == 2
+    assert "did you mean 'tsm_scales'?" in capsys.readouterr().err
+    assert tsm_lora.main(["--network_args", "tsm_scales=8,1", "tsm_stage=assemble", "tsm_experts=nowhere.safetensors"]) == 2
+    assert "nowhere.safetensors: no such file" in capsys.readouterr().err

@@ -93,3 +93,49 @@ def test_tools_report_bad_input(setup, tmp_path, capsys):
     expert = str(tmp_path / "x" / "tsm4_e0of4.safetensors")
     assert _tool("convert")([expert, "--to", "peft", "--base", str(tmp_path), "--out", str(tmp_path / "c.safetensors")]) == 2
     assert "not a diffusers pipeline folder (no model_index.json)" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_text_encoder_lora_apart_and_diffusers_loads_the_merge(setup, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from tsm_trainer.export import merge_experts, svd_truncate, text_encoder_lora
+
+    base, path = setup
+    tensors, _ = load_file(path)
+    out = str(tmp_path / "r.safetensors")
+    assert _tool("merge_experts")([path, "--scale", "4", "--rank", "2", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    merged, meta = load_file(out)
+    te, te_meta = load_file(str(tmp_path / "r_te.safetensors"))
+    assert not any(k.startswith("lora_te") for k in merged)
+    assert te.keys() == text_encoder_lora(tensors).keys()
+    assert all(torch.equal(te[k], tensors[k]) for k in te)  # kept as it is, not re-factored
+    _, error = svd_truncate(merge_experts(tensors, 4, [0.25] * 4), 2)  # the denoiser's merge only
+    assert f"relative Frobenius error of the denoiser's merge {error:.4%}" in printed
+    assert meta["ss_network_alpha"] == meta["ss_network_dim"] == "2" and meta["tsm.alpha_folded"] == "true"
+    assert te_meta["ss_network_alpha"] == "1.0" and te_meta["tsm.alpha_folded"] == "false"
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    name = next(n for n in module_names(merged) if n.startswith("lora_unet_down_blocks_0") and n.endswith("to_q"))
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    before = layer.weight.detach().clone()
+    pipe.load_lora_weights(out)  # raised on the q/v-only text-encoder LoRA when it was in the same file
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight - before,
+                               lora_delta(merged, name), rtol=1e-4, atol=1e-6)
+
+
+def test_folded_and_converted_files_say_so(setup, tmp_path):
+    base, path = setup
+
+    assert _tool("export_experts")([path, "--out_dir", str(tmp_path), "--fold_alpha"]) == 0
+    _, meta = load_file(str(tmp_path / "tsm4_e0of4.safetensors"))
+    assert meta["ss_network_alpha"] == "2" and meta["tsm.alpha_folded"] == "true"
+    assert _tool("export_experts")([path, "--out_dir", str(tmp_path / "raw")]) == 0
+    _, raw = load_file(str(tmp_path / "raw" / "tsm4_e0of4.safetensors"))
+    assert raw["ss_network_alpha"] == "1.0" and raw["tsm.alpha_folded"] == "false"
+    peft = str(tmp_path / "p.safetensors")
+    assert _tool("convert")([str(tmp_path / "raw" / "tsm4_e0of4.safetensors"), "--to", "peft", "--base", base,
+                             "--out", peft]) == 0
+    _, peft_meta = load_file(peft)
+    assert peft_meta["tsm.alpha_folded"] == "true" and peft_meta["ss_network_alpha"] == "2"

@@ -57,6 +57,7 @@ def test_trains_foster_then_assemble_from_the_command_line(setup, capsys):
     assert "validation loss per interval:" in printed
     _, meta = load_file(f"{out}/a.safetensors")
     assert meta["tsm.stage"] == "assemble" and meta["tsm.scales"] == "[8, 1]"
+    assert meta["modelspec.resolution"] == "16x16"  # the dataset's, not the family's 512
     _reloads(base, f"{out}/a.safetensors")
     assert load_file(f"{out}/f1.safetensors")[1]["tsm.scales"] == "[1]"
 

@@ -18,8 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import math  # noqa: E402
+
 from tsm_trainer.bake import BakeError, bake_diffusers_folder, bake_single_file, load_lora_for_bake  # noqa: E402
-from tsm_trainer.file_format import TSMFileError  # noqa: E402
+from tsm_trainer.cli_errors import add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.file_format import check_not_an_input  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,22 +43,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multiplier", type=float, default=1.0, help="LoRA strength (default 1.0; negative un-bakes)")
     p.add_argument("--out", required=True, help="output folder (folder base) or .safetensors file (checkpoint base)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (after the new one is written)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        lora, what = load_lora_for_bake(args.lora, args.expert, args.scale)
-        if os.path.isdir(args.base):
-            baked = bake_diffusers_folder(args.base, lora, args.out, args.multiplier, args.overwrite, source=args.lora)
-        elif os.path.isfile(args.base):
-            baked = bake_single_file(args.base, lora, args.out, args.multiplier, args.overwrite, source=args.lora)
-        else:
-            raise BakeError(f"{args.base}: no such folder or file")
-    except (BakeError, TSMFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(run, parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    if not math.isfinite(args.multiplier):
+        raise BakeError(f"--multiplier {args.multiplier}: must be a finite number")
+    check_not_an_input(args.out, [args.lora], "--out")
+    lora, what = load_lora_for_bake(args.lora, args.expert, args.scale)
+    if os.path.isdir(args.base):
+        baked = bake_diffusers_folder(args.base, lora, args.out, args.multiplier, args.overwrite, source=args.lora)
+    elif os.path.isfile(args.base):
+        baked = bake_single_file(args.base, lora, args.out, args.multiplier, args.overwrite, source=args.lora)
+    else:
+        raise BakeError(f"{args.base}: no such folder or file")
     print(f"baked {what} x {args.multiplier} into {len(baked)} module(s) of {args.base} -> {args.out}")
     return 0
 

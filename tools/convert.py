@@ -17,10 +17,34 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.base_model import BaseModelError, load_components  # noqa: E402
+from tsm_trainer.base_model import load_components  # noqa: E402
+from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
 from tsm_trainer.export import kohya_to_peft, peft_to_kohya  # noqa: E402
-from tsm_trainer.file_format import TSMFileError, load_file, save_file_atomic  # noqa: E402
+from tsm_trainer.file_format import check_not_an_input, load_file, save_file_atomic  # noqa: E402
 from tsm_trainer.targets import lora_name_index  # noqa: E402
+from tsm_trainer.tensor_checks import check_lora_tensors  # noqa: E402
+
+
+def run(args: argparse.Namespace) -> int:
+    check_not_an_input(args.out, [args.file])
+    tensors, metadata = load_file(args.file)
+    if "tsm.format_version" in metadata:
+        raise ValueError(f"{args.file} is a native TSM file: export its experts first (tools/export_experts.py)")
+    check_lora_tensors(tensors, args.file)
+    denoiser_name, denoiser, encoders = load_components(args.base)
+    index = lora_name_index(denoiser, [m for _, m in encoders])
+    components = [denoiser_name] + [c for c, _ in encoders]
+    with about_file(args.file):
+        out = (kohya_to_peft if args.to == "peft" else peft_to_kohya)(tensors, index, components)
+    meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
+    # both directions write alpha = rank (PEFT has no per-module alpha): the deltas are folded
+    rank = max(v.shape[0] for k, v in out.items() if k.endswith(("lora_A.weight", "lora_down.weight")))
+    meta["tsm.alpha_folded"] = "true"
+    if "ss_network_alpha" in meta:
+        meta["ss_network_alpha"] = str(rank)
+    save_file_atomic(out, args.out, meta, add_hashes=args.to == "kohya")
+    print(f"{args.file} -> {args.out} ({args.to}, {sum(k.endswith(('lora_A.weight', 'lora_down.weight')) for k in out)} modules)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -29,25 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--to", choices=("peft", "kohya"), required=True)
     parser.add_argument("--base", required=True, help="the base model's diffusers folder")
     parser.add_argument("--out", required=True, help="output .safetensors")
-    args = parser.parse_args(argv)
-    try:
-        tensors, metadata = load_file(args.file)
-        if "tsm.format_version" in metadata:
-            raise ValueError(f"{args.file} is a native TSM file: export its experts first (tools/export_experts.py)")
-        denoiser_name, denoiser, encoders = load_components(args.base)
-        index = lora_name_index(denoiser, [m for _, m in encoders])
-        components = [denoiser_name] + [c for c, _ in encoders]
-        if args.to == "peft":
-            out = kohya_to_peft(tensors, index, components)
-        else:
-            out = peft_to_kohya(tensors, index, components)
-    except (TSMFileError, BaseModelError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}
-    save_file_atomic(out, args.out, meta, add_hashes=args.to == "kohya")
-    print(f"{args.file} -> {args.out} ({args.to}, {sum(k.endswith(('lora_A.weight', 'lora_down.weight')) for k in out)} modules)")
-    return 0
+    add_debug_flag(parser)
+    return run_tool(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

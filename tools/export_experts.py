@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
 from tsm_trainer.export import write_expert_files  # noqa: E402
-from tsm_trainer.file_format import TSMFileError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--strength", type=float, default=1.0, help="workflow: LoRA strength")
-    args = parser.parse_args(argv)
-    try:
+    add_debug_flag(parser)
+    return run_tool(run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    with about_file(args.file):
         written = write_expert_files(args.file, args.out_dir, args.scale, args.fold_alpha, args.name)
-    except (TSMFileError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     for w in written:
         where = f"expert {w['e']}/{w['n']}  t in [{w['lo']}, {w['hi']})" if w["kind"] == "expert" else "text encoder"
         print(f"{where:<32} {w['path']}")

@@ -22,8 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tsm_trainer.cli_errors import add_debug_flag, run_tool  # noqa: E402
 from tsm_trainer.file_format import TSMFileError  # noqa: E402
-from tsm_trainer.base_model import BaseModelError, load_base_model  # noqa: E402
+from tsm_trainer.base_model import load_base_model  # noqa: E402
 from tsm_trainer.inspection import check_against_model, format_summary, summarize  # noqa: E402
 
 MAX_REASONS = 20
@@ -37,18 +38,18 @@ def main(argv=None) -> int:
     parser.add_argument("--base", metavar="PATH", help="local diffusers model folder (model_index.json, unet/ or "
                                                        "transformer/, text_encoder*/; configs only, no weights are "
                                                        "loaded); implies --check")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.check and not args.base:
         parser.error("--check needs --base PATH (a local diffusers model folder)")
-    check = bool(args.base)
+    return run_tool(run, args)
 
+
+def run(args: argparse.Namespace) -> int:
+    check = bool(args.base)
     denoiser, encoders = None, []
     if check:
-        try:
-            denoiser, encoders = load_base_model(args.base)
-        except BaseModelError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        denoiser, encoders = load_base_model(args.base)
 
     status = 0
     results = []

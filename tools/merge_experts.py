@@ -3,7 +3,11 @@ then merge in parameter space).
 
 Exact by default: the factors are concatenated, so the merged delta is exactly
 ``sum_e w_e * delta_e`` (rank = sum of the experts' ranks). ``--rank R`` truncates it by SVD
-to rank R (the best rank-R approximation) and prints the relative error.
+to rank R (the best rank-R approximation) and prints the relative error of the denoiser's merge.
+
+The text-encoder LoRA has no experts and is not merged: it is written unchanged beside the
+output as ``<out>_te.safetensors`` (as export_experts.py does), because diffusers cannot load a
+kohya q/v-only text-encoder LoRA in the same file (convert.py --to peft loads it).
 
 Example:
     python tools/merge_experts.py output/tsm8.safetensors --scale 8 --out merged.safetensors
@@ -19,8 +23,56 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.export import experts_in, fold_alpha, merge_experts, merge_weights, svd_truncate  # noqa: E402
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic  # noqa: E402
+from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.export import (experts_in, fold_alpha, merge_experts, merge_weights, plain_metadata,  # noqa: E402
+                                svd_truncate, text_encoder_lora)
+from tsm_trainer.file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic  # noqa: E402
+from tsm_trainer.tensor_checks import check_tsm_file  # noqa: E402
+
+
+def text_encoder_path(out: str) -> str:
+    root, ext = os.path.splitext(out)
+    return f"{root}_te{ext}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank {args.rank}: must be >= 1 (leave it out for the exact merge)")
+    te_out = text_encoder_path(args.out)
+    check_not_an_input(args.out, [args.file])
+    check_not_an_input(te_out, [args.file], "--out (its _te file)")
+    tensors, metadata = load_file(args.file)
+    info = check_tsm_file(tensors, metadata, args.file)
+    with about_file(args.file):
+        available = experts_in(tensors)
+        if args.scale not in available:
+            raise TSMFileError(f"{args.file}: no experts of scale {args.scale} (--scale); it holds scales "
+                               f"{sorted(available)}")
+        experts = [int(e) for e in args.experts.split(",")] if args.experts else available[args.scale]
+        weighting = args.weights if args.weights in ("uniform", "interval") else args.weights.split(",")
+        weights = merge_weights(args.scale, experts, weighting, info["num_train_timesteps"])
+        merged = merge_experts(tensors, args.scale, weights, experts)
+    if args.rank is not None:
+        merged, error = svd_truncate(merged, args.rank)
+        print(f"SVD rank {args.rank}: relative Frobenius error of the denoiser's merge {error:.4%}")
+    if args.fold_alpha:
+        merged = fold_alpha(merged)
+    stem = os.path.splitext(os.path.basename(args.out))[0]
+    # a merge writes alpha = rank in every module: its alpha is always folded
+    meta = plain_metadata(metadata, stem, stem, merged, alpha_folded=True)
+    meta.update({"tsm.source": os.path.basename(args.file),
+                 "tsm.merged_from": f"scale {args.scale} experts {experts} weights {[round(w, 6) for w in weights]}"})
+    te = text_encoder_lora(tensors)
+    save_file_atomic(merged, args.out, meta)
+    print(f"merged experts {experts} of scale {args.scale} with weights {[round(w, 4) for w in weights]} -> {args.out}")
+    if te:
+        te = fold_alpha(te) if args.fold_alpha else te
+        te_stem = os.path.splitext(os.path.basename(te_out))[0]
+        te_meta = plain_metadata(metadata, f"{stem} text encoder", te_stem, te, alpha_folded=args.fold_alpha)
+        te_meta["tsm.source"] = os.path.basename(args.file)
+        save_file_atomic(te, te_out, te_meta)
+        print(f"text-encoder LoRA (not merged: it has no experts) -> {te_out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -30,35 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", help="comma-separated experts to merge (default: all of the scale)")
     parser.add_argument("--weights", default="uniform",
                         help="uniform, interval (share of timesteps) or comma-separated numbers, one per expert")
-    parser.add_argument("--rank", type=int, help="SVD-truncate the merge to this rank")
-    parser.add_argument("--fold_alpha", action="store_true", help="fold alpha/r into lora_up (alpha = rank)")
+    parser.add_argument("--rank", type=int, help="SVD-truncate the merge to this rank (>= 1)")
+    parser.add_argument("--fold_alpha", action="store_true",
+                        help="also fold alpha/r into the text-encoder LoRA (the merge always has alpha = rank)")
     parser.add_argument("--out", required=True, help="output .safetensors")
-    args = parser.parse_args(argv)
-    try:
-        tensors, metadata = load_file(args.file)
-        info = check_tsm_metadata(metadata, args.file)
-        experts = [int(e) for e in args.experts.split(",")] if args.experts else experts_in(tensors).get(args.scale, [])
-        weighting = args.weights if args.weights in ("uniform", "interval") else args.weights.split(",")
-        weights = merge_weights(args.scale, experts, weighting, info["num_train_timesteps"])
-        merged = merge_experts(tensors, args.scale, weights, experts)
-    except (TSMFileError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.rank:
-        merged, error = svd_truncate(merged, args.rank)
-        print(f"SVD rank {args.rank}: relative Frobenius error {error:.4%}")
-    if args.fold_alpha:
-        merged = fold_alpha(merged)
-    stem = os.path.splitext(os.path.basename(args.out))[0]
-    meta = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec.")) and not k.startswith("sshs_")}
-    rank = max(v.shape[0] for k, v in merged.items() if k.endswith("lora_down.weight"))
-    meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_args": "{}",
-                 "ss_output_name": stem, "modelspec.title": stem, "tsm.source": os.path.basename(args.file),
-                 "tsm.merged_from": f"scale {args.scale} experts {experts} weights {[round(w, 6) for w in weights]}"})
-    meta.pop("modelspec.timestep_range", None)
-    save_file_atomic(merged, args.out, meta)
-    print(f"merged experts {experts} of scale {args.scale} with weights {[round(w, 4) for w in weights]} -> {args.out}")
-    return 0
+    add_debug_flag(parser)
+    return run_tool(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

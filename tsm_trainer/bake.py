@@ -438,12 +438,15 @@ def load_lora_for_bake(path: str, expert: int | None = None, scale: int | None =
     """
     from .export import experts_in
 
+    from .tensor_checks import check_lora_tensors, check_tsm_file
+
     tensors, metadata = load_file(path)
     if "tsm.format_version" not in metadata:
         if expert is not None or scale is not None:
             raise TSMFileError(f"{path}: a plain LoRA (no tsm.* metadata) has no experts; drop --expert/--scale")
+        check_lora_tensors(tensors, path)
         return tensors, path
-    info = check_tsm_metadata(metadata, path)
+    info = check_tsm_file(tensors, metadata, path)
     experts = experts_in(tensors)
     if expert is None:
         raise TSMFileError(

@@ -7,6 +7,8 @@ Everything here works on ``{key: tensor}`` dicts; tools/ adds the file handling.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Mapping, Sequence
 
@@ -51,6 +53,8 @@ def expert_lora(tensors: Mapping[str, torch.Tensor], n: int, e: int) -> dict[str
     if not out:
         raise KeyError(f"expert {e} of scale {n} is not in the file (it holds {experts_in(tensors)})")
     for name in module_names(out):
+        if f"{name}.alpha" not in tensors:
+            raise ValueError(f"key {name + '.alpha'!r} is missing (every module of a TSM file has one alpha)")
         out[f"{name}.alpha"] = tensors[f"{name}.alpha"]
     return out
 
@@ -92,6 +96,8 @@ def merge_weights(n: int, experts: Sequence[int], weighting: str | Sequence[floa
                   num_train_timesteps: int = 1000) -> list[float]:
     """Per-expert weights of a merge: ``uniform`` (1/k), ``interval`` (share of the integer
     timesteps each expert covers), or given numbers (used as they are)."""
+    if not experts:
+        raise ValueError(f"no experts of scale {n} to merge")
     if isinstance(weighting, str):
         if weighting == "uniform":
             return [1.0 / len(experts)] * len(experts)
@@ -99,24 +105,31 @@ def merge_weights(n: int, experts: Sequence[int], weighting: str | Sequence[floa
             lengths = [hi - lo for lo, hi in (interval_timestep_range(e, n, num_train_timesteps) for e in experts)]
             return [length / sum(lengths) for length in lengths]
         raise ValueError(f"merge weighting must be one of {MERGE_WEIGHTINGS} or a list of numbers, got {weighting!r}")
-    weights = [float(w) for w in weighting]
+    try:
+        weights = [float(w) for w in weighting]
+    except ValueError as e:
+        raise ValueError(f"merge weights must be numbers ({e})") from None
     if len(weights) != len(experts):
         raise ValueError(f"{len(weights)} weights given for {len(experts)} experts {list(experts)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"merge weights must be finite numbers, got {weights}")
     return weights
 
 
 def merge_experts(tensors: Mapping[str, torch.Tensor], n: int, weights: Sequence[float],
                   experts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """One plain LoRA whose delta is exactly ``sum_e w_e * (alpha/r) B_e A_e`` per module.
+    """One plain LoRA of the denoiser whose delta is exactly ``sum_e w_e * (alpha/r) B_e A_e``
+    per module.
 
     Exact by concatenating factors: down = cat(w_e (alpha/r) A_e) (sum r x k), up = cat(B_e)
-    (d x sum r), alpha = rank sum (scale 1). The text-encoder LoRA is kept as it is.
+    (d x sum r), alpha = rank sum (scale 1). The text-encoder LoRA is not part of it: it has
+    no experts, so it stays as it is (:func:`text_encoder_lora`).
     """
     experts = list(experts if experts is not None else experts_in(tensors).get(n, []))
     if not experts:
-        raise KeyError(f"no expert of scale {n} in the file (it holds {experts_in(tensors)})")
+        raise ValueError(f"no expert of scale {n} in the file (it holds {experts_in(tensors)})")
     parts = [expert_lora(tensors, n, e) for e in experts]
-    out = text_encoder_lora(tensors)
+    out: dict[str, torch.Tensor] = {}
     for name in module_names(parts[0]):
         downs, ups = [], []
         for w, part in zip(weights, parts):
@@ -182,13 +195,13 @@ def kohya_to_peft(lora: Mapping[str, torch.Tensor], index: Mapping[str, tuple[in
         component_names: the pipeline's attribute names, denoiser first (``unet`` or
             ``transformer``), then its text encoders in index order (``text_encoder``, ...).
     Raises:
-        KeyError: a LoRA module that is not in the model, named.
+        ValueError: a LoRA module that is not in the model, named.
     """
     folded = fold_alpha(lora)
     out: dict[str, torch.Tensor] = {}
     for name in module_names(folded):
         if name not in index:
-            raise KeyError(f"LoRA module {name!r} is not in the base model")
+            raise ValueError(f"key {name + '.lora_down.weight'!r}: module {name!r} is not in the base model")
         component, path, _ = index[name]
         prefix = f"{component_names[0 if component < 0 else component + 1]}.{path}"
         out[f"{prefix}.lora_A.weight"] = folded[f"{name}.lora_down.weight"]
@@ -205,10 +218,10 @@ def peft_to_kohya(peft: Mapping[str, torch.Tensor], index: Mapping[str, tuple[in
     for key, value in peft.items():
         m = re.match(r"^(?:base_model\.model\.)?(?P<component>[^.]+)\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$", key)
         if not m:
-            raise KeyError(f"{key!r} is not a PEFT LoRA key (<component>.<module>.lora_A/lora_B.weight)")
+            raise ValueError(f"key {key!r} is not a PEFT LoRA key (<component>.<module>.lora_A/lora_B.weight)")
         name = by_path.get((m["component"], m["path"]))
         if name is None:
-            raise KeyError(f"{key!r}: module {m['component']}.{m['path']} is not in the base model")
+            raise ValueError(f"key {key!r}: module {m['component']}.{m['path']} is not in the base model")
         out[f"{name}.{'lora_down' if m['ab'] == 'A' else 'lora_up'}.weight"] = value
         if m["ab"] == "A":
             rank = value.shape[0]
@@ -217,14 +230,21 @@ def peft_to_kohya(peft: Mapping[str, torch.Tensor], index: Mapping[str, tuple[in
     return out
 
 
-def _plain_metadata(source: Mapping[str, str], title: str, output_name: str, rank: int) -> dict[str, str]:
-    """Metadata of an exported plain LoRA: the source's ss_*/modelspec.* without TSM-only keys."""
+def plain_metadata(source: Mapping[str, str], title: str, output_name: str, lora: Mapping[str, torch.Tensor],
+                   alpha_folded: bool) -> dict[str, str]:
+    """Metadata of a plain LoRA written from a TSM file: the source's ss_*/modelspec.* without
+    TSM-only keys, ``ss_network_dim`` the largest rank, ``ss_network_alpha`` the alpha the
+    tensors hold (the rank when alpha is folded) and ``tsm.alpha_folded``."""
     keep = {k: v for k, v in source.items() if k.startswith(("ss_", "modelspec."))
             and k not in ("ss_network_args", "modelspec.timestep_range")}
+    rank = max(v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight"))
+    alphas = {float(v) for k, v in lora.items() if k.endswith(".alpha")}
     keep.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_args": "{}",
-                 "ss_output_name": output_name, "modelspec.title": title})
-    keep.pop("sshs_model_hash", None)
-    keep.pop("sshs_legacy_hash", None)
+                 "ss_output_name": output_name, "modelspec.title": title, "tsm.alpha_folded": json.dumps(alpha_folded)})
+    if alpha_folded:
+        keep["ss_network_alpha"] = str(rank)
+    elif len(alphas) == 1:
+        keep["ss_network_alpha"] = str(alphas.pop())
     return keep
 
 
@@ -239,43 +259,45 @@ def write_expert_files(path: str, out_dir: str, scales: Sequence[int] | None = N
     Returns:
         one record per file written: path, kind ("expert" | "text_encoder"), n, e, lo, hi.
     """
-    import json
     import os
 
-    from .file_format import check_tsm_metadata, load_file, save_file_atomic
+    from .file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic
+    from .tensor_checks import check_tsm_file
 
     tensors, metadata = load_file(path)
-    info = check_tsm_metadata(metadata, path)
+    info = check_tsm_file(tensors, metadata, path)
     name = name or os.path.splitext(os.path.basename(path))[0]
     title = metadata.get("modelspec.title", name)
     available = experts_in(tensors)
     scales = list(scales) if scales else list(available)
-    written = []
+    files = []  # (path, tensors, metadata, record): everything is checked before the first write
     for n in scales:
         if n not in available:
-            raise KeyError(f"{path}: no experts of scale {n} (it holds {available})")
+            raise TSMFileError(f"{path}: no experts of scale {n} (it holds {available})")
         for e in available[n]:
             lora = expert_lora(tensors, n, e)
             if fold:
                 lora = fold_alpha(lora)
             lo, hi = interval_timestep_range(e, n, info["num_train_timesteps"])
             stem = f"{name}_e{e}of{n}"
-            rank = next(v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight"))
-            meta = _plain_metadata(metadata, f"{title} expert {e}/{n} t[{lo},{hi})", stem, rank)
+            meta = plain_metadata(metadata, f"{title} expert {e}/{n} t[{lo},{hi})", stem, lora, fold)
             meta.update({"modelspec.timestep_range": f"{lo},{hi}", "tsm.expert": f"{e}/{n}",
-                         "tsm.source": os.path.basename(path), "tsm.alpha_folded": json.dumps(fold)})
-            out = os.path.join(out_dir, stem + ".safetensors")
-            save_file_atomic(lora, out, meta)
-            written.append({"path": out, "kind": "expert", "n": n, "e": e, "lo": lo, "hi": hi})
+                         "tsm.source": os.path.basename(path)})
+            record = {"kind": "expert", "n": n, "e": e, "lo": lo, "hi": hi}
+            files.append((os.path.join(out_dir, stem + ".safetensors"), lora, meta, record))
     te = text_encoder_lora(tensors)
     if te:
         if fold:
             te = fold_alpha(te)
         stem = f"{name}_te"
-        rank = next(v.shape[0] for k, v in te.items() if k.endswith("lora_down.weight"))
-        meta = _plain_metadata(metadata, f"{title} text encoder", stem, rank)
-        meta.update({"tsm.source": os.path.basename(path), "tsm.alpha_folded": json.dumps(fold)})
-        out = os.path.join(out_dir, stem + ".safetensors")
-        save_file_atomic(te, out, meta)
-        written.append({"path": out, "kind": "text_encoder", "n": None, "e": None, "lo": None, "hi": None})
+        meta = plain_metadata(metadata, f"{title} text encoder", stem, te, fold)
+        meta["tsm.source"] = os.path.basename(path)
+        record = {"kind": "text_encoder", "n": None, "e": None, "lo": None, "hi": None}
+        files.append((os.path.join(out_dir, stem + ".safetensors"), te, meta, record))
+    for out, *_ in files:
+        check_not_an_input(out, [path], "--out_dir/--name")
+    written = []
+    for out, lora, meta, record in files:
+        save_file_atomic(lora, out, meta)
+        written.append({"path": out, **record})
     return written

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -78,12 +78,31 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: M
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; a LoRA is shared (a UI may run as another user): the umask's mode
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return metadata
+
+
+def check_not_an_input(out: str, inputs: Sequence[str], flag: str = "--out") -> None:
+    """Refuse an output path that is (or resolves to, through links) one of the inputs."""
+    for path in inputs:
+        same = os.path.realpath(out) == os.path.realpath(path)
+        if not same and os.path.exists(out) and os.path.exists(path):
+            same = os.path.samefile(out, path)
+        if same:
+            raise TSMFileError(f"{flag} {out} is the input file {path}: choose another output path "
+                               "(the input would be overwritten)")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -110,6 +129,10 @@ def load_file(path: str, device: str | torch.device = "cpu") -> tuple[dict[str, 
 def _check_readable(path: str) -> None:
     if not os.path.isfile(path):
         raise TSMFileError(f"{path}: no such file")
+    try:
+        open(path, "rb").close()  # safetensors reports a refused open as "No such file or directory"
+    except PermissionError:
+        raise TSMFileError(f"{path}: permission denied (make the file readable by this user)") from None
     if not str(path).endswith(".safetensors"):
         raise TSMFileError(f"{path}: only .safetensors files are loaded (never pickle-based .pt/.ckpt/.bin)")
 
@@ -135,6 +158,13 @@ def check_tsm_metadata(metadata: Mapping[str, str], path: str) -> dict:
         raise TSMFileError(f"{path}: metadata key {e.args[0]!r} is missing") from None
     except (ValueError, TypeError) as e:
         raise TSMFileError(f"{path}: malformed tsm.* metadata ({e})") from None
+    T = info["num_train_timesteps"]
+    if T < 1:
+        raise TSMFileError(f"{path}: tsm.num_train_timesteps={T} must be >= 1")
+    if not scales or any(not 1 <= n <= T for n in scales):
+        raise TSMFileError(f"{path}: tsm.scales={scales}: every scale must be in 1..tsm.num_train_timesteps={T}")
+    if info["interval"] is not None and not 0 <= info["interval"] < scales[0]:
+        raise TSMFileError(f"{path}: tsm.interval={info['interval']} is not an expert of scale {scales[0]}")
     if info["stage"] not in ("foster", "assemble"):
         raise TSMFileError(f"{path}: tsm.stage {info['stage']!r} is not 'foster' or 'assemble'")
     if info["mixture"] not in ("asymmetric", "symmetric"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .file_format import FORMAT_VERSION
 from .targets import Family
@@ -45,8 +45,13 @@ def kohya_metadata(family: Family, network_module: str, rank: int, alpha: float,
 
 
 def modelspec_metadata(family: Family, title: str, prediction_type: str | None = None,
-                       resolution: int | None = None, timestep_range: tuple[int, int] | None = None) -> dict[str, str]:
-    res = resolution or family.resolution
+                       resolution: int | Sequence[int] | None = None,
+                       timestep_range: tuple[int, int] | None = None) -> dict[str, str]:
+    """``modelspec.*``. ``resolution``: the training resolution, one side or (width, height);
+    None only when it is unknown (the family's native size is written then)."""
+    if resolution is None:
+        resolution = family.resolution
+    width, height = (resolution, resolution) if isinstance(resolution, (int, float)) else tuple(resolution)
     if prediction_type is None:
         prediction_type = "v" if family.v2 else ("rectified_flow" if family.timestep_space == "flow" else "epsilon")
     meta = {
@@ -54,7 +59,7 @@ def modelspec_metadata(family: Family, title: str, prediction_type: str | None =
         "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": title,
-        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.resolution": f"{int(width)}x{int(height)}",
         "modelspec.prediction_type": prediction_type,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }

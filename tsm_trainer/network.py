@@ -7,6 +7,8 @@ trainer drives it directly.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from .file_format import TSMFileError, check_state_dict, check_tsm_metadata, load_file, save_file_atomic
+from .tensor_checks import check_lora_tensors, check_tsm_file
 from .intervals import parse_scales
 from .metadata import tsm_metadata
 from .modules import MIXTURES, LoRAModule, TSMLoRAModule
@@ -23,6 +26,7 @@ from .targets import (CONV_TARGETS, all_layers, Family, compile_patterns, denois
 from .timestep import TimestepCapture, TimestepContext
 
 STAGES = ("foster", "assemble")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +82,12 @@ class TSMConfig:
                                  f"(valid: 0..{self.scales[0] - 1})")
         if self.rank < 1:
             raise ValueError(f"network_dim must be >= 1, got {self.rank}")
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise ValueError(f"conv_dim must be >= 1, got {self.conv_rank}")
+        for name in ("alpha", "conv_alpha"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"network_{name} must be a finite number, got {value}")
         for name in ("dropout", "rank_dropout", "module_dropout"):
             p = getattr(self, name)
             if p is not None and not 0 <= p < 1:
@@ -190,7 +200,7 @@ class TSMNetwork(nn.Module):
         """
         if tensors is None:
             tensors, metadata = load_file(path)
-        info = check_tsm_metadata(metadata or {}, path)
+        info = check_tsm_file(tensors, metadata or {}, path)  # before building anything the metadata sizes
         module_ranks: dict[str, int] = {}
         for key, value in tensors.items():
             if key.endswith(".lora_down.weight"):
@@ -247,15 +257,18 @@ class TSMNetwork(nn.Module):
     def apply(self, text_encoder: bool = True, denoiser: bool = True) -> None:
         """Install the wrappers. Parts not applied are dropped from the network (as kohya does)."""
         if not text_encoder:
-            for lora in self.text_encoder_loras:
-                delattr(self, lora.lora_name)
-            self.text_encoder_loras = []
+            self.drop_text_encoder_loras()
         if not denoiser:
             for lora in self.denoiser_loras:
                 delattr(self, lora.lora_name)
             self.denoiser_loras = []
         for lora in self.all_loras:
             lora.apply_to()
+
+    def drop_text_encoder_loras(self) -> None:
+        for lora in self.text_encoder_loras:
+            delattr(self, lora.lora_name)
+        self.text_encoder_loras = []
 
     def remove(self) -> None:
         """Uninstall wrappers and hooks; base modules behave as before."""
@@ -301,6 +314,7 @@ class TSMNetwork(nn.Module):
         if tensors is None:
             tensors, metadata = load_file(path)
         info = check_tsm_metadata(metadata or {}, path)
+        check_lora_tensors(tensors, path)
         c = self.config
         mine = {"scales": c.scales, "stage": c.stage, "interval": c.interval,
                 "num_train_timesteps": c.num_train_timesteps}
@@ -315,16 +329,19 @@ class TSMNetwork(nn.Module):
     def load_experts(self, paths: Iterable[str]) -> None:
         """Fill the experts of an assembling network from fostered files (one per scale, or
         one per interval of a scale), and the text-encoder LoRA from the core scale's file.
-        Every expert of every scale must be covered; alphas must agree across files.
+        Every expert of every scale must be covered; alphas must agree across files. A core
+        file without a text-encoder LoRA (fostered with the denoiser only) removes this
+        network's text-encoder LoRA: there is nothing to carry into the assembled file.
         """
         if self.config.stage != "assemble":
             raise ValueError("load_experts is for tsm_stage=assemble")
         paths = list(paths)
         own = self.state_dict()
         loaded: dict[str, torch.Tensor] = {}
+        core_has_text_encoder = False
         for path in paths:
             tensors, metadata = load_file(path)
-            info = check_tsm_metadata(metadata, path)
+            info = check_tsm_file(tensors, metadata, path)
             if info["stage"] != "foster" or len(info["scales"]) != 1:
                 raise TSMFileError(f"{path}: tsm_experts takes fostered files of one scale, this one is "
                                    f"stage={info['stage']} scales={info['scales']}")
@@ -335,6 +352,7 @@ class TSMNetwork(nn.Module):
                 raise TSMFileError(f"{path}: tsm.num_train_timesteps={info['num_train_timesteps']}, "
                                    f"this network has {self.config.num_train_timesteps}")
             is_core = n == self.config.scales[0]
+            core_has_text_encoder |= is_core and any(k.startswith("lora_te") for k in tensors)
             for key, value in tensors.items():
                 if key.startswith("lora_te") and not is_core:
                     continue  # the text-encoder LoRA comes from the core scale's file
@@ -348,6 +366,11 @@ class TSMNetwork(nn.Module):
                 if key not in own:
                     raise TSMFileError(f"{path}: unknown key {key!r} (a file for another base model or targets?)")
                 loaded[key] = value
+        if not core_has_text_encoder and self.text_encoder_loras:
+            logger.info("tsm_experts: the core scale's file has no text-encoder LoRA (fostered with the denoiser "
+                        "only); the assembled network has none either")
+            self.drop_text_encoder_loras()
+            own = self.state_dict()
         expected = {k: v.shape for k, v in own.items() if ".router." not in k}
         self._load_checked(loaded, "tsm_experts " + ",".join(paths), expected)
 

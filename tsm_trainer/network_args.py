@@ -7,6 +7,7 @@ lists the valid keys, and a bad value names its key.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Mapping
 
 from .intervals import parse_scales
@@ -75,7 +76,9 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
     for key, raw in kwargs.items():
         if key not in NETWORK_ARGS:
             valid = "\n".join(f"  {k}: {h}" for k, (_, _, h) in NETWORK_ARGS.items())
-            raise ValueError(f"unknown network_args key {key!r} for networks.tsm_lora. Valid keys:\n{valid}")
+            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown network_args key {key!r} for networks.tsm_lora{hint}. Valid keys:\n{valid}")
         parser, field_name, _ = NETWORK_ARGS[key]
         try:
             value = parser(raw)

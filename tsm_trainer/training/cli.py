@@ -139,8 +139,9 @@ def build(config: TrainConfig, log=print) -> Trainer:
         from .distill import DistillTrainer
 
         return DistillTrainer(config, family, components, make_batches, log=log)
+    resolution = max((d.resolution for d in data_config.datasets), key=lambda r: r[0] * r[1])
     trainer = Trainer(config, family, components, make_batches, batch_size, validation, log=log,
-                      batches_per_epoch=len(dataset))
+                      batches_per_epoch=len(dataset), resolution=resolution)
     trainer.data_identity = data_identity(dataset, config.dataset_config)
     return trainer
 

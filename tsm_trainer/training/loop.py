@@ -106,7 +106,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
                  batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print,
-                 accelerator=None, batches_per_epoch: int | None = None):
+                 accelerator=None, batches_per_epoch: int | None = None,
+                 resolution: tuple[int, int] | None = None):
         from accelerate import Accelerator
 
         self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
@@ -116,6 +117,7 @@ class Trainer:
         self.make_batches, self.batch_size, self.batches_per_epoch = make_batches, batch_size, batches_per_epoch
         self.validation = validation or []
         self.log = log
+        self.resolution = resolution  # the dataset's (width, height), written as modelspec.resolution
         torch.manual_seed(config.seed)  # identical network init on every process
         for module in (components.denoiser, components.vae, *components.text_encoders):
             module.requires_grad_(False)
@@ -293,7 +295,8 @@ class Trainer:
             dim = getattr(self.network, "lora_dim", config.network_dim)
             meta.update(kohya_metadata(family, config.network_module, dim, config.network_alpha, self.network_args,
                                        config.output_name))
-        meta.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
+        meta.update(modelspec_metadata(family, config.output_name, prediction_type=prediction,
+                                       resolution=self.resolution))
         return meta
 
     def save_network(self, name: str) -> str:
