@@ -27,6 +27,19 @@ from .modules import LoRAModule, TSMLoRAModule, _WrappedModule
 from .timestep import TimestepContext
 
 
+class MixedExpertsError(ValueError):
+    """The samples of one denoiser call fall in different experts (a merge can hold only one)."""
+
+
+def cpu_timesteps(t: torch.Tensor | float) -> torch.Tensor:
+    """t as a (B,) float64 CPU tensor, moved off the device *before* the float64 cast: MPS has no
+    float64 ("Cannot convert a MPS Tensor to float64 dtype"), so ``as_tensor(t, dtype=float64)``
+    on an MPS tensor raises."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().to(torch.float64).reshape(-1)
+    return torch.tensor([float(t)], dtype=torch.float64)
+
+
 def sgm_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> dict[str, nn.Module]:
     """``{kohya name: layer}`` of a UNet in the original layout (A1111/Forge/ComfyUI hold
     ``input_blocks...``), for every Linear and Conv2d."""
@@ -98,9 +111,9 @@ class ExpertSwitcher:
 
     def expert_for(self, t: torch.Tensor | float) -> int:
         """The expert of t (all samples of a call must share it: UIs pass one sigma per step)."""
-        idx = expert_index(torch.as_tensor(t, dtype=torch.float64).reshape(-1), self.n, self.num_train_timesteps)
+        idx = expert_index(cpu_timesteps(t), self.n, self.num_train_timesteps)
         if bool((idx != idx[0]).any()):
-            raise ValueError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
+            raise MixedExpertsError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
                              "use OnlineTSM for per-sample timesteps")
         return int(idx[0])
 
@@ -109,7 +122,7 @@ class ExpertSwitcher:
         e = self.expert_for(t)
         if e != self.active:
             if e not in self.experts:
-                raise TSMFileError(f"{self.path}: t={float(torch.as_tensor(t).reshape(-1)[0])} needs expert {e} "
+                raise TSMFileError(f"{self.path}: t={float(cpu_timesteps(t)[0])} needs expert {e} "
                                    f"of scale {self.n}, which the file does not hold ({self.experts})")
             self._merge(e)
         return e
@@ -187,7 +200,7 @@ class OnlineTSM:
                 m.apply_to()
 
     def set_timestep(self, t: torch.Tensor | float, batch_size: int | None = None) -> None:
-        self.context.set(t, batch_size)
+        self.context.set(cpu_timesteps(t), batch_size)
 
     def restore(self) -> None:
         for m in self.modules.values():
