@@ -189,8 +189,8 @@ def test_an_error_mid_merge_restores_every_weight_then_raises_and_closes(foster_
         return _orig(name, down, up)
 
     switcher._delta = delta_then_oom  # fails after 2 layers of the next expert were written
-    with pytest.raises(TSMSamplingError, match=r"f8.safetensors at t=\[10.0\]: RuntimeError: CUDA out of memory "
-                                               r"\(the base weights were restored"):
+    with pytest.raises(TSMSamplingError, match=r"f8.safetensors: RuntimeError: CUDA out of memory "
+                                               r"\(at t=\[10.0\]; the base weights were restored"):
         session.set_timestep(10.0)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(TSMSamplingError, match="stopped by an earlier error"):

@@ -189,9 +189,9 @@ class SamplingSession:
             self.closed = True
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            where = f"{run.path} at t={t.tolist()[:4]}" if run is not None else "TSM"
-            raise TSMSamplingError(f"[TSM] {where}: {type(e).__name__}: {e} (the base weights were restored; "
-                                   "generation stopped)") from e
+            at = f"t={t.tolist()[:4]}"
+            what = str(e) if run is not None and run.path in str(e) else f"{run.path if run else 'TSM'}: {type(e).__name__}: {e}"
+            raise TSMSamplingError(f"[TSM] {what} (at {at}; the base weights were restored; generation stopped)") from e
 
     def _go_online(self, run: FileRun) -> None:
         with self.weight_writes():

@@ -34,8 +34,25 @@ def _forge_lora_functions():
     return model_lora_keys_clip, load_lora
 
 
+def unet_key_map(kmodel) -> dict:
+    """Forge's own LoRA key map of the diffusion model (Flux: diffusers ``lora_transformer_...`` names onto
+    its fused layers, as ``(key, (dim, offset, size))``), plus SD3's diffusers names, which Forge's map
+    leaves commented out at dfdcbab, from Forge's bundled ``mmdit_to_diffusers``."""
+    from backend.patcher.lora import model_lora_keys_unet
+
+    key_map = model_lora_keys_unet(kmodel, {})
+    blocks = getattr(kmodel.diffusion_model, "joint_blocks", None)
+    if blocks is not None:
+        from packages_3rdparty.comfyui_lora_collection.utils import mmdit_to_diffusers
+
+        for k, to in mmdit_to_diffusers({"depth": len(blocks)}, output_prefix="diffusion_model.").items():
+            if k.endswith(".weight"):
+                key_map.setdefault("lora_transformer_" + k[: -len(".weight")].replace(".", "_"), to)
+    return key_map
+
+
 _key_map, _load_lora = _forge_lora_functions()
-controller = tsm_forge.Controller(find_file, key_map_fn=_key_map, load_lora_fn=_load_lora)
+controller = tsm_forge.Controller(find_file, key_map_fn=_key_map, load_lora_fn=_load_lora, unet_key_map_fn=unet_key_map)
 
 
 class ExtraNetworkTSM(extra_networks.ExtraNetwork):
@@ -50,7 +67,7 @@ class ExtraNetworkTSM(extra_networks.ExtraNetwork):
                 for r in getattr(p, controller.ATTR))
 
     def deactivate(self, p):
-        controller.restore()
+        controller.finish(p)
 
 
 def _register():
@@ -79,7 +96,7 @@ class TSMScript(scripts.Script):
         controller.process_before_every_sampling(p)
 
     def post_sample(self, p, ps, *args):
-        controller.restore()
+        controller.finish(p)
 
     def postprocess(self, p, processed, *args):
-        controller.restore()
+        controller.finish(p)
