@@ -437,7 +437,7 @@ def test_flux_diffusers_names_map_to_row_slices_of_fused_layers():
                                                 "lora_transformer_bias": "diffusion_model.qkv.bias"})
     assert set(index) == {"lora_transformer_a_to_k", "lora_transformer_a_to_out_0"}
     piece = index["lora_transformer_a_to_k"]
-    assert isinstance(piece, tsm_forge.RowSlice) and piece.parent is fused
+    assert isinstance(piece, tsm_forge.RowSlice) and piece.fused_parent is fused
     assert torch.equal(piece.weight, fused.weight[4:8])
     assert tsm_forge.is_quantized(tsm_forge.RowSlice(QuantLinear(nn.Linear(4, 12)), 4, 4))
 

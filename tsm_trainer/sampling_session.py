@@ -44,8 +44,9 @@ class TSMSamplingError(RuntimeError):
 
 def weights_writable(layer: nn.Module) -> bool:
     """False for weights a merge must not write: bnb 4-bit (``bnb_quantized``), GGUF (``gguf_cls``),
-    fp8 or any other non fp32/fp16/bf16 storage, or a layer without a weight."""
-    w = getattr(layer, "weight", None)
+    fp8 or any other non fp32/fp16/bf16 storage, or a layer without a weight. A slice of a fused layer
+    (an adapter's object with ``fused_parent``) is judged by that layer."""
+    w = getattr(getattr(layer, "fused_parent", layer), "weight", None)
     return (isinstance(w, torch.Tensor) and not hasattr(w, "bnb_quantized")
             and getattr(w, "gguf_cls", None) is None and w.dtype in WRITABLE_DTYPES)
 

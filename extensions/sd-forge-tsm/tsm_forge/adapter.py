@@ -76,7 +76,7 @@ def forge_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> 
 
 def is_quantized(layer: nn.Module) -> bool:
     """True for weights that must not be written: bnb 4-bit, GGUF, fp8 or any non-float storage."""
-    return not weights_writable(getattr(layer, "parent", layer))
+    return not weights_writable(layer)
 
 
 class RowSlice(nn.Module):
@@ -90,21 +90,27 @@ class RowSlice(nn.Module):
         self.offset, self.size = offset, size
 
     @property
-    def parent(self) -> nn.Module:
+    def fused_parent(self) -> nn.Module:
         return self._parent[0]
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.parent.weight.narrow(0, self.offset, self.size)
+        return self.fused_parent.weight.narrow(0, self.offset, self.size)
 
 
 def diffusers_name_index(kmodel, key_map: Mapping[str, object]) -> dict[str, nn.Module]:
     """``{lora name: layer or RowSlice}`` from a Forge LoRA key map (``model_lora_keys_unet``):
-    values are ``"diffusion_model.<path>.weight"`` or ``(that key, (dim, offset, size))``."""
+    values are ``"diffusion_model.<path>.weight"``, ``(that key, (dim, offset, size))`` or, for weights
+    Forge reorders on load, ``(key, piece, function)``, which are skipped."""
     modules = dict(kmodel.named_modules())
     index = {}
     for name, target in key_map.items():
-        key, piece = (target, None) if isinstance(target, str) else target
+        if isinstance(target, str):
+            key, piece = target, None
+        elif len(target) > 2 and target[2] is not None:
+            continue  # a weight Forge transforms on load (swap_scale_shift): not a plain LoRA target
+        else:
+            key, piece = target[0], target[1]
         if not key.endswith(".weight"):
             continue
         layer = modules.get(key[: -len(".weight")])
@@ -207,7 +213,7 @@ class _OnlineOnForge:
         slices: dict[nn.Module, list] = {}
         for name, layer in f.layers.items():
             if isinstance(layer, RowSlice):
-                slices.setdefault(layer.parent, []).append((layer.offset, layer.size, self.views[name]))
+                slices.setdefault(layer.fused_parent, []).append((layer.offset, layer.size, self.views[name]))
             else:
                 self.patched[layer] = self.views[name]._previous
                 layer.forward = self.views[name].forward  # now the TSM module's forward (OnlineTSM.apply_to)
