@@ -186,7 +186,9 @@ class OnlineTSM:
                 module = TSMLoRAModule(name, layers[name], self.context, info["scales"], rank, None, experts=held,
                                        mixture=mixture, multiplier=multiplier)
             weight = layers[name].weight
-            module.to(weight.device, weight.dtype)
+            # fp8/quantized weights: the factors compute in float32 (the output is cast back to the layer's)
+            module.to(weight.device, weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                      else torch.float32)
             self.modules[name] = module
         expected = {f"{n}.{k}": v.shape for n, m in self.modules.items() for k, v in m.state_dict().items()}
         mine = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in self.modules}
