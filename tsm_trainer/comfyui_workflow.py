@@ -216,7 +216,10 @@ def boundary_percent(k: int, T: int = _DEFAULT_T, sampling: DiscreteSigmas | Non
     So, for the model's sigma table (``sampling``; default: SD1/SD2/SDXL's scaled-linear table), ``t_p``
     is the largest float32 near ``k - 0.5`` that has a float32 percent and whose ``sigma(t_p)`` the
     UNet maps to ``k - 1``: every sigma at or below it gets ``t <= k - 1``, every sigma above it ``t >= k``
-    (up to the few float32 sigmas strictly between two consecutive candidates). Valid for
+    (up to the float32 sigmas strictly between two consecutive candidates). Below t ~ 500 float32
+    percents reach only every ~6e-5 of t; where the UNet gives the exact ``sigma(k - 0.5)`` to ``k - 1``
+    and no percent lands on it, the nearest candidate above is used, so that scheduler-made sigma still
+    gets the UNet's expert (a sigma within ~6e-5 timesteps above it would get the lower one). Valid for
     ``1 <= k <= T - 1``; the result is a float32 number (``CreateHookKeyframesInterpolated``'s float32
     linspace keeps it unchanged).
     """
@@ -241,7 +244,13 @@ def boundary_percent(k: int, T: int = _DEFAULT_T, sampling: DiscreteSigmas | Non
     lower = [c for c, unet_t in zip(candidates, sampling.timestep(sigmas).tolist()) if unet_t <= k - 1]
     if not lower:
         raise AssertionError(f"no keyframe percent reaches t = {k - 1} near t = {k - 0.5}")
-    return max(lower)[1]
+    best = max(lower)
+    tie = sampling.sigma(torch.tensor([k - 0.5], dtype=torch.float32))
+    if best[0] < k - 0.5 and sampling.timestep(tie).item() == k - 1:
+        # The UNet gives sigma(k - 0.5) (which schedulers produce) to k - 1, but no float32 percent
+        # lands on t = k - 0.5 (below t ~ 500 they are ~6e-5 apart): take the nearest one above it.
+        best = min(c for c in candidates if c[0] >= k - 0.5)
+    return best[1]
 
 
 _SD_SAMPLING: dict[int, DiscreteSigmas] = {}
