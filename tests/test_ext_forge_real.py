@@ -34,7 +34,7 @@ if FORGE:
     from backend.modules.k_prediction import Prediction, PredictionFlux
     from backend.nn.flux import IntegratedFluxTransformer2DModel
     from backend.nn.unet import IntegratedUNet2DConditionModel
-    from backend.patcher.lora import model_lora_keys_unet
+    from backend.nn.mmditx import MMDiTX
     from backend.patcher.unet import UnetPatcher
     from backend.sampling.condition import ConditionCrossAttn
     from backend.sampling.sampling_function import sampling_function_inner
@@ -46,6 +46,7 @@ if FORGE:
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
 import tsm_forge  # noqa: E402
+from tsm_forge.forge_keys import unet_key_map  # noqa: E402
 from tsm_trainer.file_format import TSMFileError, load_file  # noqa: E402
 from tsm_trainer.intervals import expert_index  # noqa: E402
 from tsm_trainer.sampling_session import TSMSamplingError  # noqa: E402
@@ -258,12 +259,12 @@ def _flux_call(patcher, sigma):
 
 @pytest.mark.parametrize("mode", ["merge", "online"])
 def test_real_flux_diffusers_named_file_resolves_through_forges_key_map(metadata, mode):
-    """Forge's own ``model_lora_keys_unet`` maps diffusers names onto the fused qkv / linear1 rows; the file
+    """Forge's own ``model_lora_keys_unet`` (through ``tsm_forge.forge_keys.unet_key_map``) maps diffusers names onto the fused qkv / linear1 rows; the file
     now resolves (before: "module(s) not in this model") and equals the same LoRA merged by hand into those rows."""
     flux = _forge_flux()
     config = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev")
     patcher = _patcher(flux, _prediction_flux(), config)
-    key_map = model_lora_keys_unet(patcher.model, {})
+    key_map = unet_key_map(patcher.model)
     tensors, meta = _lora_tensors(FLUX_DIFFUSERS), dict(metadata)
     with pytest.raises(TSMFileError, match="not in this model"):  # what Forge users got before
         tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("flux.safetensors")], loader=lambda p: (tensors, meta))
@@ -289,3 +290,37 @@ def test_real_flux_diffusers_named_file_resolves_through_forges_key_map(metadata
             rows += up @ down  # alpha == rank
     torch.testing.assert_close(out, _flux_call(_patcher(ref, _prediction_flux(), config), sigma), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, _flux_call(patcher, sigma), atol=1e-4)
+
+
+def test_real_sd3_diffusers_names_resolve_onto_forges_mmditx_rows(metadata):
+    """SD3: Forge's map has no diffusers names at dfdcbab (commented out); unet_key_map adds them from Forge's
+    own mmdit_to_diffusers. Merged expert = base + delta in the q/k/v rows of joint_blocks.N.*.attn.qkv."""
+    from backend.modules.k_prediction import PredictionDiscreteFlow
+
+    sd3 = _in_forge_operations(MMDiTX, input_size=8, patch_size=2, in_channels=4, depth=2, adm_in_channels=8,
+                               context_embedder_config={"target": "torch.nn.Linear",
+                                                        "params": {"in_features": 12, "out_features": 128}},
+                               pos_embed_max_size=8, num_patches=16)
+    sd3.config = {"depth": 2}  # backend/loader.py: model.config = unet_config
+    patcher = _patcher(sd3, PredictionDiscreteFlow(shift=3.0), SimpleNamespace(huggingface_repo="stabilityai/sd3"))
+    names = {"lora_transformer_transformer_blocks_1_attn_to_k": (128, 128),
+             "lora_transformer_transformer_blocks_0_attn_add_v_proj": (128, 128)}
+    tensors, meta = _lora_tensors(names), dict(metadata)
+    key_map = unet_key_map(patcher.model)
+    before = _snapshot(sd3)
+    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("sd3.safetensors")],
+                                      loader=lambda p: (tensors, meta), key_map=key_map)
+    session.set_timestep(torch.tensor([700.0]))  # expert 5 of 8
+    k_rows = sd3.joint_blocks[1].x_block.attn.qkv.weight[128:256]
+    v_rows = sd3.joint_blocks[0].context_block.attn.qkv.weight[256:384]
+    for rows, name, key in ((k_rows, "lora_transformer_transformer_blocks_1_attn_to_k",
+                             "joint_blocks.1.x_block.attn.qkv.weight"),
+                            (v_rows, "lora_transformer_transformer_blocks_0_attn_add_v_proj",
+                             "joint_blocks.0.context_block.attn.qkv.weight")):
+        lo = 128 if rows is k_rows else 256
+        delta = tensors[f"{name}.tsm.8.5.lora_up.weight"] @ tensors[f"{name}.tsm.8.5.lora_down.weight"]
+        torch.testing.assert_close(rows, before[key][lo:lo + 128] + delta, rtol=1e-5, atol=1e-5)
+    changed = [k for k, v in sd3.state_dict().items() if not torch.equal(v, before[k])]
+    assert sorted(changed) == ["joint_blocks.0.context_block.attn.qkv.weight", "joint_blocks.1.x_block.attn.qkv.weight"]
+    session.restore()
+    assert _same(sd3, before)

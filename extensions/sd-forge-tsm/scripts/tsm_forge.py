@@ -7,6 +7,7 @@ import os
 from modules import extra_networks, paths, script_callbacks, scripts, shared
 
 import tsm_forge
+from tsm_forge.forge_keys import unet_key_map
 
 TSM_DIR = os.path.join(paths.models_path, "tsm")
 
@@ -32,23 +33,6 @@ def _forge_lora_functions():
     from backend.patcher.lora import load_lora, model_lora_keys_clip  # Forge's own key mapping
 
     return model_lora_keys_clip, load_lora
-
-
-def unet_key_map(kmodel) -> dict:
-    """Forge's own LoRA key map of the diffusion model (Flux: diffusers ``lora_transformer_...`` names onto
-    its fused layers, as ``(key, (dim, offset, size))``), plus SD3's diffusers names, which Forge's map
-    leaves commented out at dfdcbab, from Forge's bundled ``mmdit_to_diffusers``."""
-    from backend.patcher.lora import model_lora_keys_unet
-
-    key_map = model_lora_keys_unet(kmodel, {})
-    blocks = getattr(kmodel.diffusion_model, "joint_blocks", None)
-    if blocks is not None:
-        from packages_3rdparty.comfyui_lora_collection.utils import mmdit_to_diffusers
-
-        for k, to in mmdit_to_diffusers({"depth": len(blocks)}, output_prefix="diffusion_model.").items():
-            if k.endswith(".weight"):
-                key_map.setdefault("lora_transformer_" + k[: -len(".weight")].replace(".", "_"), to)
-    return key_map
 
 
 _key_map, _load_lora = _forge_lora_functions()
