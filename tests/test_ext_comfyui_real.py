@@ -248,3 +248,28 @@ def test_lowvram_load_with_a_plain_lora_matches_the_full_load(node, tsm_file):
         patched.unpatch_model(CPU)
         assert _same(model, before)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_comfy_unpatching_mid_run_does_not_get_undone_by_our_restore(node, tsm_file):
+    """ModelPatcher.partially_unload during sampling (memory pressure) puts ComfyUI's backups back under the
+    merged expert and forgets them. Restoring our (plain-LoRA-patched) backup afterwards left base + LoRA in
+    weights ComfyUI believes unpatched: every later run got the plain LoRA twice."""
+    import comfy.model_management as mm
+
+    model = _model()
+    before = _snapshot(model)
+    with_plain, _ = comfy.sd.load_lora_for_models(model, None, expert_lora(tsm_file[1], 8, 3), 0.5, 0.0)
+    patched, _ = node.load_tsm_lora(with_plain, None, "tsm8.safetensors", 1.0, 0.0)
+    calls = []
+
+    def unload_on_second_call(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            (loaded,) = [lm.model for lm in mm.current_loaded_models if lm.model.model is model.model]
+            assert loaded.partially_unload(CPU, memory_to_free=10 ** 12) > 0
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(unload_on_second_call)
+    _ksample(patched, 4)
+    handle.remove()
+    mm.unload_all_models()  # ComfyUI unpatches whatever it still holds patched
+    assert _same(model, before)

@@ -259,3 +259,32 @@ def test_autocast_query_works_without_the_device_argument(monkeypatch):
     monkeypatch.setattr(torch, "is_autocast_enabled", old_api)
     monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: False, raising=False)
     assert autocast_enabled("cuda") is True and autocast_enabled("cpu") is False and autocast_enabled("mps") is False
+
+
+def test_weights_the_host_rewrote_mid_run_are_rebased_not_overwritten(foster_file):
+    """ComfyUI's unpatch_model/partially_unload put their own backups back (copy_to_param in place, or
+    set_attr_param with a new Parameter) while the expert is merged: restoring ours afterwards would
+    re-apply the host's patches under its feet. Those weights keep the host's value; a new Parameter is
+    re-merged at the next call."""
+    unet = tiny_unet()
+    layers = layers_by_lora_name(unet)
+    session = SamplingSession([_session_file(foster_file, unet)])
+    switcher = session.runs[0].runtime
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    layer = layers[name]
+    host_patched = layer.weight.detach().clone()  # what the host had applied before sampling
+    session.set_timestep(990.0)
+    merged = layer.weight.detach().clone()
+    assert not torch.equal(merged, host_patched)
+    host_base = host_patched - 0.25  # the host unpatches in place: its own backup comes back
+    with torch.no_grad():
+        layer.weight.copy_(host_base)
+    session.set_timestep(990.0)  # same expert; the in-place rewrite is seen at the next write
+    other = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    layers[other].weight = torch.nn.Parameter(layers[other].weight.detach() * 0 + 1.0)  # set_attr_param
+    session.set_timestep(990.0)
+    assert not torch.equal(layers[other].weight.detach(), torch.ones_like(layers[other].weight))  # re-merged on it
+    session.restore()
+    assert torch.equal(layer.weight.detach(), host_base)  # not our stale backup
+    assert torch.equal(layers[other].weight.detach(), torch.ones_like(layers[other].weight))
+    assert switcher.rebased == [name]
