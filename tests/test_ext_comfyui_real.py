@@ -9,6 +9,9 @@ through ComfyUI's ``comfy_extras.nodes_hooks`` nodes and ``comfy.hooks``. No Com
 import-stubbed (tests/torchvision_stub.py). Run with the venv described in extensions/comfyui-tsm/README.md:
 
     TSM_COMFYUI_DIR=/work/real/comfyui /work/venvs/comfy/bin/python -m pytest tests/test_ext_comfyui_real.py -q
+
+Run the Forge and ComfyUI real-code files in separate pytest processes: each puts its tool's
+top-level packages on sys.path, and the two were not tried in one process.
 """
 
 import asyncio

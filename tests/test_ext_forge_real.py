@@ -8,6 +8,9 @@ dependencies (einops, torchsde, torchdiffeq, scipy, sentencepiece; see extension
 torchvision is import-stubbed (tests/torchvision_stub.py):
 
     TSM_FORGE_DIR=/work/real/forge /work/venvs/comfy/bin/python -m pytest tests/test_ext_forge_real.py -q
+
+Run the Forge and ComfyUI real-code files in separate pytest processes: each puts its tool's
+top-level packages on sys.path, and the two were not tried in one process.
 """
 
 import math
