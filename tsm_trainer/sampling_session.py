@@ -167,9 +167,11 @@ class SamplingSession:
             TSMSamplingError: after restoring every file, when applying failed or the session was
                 closed by an earlier failure.
         """
-        if self.closed or any(r.restored for r in self.runs):
+        if self.closed:
             raise TSMSamplingError("[TSM] this sampling session was stopped by an earlier error; "
                                    "the model runs without TSM until the next generation")
+        if any(r.restored for r in self.runs):
+            raise TSMSamplingError("[TSM] this sampling session already ended (weights restored); start a new one")
         self.calls += 1
         t = cpu_timesteps(t)
         run = None
