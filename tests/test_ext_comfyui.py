@@ -39,7 +39,6 @@ from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, wri
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.file_format import TSMFileError
 from tsm_trainer.intervals import expert_index
-from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM
 
 EXT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "comfyui-tsm")
 
@@ -457,9 +456,9 @@ def test_expert_follows_model_sampling_timestep_and_weights_come_back(comfy, sch
     calls = []
 
     def record(module, args):
-        runtime = state.runtime
-        assert isinstance(runtime, ExpertSwitcher)
-        calls.append((runtime.active, runtime.merges))
+        (run,) = state.session
+        assert run.merge
+        calls.append((run.active, run.merges))
 
     sigmas = calculate_sigmas(base.model_sampling, scheduler, steps)
     handle = base.diffusion_model.register_forward_pre_hook(record)
@@ -474,7 +473,7 @@ def test_expert_follows_model_sampling_timestep_and_weights_come_back(comfy, sch
     assert [e for e, _ in calls] == expected
     crossings = sum(1 for a, b in zip(expected, expected[1:]) if a != b)
     assert calls[-1][1] == crossings + 1 <= 8  # the first merge plus one per boundary crossed
-    assert state.runtime is None  # ON_CLEANUP ran
+    assert state.session is None  # ON_CLEANUP ran
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
 
 
@@ -495,7 +494,7 @@ def test_stage1_output_equals_training_time_network(comfy):
     try:
         with torch.no_grad():
             base.apply_model(x, sig, c_crossattn=c, transformer_options={"wrappers": copy_nested_dicts(patched.wrappers)})
-        assert isinstance(_state(patched, comfy.nodes).runtime, OnlineTSM)
+        assert not _state(patched, comfy.nodes).session.runs[0].merge  # went online for that run
     finally:
         handle.remove()
         patched.cleanup()
@@ -521,7 +520,7 @@ def test_stage1_merges_on_top_of_plain_lora_weight_patches(comfy):
     seen = []
 
     def record(module, args):
-        e = _state(patched, comfy.nodes).runtime.active
+        e = _state(patched, comfy.nodes).session.runs[0].active
         down, up = tensors[f"{name}.tsm.8.{e}.lora_down.weight"], tensors[f"{name}.tsm.8.{e}.lora_up.weight"]
         expert = 0.8 * float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
         seen.append((layer.weight.detach() - before[key] - 0.5 * plain - expert).abs().max().item())
@@ -548,7 +547,7 @@ def test_stage2_router_file_equals_tsmnetwork(comfy):
         out = _unet_output(patched.model, s, patched)
         torch.testing.assert_close(out, reference[s], rtol=1e-4, atol=1e-5)
     state = _state(patched, comfy.nodes)
-    assert state.runtime is None
+    assert state.session is None
     assert not any("forward" in vars(m) for m in model.model.diffusion_model.modules())  # wrappers removed
     assert all(torch.equal(model.model.state_dict()[k], v) for k, v in before.items())
     # A full sampling run with the router file also leaves the base model as it was.

@@ -21,6 +21,7 @@ from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.export import text_encoder_lora
 from tsm_trainer.file_format import TSMFileError, load_file
 from tsm_trainer.intervals import expert_index
+from tsm_trainer.sampling_session import TSMSamplingError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
 import tsm_forge  # noqa: E402
@@ -267,17 +268,11 @@ def sample(unet_patcher, steps, on_call=None):
     return outs
 
 
-def _wrap_recording(unet, networks):
-    """Record (t the UNet receives, merged expert) at every apply_model call behind the wrapper."""
+def _record(model, session):
+    """Record (t the UNet receives, merged expert) at every UNet call, after the TSM hook ran."""
     seen = []
-    real = unet.model.apply_model
-
-    def spy(x, t, **c):
-        seen.append((unet.model.predictor.timestep(t).float(), [n.active for n in networks]))
-        return real(x, t, **c)
-
-    wrapper = unet.model_options["model_function_wrapper"]
-    unet.model_options["model_function_wrapper"] = lambda apply_model, args: wrapper(spy, args)
+    model.diffusion_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[1].float(), [r.active for r in session])), with_kwargs=True)
     return seen
 
 
@@ -301,29 +296,30 @@ def test_merge_path_follows_predictor_timestep_merges_per_crossing_and_restores(
     model = KModel(forge_unet())
     base = UnetPatcher(model)
     before = snapshot(model)
-    unet, networks = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file)])
-    assert unet is not base and "model_function_wrapper" not in base.model_options  # the clone is patched
-    (net,) = networks
-    assert net.merge
-    seen = _wrap_recording(unet, networks)
-    sample(unet, steps)
+    session = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file)])
+    assert "model_function_wrapper" not in base.model_options  # the wrapper slot is left to others
+    (run,) = session
+    assert run.merge
+    seen = _record(model, session)
+    sample(base, steps)
     assert len(seen) == steps
     visited = []
     for t, (active,) in seen:
         assert active == expert_index(t, 8)[0].item()
         if not visited or visited[-1] != active:
             visited.append(active)
-    assert net.merges == len(visited) <= 8
+    assert run.merges == len(visited) <= 8
     assert not same(model, before)  # an expert is merged while sampling
-    net.restore()
+    session.restore()
     assert same(model, before)
+    assert not model.diffusion_model._forward_pre_hooks or len(model.diffusion_model._forward_pre_hooks) == 1  # the spy
 
 
 def test_merge_path_equals_training_time_network(foster_file):
     model = KModel(forge_unet())
-    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, 0.7)])
-    outs = sample(unet, 8)
-    net.restore()
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, 0.7)])
+    outs = sample(UnetPatcher(model), 8)
+    session.restore()
 
     ref_unet = tiny_unet()
     ref = TSMNetwork.from_file(foster_file, ref_unet, [tiny_clip()], multiplier=0.7)
@@ -335,55 +331,55 @@ def test_merge_path_equals_training_time_network(foster_file):
 
 def test_online_path_leaves_weights_untouched_and_equals_merge_path(foster_file):
     merge_model = KModel(forge_unet())
-    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(merge_model), [tsm_forge.TSMRequest(foster_file)])
-    expected = sample(unet, 8)
-    net.restore()
+    session = tsm_forge.apply_to_unet(UnetPatcher(merge_model), [tsm_forge.TSMRequest(foster_file)])
+    expected = sample(UnetPatcher(merge_model), 8)
+    session.restore()
     plain = sample(UnetPatcher(KModel(forge_unet())), 8)
     assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(expected, plain))  # the experts do act
 
     model = KModel(forge_unet())
     before = snapshot(model)
-    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, mode="online")])
-    assert not net.merge
-    unet.model_patches_to(torch.device("cpu"))  # Forge's model_load/unload call wrapper.to(...)
-    unet = unet.clone()  # another extension cloning after us keeps the same wrapper
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, mode="online")])
+    (run,) = session
+    assert not run.merge
     checks = []
-    outs = sample(unet, 8, on_call=lambda sigma: checks.append(same(model, before)))
-    assert all(checks) and net.calls == 8
+    outs = sample(UnetPatcher(model).clone(), 8, on_call=lambda sigma: checks.append(same(model, before)))
+    assert all(checks) and run.calls == 8
     torch.testing.assert_close(outs, expected, rtol=1e-4, atol=1e-5)
-    net.restore()
+    session.restore()
     assert same(model, before)
     assert all("forward" not in m.__dict__ for m in model.modules())  # forwards put back
+    assert not model.diffusion_model._forward_pre_hooks
 
 
 def test_quantized_weights_take_the_online_path(foster_file):
     qunet = forge_unet(QuantLinear)
     model = KModel(qunet, storage_dtype="nf4")  # backend/loader.py: storage_dtype is 'nf4'/'fp4'/'gguf'
     before = snapshot(model)
-    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
-    assert not net.merge
-    with pytest.raises(TSMFileError, match="mode=merge"):
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
+    assert not session.runs[0].merge
+    with pytest.raises(TSMFileError, match="mode=merge is impossible"):
         tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file, mode="merge")])
     checks = []
-    outs = sample(unet, 8, on_call=lambda sigma: checks.append(same(model, before)))
+    outs = sample(UnetPatcher(model), 8, on_call=lambda sigma: checks.append(same(model, before)))
     assert all(checks)
-    net.restore()
+    session.restore()
     assert same(model, before)
 
     ref_model = KModel(dequantized_copy(qunet))
-    ref_unet, (ref_net,) = tsm_forge.apply_to_unet(UnetPatcher(ref_model), [tsm_forge.TSMRequest(foster_file)])
-    assert ref_net.merge
-    torch.testing.assert_close(outs, sample(ref_unet, 8), rtol=1e-4, atol=1e-5)
-    ref_net.restore()
+    ref_session = tsm_forge.apply_to_unet(UnetPatcher(ref_model), [tsm_forge.TSMRequest(foster_file)])
+    assert ref_session.runs[0].merge
+    torch.testing.assert_close(outs, sample(UnetPatcher(ref_model), 8), rtol=1e-4, atol=1e-5)
+    ref_session.restore()
 
 
 def test_assembled_file_equals_tsm_network(assembled_file):
     model = KModel(forge_unet())
     before = snapshot(model)
-    unet, (net,) = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(assembled_file)])
-    assert not net.merge  # routers need the online path
-    outs = sample(unet, 8)
-    net.restore()
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(assembled_file)])
+    assert not session.runs[0].merge  # routers need the online path
+    outs = sample(UnetPatcher(model), 8)
+    session.restore()
     assert same(model, before)
 
     ref_unet = tiny_unet()
@@ -397,22 +393,53 @@ def test_assembled_file_equals_tsm_network(assembled_file):
 def test_two_files_one_merges_the_other_runs_online(foster_file, assembled_file):
     model = KModel(forge_unet())
     before = snapshot(model)
-    prev_calls = []
-
-    def previous(apply_model, args):  # another extension's wrapper is chained, not replaced
-        prev_calls.append(1)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
     base = UnetPatcher(model)
-    base.set_model_unet_function_wrapper(previous)
-    unet, nets = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file), tsm_forge.TSMRequest(foster_file, 0.5),
-                                                tsm_forge.TSMRequest(assembled_file)])
-    assert [n.merge for n in nets] == [True, False, False]
-    sample(unet, 4)
-    assert len(prev_calls) == 4
-    for n in reversed(nets):
-        n.restore()
+    session = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file), tsm_forge.TSMRequest(foster_file, 0.5),
+                                             tsm_forge.TSMRequest(assembled_file)])
+    assert [r.merge for r in session] == [True, False, False]
+    sample(base, 4)
+    assert [r.calls for r in session] == [4, 4, 4]
+    session.restore()
     assert same(model, before)
+
+
+def test_a_wrapper_that_replaces_the_slot_and_tiles_still_gets_the_expert(foster_file):
+    """extensions-builtin/sd_forge_multidiffusion/lib_multidiffusion/tiled_diffusion.py: ``model.clone();
+    model.set_model_unet_function_wrapper(implement)`` replaces the slot (no chaining) and ``implement``
+    calls ``model_function(x_tile, t_tile, **c_tile)`` per tile. Before, TSM lived in that slot and was lost."""
+    model = KModel(forge_unet())
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
+    tiled = UnetPatcher(model).clone()
+
+    def implement(apply_model, args):  # two horizontal tiles, no overlap
+        x = args["input"]
+        halves = [apply_model(x[..., :4], args["timestep"], **args["c"]),
+                  apply_model(x[..., 4:], args["timestep"], **args["c"])]
+        return torch.cat(halves, -1)
+
+    tiled.set_model_unet_function_wrapper(implement)
+    seen = _record(model, session)
+    sample(tiled, 4)
+    assert len(seen) == 8 and session.runs[0].calls == 8
+    assert all(active == expert_index(t, 8)[0].item() for t, (active,) in seen)
+    session.restore()
+
+
+def test_flux_diffusers_names_map_to_row_slices_of_fused_layers():
+    """Forge's ``model_lora_keys_unet`` gives Flux diffusers names as ``(key, (0, offset, size))``
+    (packages_3rdparty/comfyui_lora_collection/lora.py + utils.flux_to_diffusers)."""
+    km = nn.Module()
+    km.diffusion_model = nn.Module()
+    fused = ForgeLinear(nn.Linear(4, 12))
+    km.diffusion_model.qkv = fused
+    index = tsm_forge.diffusers_name_index(km, {"lora_transformer_a_to_k": ("diffusion_model.qkv.weight", (0, 4, 4)),
+                                                "lora_transformer_a_to_out_0": "diffusion_model.qkv.weight",
+                                                "lora_transformer_bias": "diffusion_model.qkv.bias"})
+    assert set(index) == {"lora_transformer_a_to_k", "lora_transformer_a_to_out_0"}
+    piece = index["lora_transformer_a_to_k"]
+    assert isinstance(piece, tsm_forge.RowSlice) and piece.fused_parent is fused
+    assert torch.equal(piece.weight, fused.weight[4:8])
+    assert tsm_forge.is_quantized(tsm_forge.RowSlice(QuantLinear(nn.Linear(4, 12)), 4, 4))
 
 
 def test_layer_index_finds_forge_linears_under_sgm_names():
@@ -526,27 +553,34 @@ def test_processing_lifecycle_with_hires_pass(foster_file):
     assert key == (f"tsm:{foster_file}", 0.5, 1.0, False)
     te = text_encoder_lora(load_file(foster_file)[0])
     assert len(patches) == len({k.split(".")[0] for k in te})
-    for passes in range(2):  # first pass, then the hires pass (process_before_every_sampling again)
-        p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
-        controller.process_before_every_sampling(p)
-        assert p.sd_model.forge_objects.unet is not sd_model.forge_objects_after_applying_lora.unet
+    # first pass; then the hires pass, for which modules/processing.py sample_hr_pass calls
+    # process_before_every_sampling twice (after before_hr, and again after resetting forge_objects)
+    for calls_before_sampling in (1, 2):
+        for _ in range(calls_before_sampling):
+            p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
+            controller.process_before_every_sampling(p)
         sample(p.sd_model.forge_objects.unet, 4)
     assert not same(model, before)
-    controller.restore()  # post_sample
-    assert same(model, before)
-    assert "model_function_wrapper" not in sd_model.forge_objects_original.unet.model_options
+    p.extra_generation_params = {}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        controller.finish(p)  # post_sample
+        controller.finish(p)  # postprocess
+    assert not [x for x in w if "TSM" in str(x.message)]  # no false "never called"
+    assert same(model, before) and not model.diffusion_model._forward_pre_hooks
+    assert "TSM notice" not in p.extra_generation_params
 
     # a run with no tag leaves everything as is; an unknown name is a clear error
     controller.activate(p, [])
     p.sd_model.forge_objects = sd_model.forge_objects_after_applying_lora.shallow_copy()
     controller.process_batch(p)
     controller.process_before_every_sampling(p)
-    assert p.sd_model.forge_objects.unet is sd_model.forge_objects_original.unet
+    assert controller.session is None and not model.diffusion_model._forward_pre_hooks
     with pytest.raises(TSMFileError, match="no such TSM file"):
         controller.activate(p, [ExtraNetworkParams(["missing"])])
 
 
-def test_never_called_wrapper_warns(foster_file):
+def test_never_called_unet_warns_at_the_end_only(foster_file):
     model = KModel(forge_unet())
     before = snapshot(model)
     controller = tsm_forge.Controller(lambda n: foster_file)
@@ -557,9 +591,40 @@ def test_never_called_wrapper_warns(foster_file):
     controller.process_before_every_sampling(p)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        controller.restore()
+        controller.process_before_every_sampling(p)  # replaced unused: Forge's hires double call
+        assert not w
+        controller.finish(p)
     assert any("never called" in str(x.message) for x in w)
     assert same(model, before) and all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_mixed_interval_batch_goes_online_and_is_reported_in_the_output_info(foster_file):
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    controller = tsm_forge.Controller(lambda n: foster_file)
+    p = type("P", (), {"extra_generation_params": {}})()
+    p.sd_model = type("SD", (), {})()
+    p.sd_model.forge_objects = ForgeObjects(UnetPatcher(model), None)
+    controller.activate(p, [ExtraNetworkParams(["x"])])
+    controller.process_before_every_sampling(p)
+    sigmas = model.predictor.sigmas[[10, 990]]
+    cond, uncond = _conds()
+    with torch.no_grad():
+        model.apply_model(torch.randn(2, 4, 8, 8), sigmas, c_crossattn=torch.cat([cond, uncond]))
+    assert not controller.session.runs[0].merge
+    controller.finish(p)
+    assert "different experts" in p.extra_generation_params["TSM notice"]
+    assert same(model, before)
+
+
+def test_an_error_while_sampling_restores_and_stops_the_generation(foster_file):
+    model = KModel(forge_unet())
+    before = snapshot(model)
+    session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
+    session.runs[0].runtime.experts.remove(7)  # as a single-interval file lacking expert 7
+    with pytest.raises(TSMSamplingError, match="t=999.0 needs expert 7 .*the base weights were restored; generation stopped"):
+        sample(UnetPatcher(model), 8)
+    assert same(model, before) and not model.diffusion_model._forward_pre_hooks
 
 
 def test_parse_params():

@@ -49,13 +49,14 @@ Float32 detail: ``CreateHookKeyframesInterpolated`` builds its percents with ``t
 (float32), while ``CreateHookKeyframe`` keeps the float64 value. Every percent written here is a
 float32 number (so both nodes see the same value and the off keyframe of expert ``e`` and the on
 keyframe of expert ``e - 1`` have the identical ``start_t``: exactly one expert is active at any
-sigma), chosen among the float32 numbers near ``1 - (k - 0.5) / 999`` as the one whose
-``float32((1 - p) * 999)`` is closest to ``k - 0.5`` (equal to it for ``k >~ 500``; at most a few
-1e-5 timesteps off below). Beyond that, the match is exact up to float32 rounding of
-``log_sigmas`` arithmetic, i.e. only a sigma within ~1e-5 timesteps of a half-integer boundary
-can be routed to the neighbouring expert. A sigma *exactly* at ``sigma(k - 0.5)`` (the "normal"
-scheduler with odd steps or "sgm_uniform" with even steps hit t = 499.5) goes to the lower
-expert; the UNet's argmin breaks that exact tie by float32 rounding (either way, per table).
+sigma), chosen so that the keyframe's own sigma is the largest one the UNet maps to ``k - 1``
+(:func:`boundary_percent`, computed on the model's float32 sigma table exactly as ComfyUI computes
+it). A sigma *exactly* at ``sigma(k - 0.5)`` (the "normal" scheduler at 3, 9 or 25 steps and
+"sgm_uniform" at 8 put one at t = 499.5) therefore gets the expert of the integer t the UNet gets
+for it, as the `Load TSM LoRA` node does; only a float32 sigma strictly between two neighbouring
+candidate keyframe sigmas (a window of a few 1e-5 timesteps, which no scheduler here produces) could
+be routed to the neighbouring expert. Checked against ComfyUI's real ``model_sampling`` and hook
+keyframe code in tests/test_ext_comfyui_real.py.
 
 Scope and limits: the percent -> sigma mapping above is ``ModelSamplingDiscrete``'s (SD 1.x,
 SD 2.x eps/v, SDXL, and any model using a discrete 1000-step sigma table, whatever its betas).
@@ -78,6 +79,10 @@ import os
 import struct
 import tempfile
 from typing import Sequence
+
+import torch
+
+from .discrete_sigmas import DiscreteSigmas
 
 # ComfyUI's discrete model sampling hard-codes 999 (= len(sigmas) - 1) in percent_to_sigma.
 _DEFAULT_T = 1000
@@ -179,39 +184,86 @@ def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def _f32_step(x: float, k: int) -> float:
-    """The float32 number ``k`` float32-ulps away from the (non-negative, float32) ``x``."""
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    return struct.unpack("<f", struct.pack("<I", bits + k))[0]
+def _percent_for_t(t_p: float, T: int) -> float | None:
+    """A float32 percent ``p`` in (0, 1) with ``float32((1 - p) * (T - 1)) == t_p``, or None."""
+    lo, hi = _bits(0.0), _bits(1.0)  # float32 bit patterns of non-negative floats are ordered
+    while lo < hi:  # smallest p with t(p) <= t_p (t(p) is non-increasing in p)
+        mid = (lo + hi) // 2
+        if _f32((1.0 - _from_bits(mid)) * (T - 1)) <= t_p:
+            hi = mid
+        else:
+            lo = mid + 1
+    p = _from_bits(lo)
+    return p if 0.0 < p < 1.0 and _f32((1.0 - p) * (T - 1)) == t_p else None
 
 
-def boundary_percent(k: int, T: int = _DEFAULT_T) -> float:
-    """``start_percent`` whose sigma is the rounding boundary between integer timesteps k-1 and k.
+def _bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
 
-    ComfyUI computes ``t_p = float32((1 - p) * (T - 1))`` and switches at ``sigma(t_p)``; the UNet's
-    integer timestep ``timestep(sigma)`` changes from ``k`` to ``k - 1`` at ``t = k - 0.5``. The
-    returned ``p`` is a float32 number (so ``CreateHookKeyframesInterpolated``'s float32 linspace
-    keeps it unchanged) with ``float32((1 - p) * (T - 1))`` as close to ``k - 0.5`` as float32
-    allows. Valid for ``1 <= k <= T - 1``.
+
+def _from_bits(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+def boundary_percent(k: int, T: int = _DEFAULT_T, sampling: DiscreteSigmas | None = None) -> float:
+    """``start_percent`` whose keyframe switches exactly where the UNet's integer t goes from k to k - 1.
+
+    ComfyUI computes ``t_p = float32((1 - p) * (T - 1))``, ``start_t = sigma(t_p)``, and enters the keyframe
+    at the first model call with ``sigma <= start_t``; the UNet gets ``timestep(sigma)``, the nearest
+    integer in log-sigma, which flips from k to k - 1 near ``t = k - 0.5``. At ``sigma(k - 0.5)`` itself
+    (a sigma the "normal" and "sgm_uniform" schedulers produce, e.g. t = 499.5 at 9 or 25 normal steps)
+    the nearest integer is decided by float32 rounding: k for some boundaries, k - 1 for others.
+    So, for the model's sigma table (``sampling``; default: SD1/SD2/SDXL's scaled-linear table), ``t_p``
+    is the largest float32 near ``k - 0.5`` that has a float32 percent and whose ``sigma(t_p)`` the
+    UNet maps to ``k - 1``: every sigma at or below it gets ``t <= k - 1``, every sigma above it ``t >= k``
+    (up to the float32 sigmas strictly between two consecutive candidates). Below t ~ 500 float32
+    percents reach only every ~6e-5 of t; where the UNet gives the exact ``sigma(k - 0.5)`` to ``k - 1``
+    and no percent lands on it, the nearest candidate above is used, so that scheduler-made sigma still
+    gets the UNet's expert (a sigma within ~6e-5 timesteps above it would get the lower one). Valid for
+    ``1 <= k <= T - 1``; the result is a float32 number (``CreateHookKeyframesInterpolated``'s float32
+    linspace keeps it unchanged).
     """
     if not 1 <= k <= T - 1:
         raise ValueError(f"boundary timestep k={k} must be in [1, {T - 1}]")
-    target = k - 0.5
-    exact = 1.0 - target / (T - 1)
-    base = _f32(exact)
-    best = None
-    for step in range(-8, 9):
-        p = _f32_step(base, step)
-        if not 0.0 < p < 1.0:
-            continue
-        err = abs(_f32((1.0 - p) * (T - 1)) - target)
-        key = (err, abs(p - exact))
-        if best is None or key < best[0]:
-            best = (key, p)
+    sampling = _sd_sampling(T) if sampling is None else sampling
+    # Candidates (t_p, p): float32 timesteps around k - 0.5 that some float32 percent reaches (near
+    # t = 999 every float32 t is reachable; near t = 0 only every ~1000th is, so walk over p too).
+    candidates = set()
+    t = _from_bits(_bits(_f32(k - 0.5)) - 24)
+    for _ in range(49):
+        p = _percent_for_t(t, T)
+        if p is not None:
+            candidates.add((t, p))
+        t = _from_bits(_bits(t) + 1)
+    p0 = _bits(_f32(1.0 - (k - 0.5) / (T - 1)))
+    for p in (_from_bits(p0 + d) for d in range(-24, 25)):
+        if 0.0 < p < 1.0 and _percent_for_t(_f32((1.0 - p) * (T - 1)), T) == p:  # one p per t: the smallest
+            candidates.add((_f32((1.0 - p) * (T - 1)), p))
+    candidates = sorted(candidates)
+    sigmas = sampling.sigma(torch.tensor([c[0] for c in candidates], dtype=torch.float32))
+    lower = [c for c, unet_t in zip(candidates, sampling.timestep(sigmas).tolist()) if unet_t <= k - 1]
+    if not lower:
+        raise AssertionError(f"no keyframe percent reaches t = {k - 1} near t = {k - 0.5}")
+    best = max(lower)
+    tie = sampling.sigma(torch.tensor([k - 0.5], dtype=torch.float32))
+    if best[0] < k - 0.5 and sampling.timestep(tie).item() == k - 1:
+        # The UNet gives sigma(k - 0.5) (which schedulers produce) to k - 1, but no float32 percent
+        # lands on t = k - 0.5 (below t ~ 500 they are ~6e-5 apart): take the nearest one above it.
+        best = min(c for c in candidates if c[0] >= k - 0.5)
     return best[1]
 
 
-def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T) -> list[tuple[float, float]]:
+_SD_SAMPLING: dict[int, DiscreteSigmas] = {}
+
+
+def _sd_sampling(T: int) -> DiscreteSigmas:
+    if T not in _SD_SAMPLING:
+        _SD_SAMPLING[T] = DiscreteSigmas(timesteps=T)
+    return _SD_SAMPLING[T]
+
+
+def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T,
+                         sampling: DiscreteSigmas | None = None) -> list[tuple[float, float]]:
     """Hook keyframes ``[(start_percent, strength), ...]`` that make an expert active for t in [lo, hi).
 
     ``t`` is the integer timestep ComfyUI's ``ModelSamplingDiscrete.timestep(sigma)`` hands the
@@ -219,10 +271,8 @@ def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T) -> list[tuple[fl
     sigma is ``<= sigma(k - 0.5)``, i.e. whose ``t <= k - 1``. Hence: strength 0 from 0 % (unless
     ``hi == T``: then strength 1 from 0 %), strength 1 from ``boundary_percent(hi)``, strength 0
     from ``boundary_percent(lo)`` (omitted when ``lo == 0``). Boundaries: ``t = lo`` is on,
-    ``t = hi`` is off. A sigma exactly equal to ``sigma(k - 0.5)`` (ComfyUI's "normal" scheduler
-    with odd steps and "sgm_uniform" with even steps put one at t = 499.5) goes to the lower
-    expert (``start_t >= sigma``; also floor of the continuous t, DESIGN.md section 1), while
-    ``timestep()``'s argmin breaks that exact tie by float32 rounding, either way.
+    ``t = hi`` is off, including at a sigma exactly equal to ``sigma(k - 0.5)`` (see
+    :func:`boundary_percent`). ``sampling``: the model's sigma table (default SD1/SD2/SDXL's).
     Strengths are multipliers of the hook LoRA's own strength.
     """
     if not (isinstance(lo, int) and isinstance(hi, int)):
@@ -232,9 +282,9 @@ def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T) -> list[tuple[fl
     if hi == T:
         schedule = [(0.0, 1.0)]
     else:
-        schedule = [(0.0, 0.0), (boundary_percent(hi, T), 1.0)]
+        schedule = [(0.0, 0.0), (boundary_percent(hi, T, sampling), 1.0)]
     if lo > 0:
-        schedule.append((boundary_percent(lo, T), 0.0))
+        schedule.append((boundary_percent(lo, T, sampling), 0.0))
     return schedule
 
 
@@ -349,7 +399,7 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
                    seed: int, width: int, height: int, strength: float = 1.0, *,
                    text_encoder_strength: float | None = None, sampler_name: str = "euler",
                    scheduler: str = "normal", filename_prefix: str = "tsm",
-                   num_train_timesteps: int = _DEFAULT_T) -> dict:
+                   num_train_timesteps: int = _DEFAULT_T, sampling: DiscreteSigmas | None = None) -> dict:
     """A ComfyUI UI-format workflow (nodes/links/last_node_id/last_link_id/version) for txt2img.
 
     Args:
@@ -361,6 +411,7 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
             ``strength_model = 0``), or None.
         strength: LoRA strength of every expert (``CreateHookLoraModelOnly.strength_model``).
         text_encoder_strength: ``strength_clip`` of the text-encoder LoRA (default: ``strength``).
+        sampling: the checkpoint's float32 sigma table (default: SD1/SD2/SDXL's scaled-linear one).
 
     Expert ``(name, lo, hi)`` is active exactly for the model calls whose UNet timestep
     ``t = model_sampling.timestep(sigma)`` satisfies ``lo <= t < hi`` (see the module docstring
@@ -399,7 +450,7 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
     for row, (name, lo, hi) in enumerate(sorted(experts, key=lambda e: -e[1])):
         label = f"TSM t in [{lo},{hi})"
         y = y0 + row * 380
-        schedule = expert_hook_schedule(lo, hi, T)
+        schedule = expert_hook_schedule(lo, hi, T, sampling)
         lora = g.add("CreateHookLoraModelOnly", [name, strength], (x0, y), title=label, size=(315, 82))
         kf = _keyframe_nodes(g, schedule, x0 + 340, y, label)
         setkf = g.add("SetHookKeyframes", [], (x0 + 680, y), title=f"{label} schedule", size=(240, 46))
@@ -441,7 +492,7 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
                         "lo <= model_sampling.timestep(sigma) < hi",
                 "num_train_timesteps": T,
                 "experts": [{"lora_name": n, "timestep_range": [lo, hi],
-                             "keyframes": [list(k) for k in expert_hook_schedule(lo, hi, T)]}
+                             "keyframes": [list(k) for k in expert_hook_schedule(lo, hi, T, sampling)]}
                             for n, lo, hi in experts],
             },
         },

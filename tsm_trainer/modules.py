@@ -23,6 +23,7 @@ from torch import nn
 
 from .router import Router, pool_input
 from .timestep import TimestepContext
+from .torch_compat import autocast_enabled
 
 MIXTURES = ("asymmetric", "symmetric")
 
@@ -337,6 +338,6 @@ class _Plan:
 
 def _match_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cast x to the LoRA dtype unless autocast does it (e.g. bf16 activations, fp32 LoRA)."""
-    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+    if x.dtype == weight.dtype or autocast_enabled(x.device.type):
         return x
     return x.to(weight.dtype)

@@ -27,6 +27,19 @@ from .modules import LoRAModule, TSMLoRAModule, _WrappedModule
 from .timestep import TimestepContext
 
 
+class MixedExpertsError(ValueError):
+    """The samples of one denoiser call fall in different experts (a merge can hold only one)."""
+
+
+def cpu_timesteps(t: torch.Tensor | float) -> torch.Tensor:
+    """t as a (B,) float64 CPU tensor, moved off the device *before* the float64 cast: MPS has no
+    float64 ("Cannot convert a MPS Tensor to float64 dtype"), so ``as_tensor(t, dtype=float64)``
+    on an MPS tensor raises."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().to(torch.float64).reshape(-1)
+    return torch.tensor([float(t)], dtype=torch.float64)
+
+
 def sgm_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> dict[str, nn.Module]:
     """``{kohya name: layer}`` of a UNet in the original layout (A1111/Forge/ComfyUI hold
     ``input_blocks...``), for every Linear and Conv2d."""
@@ -80,6 +93,8 @@ class ExpertSwitcher:
         self.active: int | None = None
         self.merges = 0
         self._backup: dict[str, torch.Tensor] = {}
+        self._written: dict[str, tuple] = {}  # fingerprint of each weight as we last wrote it
+        self.rebased: list[str] = []  # modules whose weight the host re-wrote under us (not restored)
         self._static = [n for n in module_names(tensors) if n.startswith("lora_te") and n in self.layers]
         self._expert_modules = [n for n in module_names(tensors) if not n.startswith("lora_te")]
         missing = [n for n in self._expert_modules if n not in self.layers]
@@ -98,20 +113,25 @@ class ExpertSwitcher:
 
     def expert_for(self, t: torch.Tensor | float) -> int:
         """The expert of t (all samples of a call must share it: UIs pass one sigma per step)."""
-        idx = expert_index(torch.as_tensor(t, dtype=torch.float64).reshape(-1), self.n, self.num_train_timesteps)
+        idx = expert_index(cpu_timesteps(t), self.n, self.num_train_timesteps)
         if bool((idx != idx[0]).any()):
-            raise ValueError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
+            raise MixedExpertsError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
                              "use OnlineTSM for per-sample timesteps")
         return int(idx[0])
 
     def set_timestep(self, t: torch.Tensor | float) -> int:
-        """Make the expert of t active; merges only when it changes. Returns the expert."""
+        """Make the expert of t active; merges only when it changes (or when the host re-wrote some of
+        the merged weights since: see :meth:`_rewritten`). Returns the expert."""
         e = self.expert_for(t)
         if e != self.active:
             if e not in self.experts:
-                raise TSMFileError(f"{self.path}: t={float(torch.as_tensor(t).reshape(-1)[0])} needs expert {e} "
+                raise TSMFileError(f"{self.path}: t={float(cpu_timesteps(t)[0])} needs expert {e} "
                                    f"of scale {self.n}, which the file does not hold ({self.experts})")
             self._merge(e)
+        else:
+            # per call only the cheap check (no device sync): a new Parameter object or storage
+            for name in self._rewritten(self._expert_modules, values=False):
+                self._set(name, self._expert_delta(name, e))
         return e
 
     def _delta(self, name: str, down_key: str, up_key: str) -> torch.Tensor:
@@ -119,8 +139,40 @@ class ExpertSwitcher:
         alpha = float(self.tensors.get(f"{name}.alpha", torch.tensor(float(down.shape[0]))))
         return _WrappedModule.pair_delta(down, up) * (alpha / down.shape[0])
 
+    def _expert_delta(self, name: str, e: int) -> torch.Tensor:
+        prefix = f"{name}.tsm.{self.n}.{e}"
+        return self._delta(name, f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight")
+
+    @staticmethod
+    def _fingerprint(weight: torch.Tensor) -> tuple:
+        """What identifies the tensor we last wrote: its storage (not the Python object: a row slice of a
+        fused layer is a fresh view at each access) and 64 strided values (inference tensors have no
+        version counter)."""
+        flat = weight.detach().reshape(-1)
+        return weight.device, weight.data_ptr(), flat[:: max(1, flat.numel() // 64)][:64].clone()
+
+    def _rewritten(self, names, values: bool = True) -> list[str]:
+        """Modules whose weight the host replaced or re-wrote since our last write (ComfyUI's
+        ``unpatch_model`` / ``partially_unload`` put their own backups back, by copy or by a new
+        Parameter); their current value is the host's base now."""
+        out = []
+        for name in names:
+            mark = self._written.get(name)
+            if mark is not None:
+                weight = self.layers[name].weight
+                now = self._fingerprint(weight) if values else (weight.device, weight.data_ptr())
+                if now[:2] != mark[:2] or (values and not torch.equal(now[2], mark[2])):
+                    out.append(name)
+        return out
+
     def _set(self, name: str, delta: torch.Tensor | None) -> None:
         weight = self.layers[name].weight
+        if name in self._backup and name in self._rewritten([name]):
+            del self._backup[name]  # the host's new base replaces ours
+            if delta is None:  # restoring: the host already put its base back
+                self._written.pop(name, None)
+                self.rebased.append(name)
+                return
         if name not in self._backup:
             self._backup[name] = weight.detach().clone()
         base = self._backup[name]
@@ -129,11 +181,11 @@ class ExpertSwitcher:
                 weight.copy_(base)
             else:
                 weight.copy_((base.float() + self.multiplier * delta.to(base.device)).to(weight.dtype))
+        self._written[name] = self._fingerprint(weight)
 
     def _merge(self, e: int) -> None:
         for name in self._expert_modules:
-            prefix = f"{name}.tsm.{self.n}.{e}"
-            self._set(name, self._delta(name, f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight"))
+            self._set(name, self._expert_delta(name, e))
         if self.active is None:  # the static text-encoder LoRA, once
             for name in self._static:
                 self._set(name, self._delta(name, f"{name}.lora_down.weight", f"{name}.lora_up.weight"))
@@ -141,10 +193,12 @@ class ExpertSwitcher:
         self.merges += 1
 
     def restore(self) -> None:
-        """Put every touched weight back exactly as it was."""
+        """Put every touched weight back exactly as it was (weights the host re-wrote meanwhile keep
+        the host's value: see :meth:`_rewritten`)."""
         for name in list(self._backup):
             self._set(name, None)
         self._backup.clear()
+        self._written.clear()
         self.active = None
 
 
@@ -173,7 +227,9 @@ class OnlineTSM:
                 module = TSMLoRAModule(name, layers[name], self.context, info["scales"], rank, None, experts=held,
                                        mixture=mixture, multiplier=multiplier)
             weight = layers[name].weight
-            module.to(weight.device, weight.dtype)
+            # fp8/quantized weights: the factors compute in float32 (the output is cast back to the layer's)
+            module.to(weight.device, weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                      else torch.float32)
             self.modules[name] = module
         expected = {f"{n}.{k}": v.shape for n, m in self.modules.items() for k, v in m.state_dict().items()}
         mine = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in self.modules}
@@ -187,7 +243,7 @@ class OnlineTSM:
                 m.apply_to()
 
     def set_timestep(self, t: torch.Tensor | float, batch_size: int | None = None) -> None:
-        self.context.set(t, batch_size)
+        self.context.set(cpu_timesteps(t), batch_size)
 
     def restore(self) -> None:
         for m in self.modules.values():

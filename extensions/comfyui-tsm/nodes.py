@@ -9,13 +9,14 @@ Thin adapter; the expert arithmetic and the weight handling are ``tsm_trainer.ru
   UNet's timestep with ``self.model_sampling.timestep(sigma)``; it does the same conversion,
   hands that t to the runtime and runs the model:
 
-  - fostered files (one scale, no router): :class:`~tsm_trainer.runtime.ExpertSwitcher` merges
-    the expert of t into the real layers of ``diffusion_model``, re-merging only when t crosses
-    into another expert's interval (at most one merge per boundary crossed);
-  - assembled files (routers) and per-sample timesteps: :class:`~tsm_trainer.runtime.OnlineTSM`
-    wraps the layers and computes core + gated context experts on the fly.
+  Merge or online, backups, exact restore and errors follow the shared policy of
+  ``tsm_trainer.sampling_session`` (as in the A1111 and Forge adapters): a fostered file on
+  fp32/fp16/bf16 weights is merged (:class:`~tsm_trainer.runtime.ExpertSwitcher`, re-merged only
+  when t crosses into another expert's interval); assembled files (routers), fp8 weights and
+  mixed-interval batches run online (:class:`~tsm_trainer.runtime.OnlineTSM`; a mixed batch is
+  logged). Any error while switching restores the weights, then stops the prompt with the message.
 
-  The runtime is built at the first denoiser call of a sampling run (the weights are then on
+  The session is built at the first denoiser call of a sampling run (the weights are then on
   the device ComfyUI loaded them to) and undone by an ``ON_CLEANUP`` callback, which
   ``CFGGuider.outer_sample`` fires through ``ModelPatcher.cleanup()`` in a ``finally`` when
   sampling ends or fails (``comfy/samplers.py``). Between sampling runs the base model is exactly
@@ -37,8 +38,8 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from tsm_trainer.export import module_names, text_encoder_lora
 from tsm_trainer.file_format import check_tsm_metadata, load_file
-from tsm_trainer.intervals import expert_index
-from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_layer_index
+from tsm_trainer.runtime import resolve_layers, sgm_layer_index
+from tsm_trainer.sampling_session import SamplingSession, SessionFile
 
 WRAPPER_KEY = "tsm_trainer.load_tsm_lora"
 
@@ -61,52 +62,36 @@ class TSMSampling:
         self.names = module_names(self.tensors)
         self.strength = float(strength)
         self.path = path
-        self.fast = self.info["stage"] == "foster" and len(self.info["scales"]) == 1
-        self.runtime: ExpertSwitcher | OnlineTSM | None = None
+        self.session: SamplingSession | None = None
         self.base_model = None
-        self._device_tensors: tuple[torch.device, dict] | None = None
 
     # -- sigma -> t -------------------------------------------------------------------------
     def timestep(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
         """t on the 0..T axis, as the denoiser receives it (DESIGN.md sections 1 and 6)."""
         if self.info["timestep_space"] == "flow":
             # Flow models: t = sigma * T (ComfyUI's SD3 passes sigma*1000, Flux passes sigma).
-            return sigma.detach().double() * self.info["num_train_timesteps"]
+            return sigma.detach().float() * self.info["num_train_timesteps"]
         return base_model.model_sampling.timestep(sigma).float()  # what _apply_model computes
 
     # -- the APPLY_MODEL wrapper ----------------------------------------------------------
     def apply_model(self, executor, x, t, *args, **kwargs):
         base_model = executor.class_obj  # the BaseModel whose apply_model is running
-        timestep = self.timestep(base_model, t)
-        runtime = self._runtime(base_model, timestep, x.device)
-        if isinstance(runtime, ExpertSwitcher):
-            runtime.set_timestep(timestep)
-        else:
-            runtime.set_timestep(timestep, x.shape[0])
+        session = self._session(base_model, x.device)
+        notices = len(session.notices)
+        session.set_timestep(self.timestep(base_model, t), x.shape[0])
+        for notice in session.notices[notices:]:
+            log.warning("[TSM] %s", notice)
         return executor(x, t, *args, **kwargs)
 
-    def _runtime(self, base_model, timestep: torch.Tensor, device: torch.device):
-        if self.runtime is not None and self.base_model is base_model:
-            if not (isinstance(self.runtime, ExpertSwitcher) and not self._one_expert(timestep)):
-                return self.runtime
-            self.restore()  # samples of one call fall in different experts: online for the rest of the run
-        elif self.runtime is not None:
-            self.restore()
+    def _session(self, base_model, device: torch.device) -> SamplingSession:
+        if self.session is not None and self.base_model is base_model:
+            return self.session
+        self.restore()
         layers = resolve_layers(self.names, sgm_layer_index(base_model.diffusion_model), self.path)
-        cls = ExpertSwitcher if self.fast and self._one_expert(timestep) else OnlineTSM
-        self.runtime = cls(self._tensors_on(device), self.metadata, layers, self.strength, self.path)
+        tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        self.session = SamplingSession([SessionFile(tensors, self.metadata, layers, self.strength, self.path)])
         self.base_model = base_model
-        return self.runtime
-
-    def _one_expert(self, timestep: torch.Tensor) -> bool:
-        idx = expert_index(timestep.detach().reshape(-1).cpu().double(), self.info["scales"][0],
-                           self.info["num_train_timesteps"])
-        return bool((idx == idx[0]).all())
-
-    def _tensors_on(self, device: torch.device) -> dict:
-        if self._device_tensors is None or self._device_tensors[0] != device:
-            self._device_tensors = (device, {k: v.to(device) for k, v in self.tensors.items()})
-        return self._device_tensors[1]
+        return self.session
 
     # -- the ON_CLEANUP callback ----------------------------------------------------------
     def cleanup(self, patcher=None) -> None:
@@ -114,9 +99,9 @@ class TSMSampling:
         self.restore()
 
     def restore(self) -> None:
-        if self.runtime is not None:
-            self.runtime.restore()
-        self.runtime, self.base_model, self._device_tensors = None, None, None
+        session, self.session, self.base_model = self.session, None, None
+        if session is not None:
+            session.restore()
 
 
 def patch_clip(clip, tensors, strength: float, path: str = "<file>"):

@@ -7,6 +7,7 @@ import os
 from modules import extra_networks, paths, script_callbacks, scripts, shared
 
 import tsm_forge
+from tsm_forge.forge_keys import unet_key_map
 
 TSM_DIR = os.path.join(paths.models_path, "tsm")
 
@@ -35,7 +36,7 @@ def _forge_lora_functions():
 
 
 _key_map, _load_lora = _forge_lora_functions()
-controller = tsm_forge.Controller(find_file, key_map_fn=_key_map, load_lora_fn=_load_lora)
+controller = tsm_forge.Controller(find_file, key_map_fn=_key_map, load_lora_fn=_load_lora, unet_key_map_fn=unet_key_map)
 
 
 class ExtraNetworkTSM(extra_networks.ExtraNetwork):
@@ -50,7 +51,7 @@ class ExtraNetworkTSM(extra_networks.ExtraNetwork):
                 for r in getattr(p, controller.ATTR))
 
     def deactivate(self, p):
-        controller.restore()
+        controller.finish(p)
 
 
 def _register():
@@ -79,7 +80,7 @@ class TSMScript(scripts.Script):
         controller.process_before_every_sampling(p)
 
     def post_sample(self, p, ps, *args):
-        controller.restore()
+        controller.finish(p)
 
     def postprocess(self, p, processed, *args):
-        controller.restore()
+        controller.finish(p)

@@ -34,16 +34,19 @@ _ensure_tsm_trainer()
 
 from .adapter import (  # noqa: E402
     Controller,
-    ForgeTSM,
+    ForgeSession,
+    RowSlice,
     TSMRequest,
-    TSMSamplingWrapper,
     apply_text_encoder,
     apply_to_unet,
+    diffusers_name_index,
     forge_layer_index,
     is_quantized,
     parse_params,
     timestep_from_sigma,
+    unet_input_to_t,
 )
 
-__all__ = ["Controller", "ForgeTSM", "TSMRequest", "TSMSamplingWrapper", "apply_text_encoder", "apply_to_unet",
-           "forge_layer_index", "is_quantized", "parse_params", "timestep_from_sigma"]
+__all__ = ["Controller", "ForgeSession", "RowSlice", "TSMRequest", "apply_text_encoder", "apply_to_unet",
+           "diffusers_name_index", "forge_layer_index", "is_quantized", "parse_params", "timestep_from_sigma",
+           "unet_input_to_t"]

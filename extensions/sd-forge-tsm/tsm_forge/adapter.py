@@ -2,25 +2,28 @@
 
 How Forge runs its UNet (stable-diffusion-webui-forge, checked at commit dfdcbab):
 
-* ``backend/sampling/sampling_function.py`` ``calc_cond_uncond_batch`` calls
-  ``model_options["model_function_wrapper"](model.apply_model, {"input": x, "timestep": sigma_batch,
-  "c": c, "cond_or_uncond": ...})`` when the key is set (else ``model.apply_model(x, sigma, **c)``);
-  ``timestep`` there is k-diffusion's sigma.
-* ``backend/modules/k_model.py`` ``KModel.apply_model`` hands the UNet
-  ``self.predictor.timestep(sigma).float()`` (``backend/modules/k_prediction.py``: nearest index in
-  log-sigma for discrete models, ``sigma * 1000`` for SD3, ``sigma`` itself for Flux).
-* ``backend/patcher/base.py`` ``set_model_unet_function_wrapper`` stores the wrapper in
-  ``model_options``; ``UnetPatcher.clone`` deep-copies ``model_options`` (``backend/patcher/unet.py``)
-  and ``model_patches_to`` calls ``wrapper.to(device)`` / ``wrapper.to(dtype)``.
+* ``backend/modules/k_model.py`` ``KModel.apply_model`` calls
+  ``self.diffusion_model(xc, t, context=..., ...)`` with ``t = self.predictor.timestep(sigma).float()``
+  (``backend/modules/k_prediction.py``: nearest index in log-sigma for discrete models,
+  ``sigma * 1000`` for SD3, ``sigma`` itself for Flux/Chroma's ``PredictionFlux``).
+* ``backend/sampling/sampling_function.py`` runs ``model_options["model_function_wrapper"]``, one
+  slot that extensions *replace*: MultiDiffusion's ``tiled_diffusion.py`` does
+  ``model.set_model_unet_function_wrapper(implement)`` without chaining. So TSM does not use that
+  slot: a forward pre-hook on ``diffusion_model`` sees every UNet call, whoever wraps
+  ``apply_model`` (MultiDiffusion tiles, ControlNet, hires), with the exact t the UNet receives.
+* ``modules/processing.py`` calls ``process_before_every_sampling`` twice before a hires pass (after
+  ``before_hr`` and again after resetting ``forge_objects``): the first session is replaced unused,
+  which is not an error; "never called" is only reported when a generation ends.
 * ``backend/operations.py``: Forge's ``Linear`` classes are plain ``torch.nn.Module`` subclasses
   (not ``nn.Linear``); bnb-4bit (``ForgeParams4bit``, ``weight.bnb_quantized``) and GGUF
   (``weight.gguf_cls``) weights are dequantised inside ``forward``.
+* Flux/SD3 files trained with diffusers names (``lora_transformer_transformer_blocks_0_attn_to_q``)
+  target slices of Forge's fused layers (``double_blocks.0.img_attn.qkv`` rows 0..H); the map comes
+  from Forge itself (``backend.patcher.lora.model_lora_keys_unet``, which yields
+  ``(key, (dim, offset, size))`` for fused targets).
 
-So: at every UNet call the wrapper converts sigma to the t the UNet receives, tells the runtime,
-then calls the model. Normal weights: :class:`tsm_trainer.runtime.ExpertSwitcher` merges the active
-expert (re-merging only when t crosses into another expert's interval) and restores exactly.
-Quantized weights (or ``mode=online``, or routers): :class:`tsm_trainer.runtime.OnlineTSM` adds the
-LoRA output to each layer's output and never writes a weight.
+Merge or online, backups, restore and error handling are ``tsm_trainer.sampling_session``'s policy
+(shared with the A1111 and ComfyUI adapters).
 """
 
 from __future__ import annotations
@@ -35,23 +38,28 @@ from torch import nn
 
 from tsm_trainer.export import module_names, text_encoder_lora
 from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file
-from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM, resolve_layers
+from tsm_trainer.runtime import OnlineTSM, resolve_layers
+from tsm_trainer.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
 # Predictors whose UNet receives sigma in [0, 1] (Flux, Chroma): t = sigma * T (DESIGN.md section 1).
 SIGMA_INPUT_PREDICTORS = frozenset({"PredictionFlux"})
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
-MODES = ("auto", "merge", "online")
 
 
 # ----------------------------------------------------------------------------------------------
 # timestep and layers
 # ----------------------------------------------------------------------------------------------
-def timestep_from_sigma(predictor, sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """t on the 0..T axis exactly as Forge's UNet receives it (``KModel.apply_model``)."""
-    t = predictor.timestep(sigma).float()
+def unet_input_to_t(predictor, unet_t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """t on the 0..T axis from the timestep Forge hands its diffusion model."""
+    t = unet_t.float()
     if type(predictor).__name__ in SIGMA_INPUT_PREDICTORS:
         t = t * num_train_timesteps
     return t
+
+
+def timestep_from_sigma(predictor, sigma: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """t on the 0..T axis exactly as Forge's UNet receives it (``KModel.apply_model``)."""
+    return unet_input_to_t(predictor, predictor.timestep(sigma), num_train_timesteps)
 
 
 def _is_linear_like(m: nn.Module) -> bool:
@@ -68,17 +76,51 @@ def forge_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> 
 
 def is_quantized(layer: nn.Module) -> bool:
     """True for weights that must not be written: bnb 4-bit, GGUF, fp8 or any non-float storage."""
-    w = getattr(layer, "weight", None)
-    if w is None:
-        return True
-    return (hasattr(w, "bnb_quantized") or getattr(w, "gguf_cls", None) is not None
-            or w.dtype not in FLOAT_STORAGE)
+    return not weights_writable(layer)
 
 
-def _storage_is_float(unet_model) -> bool:
-    # extensions-builtin/sd_forge_lora/networks.py: online LoRA only for non fp32/fp16/bf16 storage.
-    storage = getattr(unet_model, "storage_dtype", torch.float32)
-    return storage in FLOAT_STORAGE
+class RowSlice(nn.Module):
+    """Rows ``[offset, offset + size)`` of a fused layer's output (Flux/SD3 q, k, v inside ``qkv``), the
+    target of a diffusers-named LoRA module. ``weight`` is a view of those rows (the merge path writes
+    through it); the online path adds the LoRA output to those output columns."""
+
+    def __init__(self, parent: nn.Module, offset: int, size: int):
+        super().__init__()
+        self._parent = [parent]  # not a submodule: named_modules must not list the fused layer twice
+        self.offset, self.size = offset, size
+
+    @property
+    def fused_parent(self) -> nn.Module:
+        return self._parent[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused_parent.weight.narrow(0, self.offset, self.size)
+
+
+def diffusers_name_index(kmodel, key_map: Mapping[str, object]) -> dict[str, nn.Module]:
+    """``{lora name: layer or RowSlice}`` from a Forge LoRA key map (``model_lora_keys_unet``):
+    values are ``"diffusion_model.<path>.weight"``, ``(that key, (dim, offset, size))`` or, for weights
+    Forge reorders on load, ``(key, piece, function)``, which are skipped."""
+    modules = dict(kmodel.named_modules())
+    index = {}
+    for name, target in key_map.items():
+        if isinstance(target, str):
+            key, piece = target, None
+        elif len(target) > 2 and target[2] is not None:
+            continue  # a weight Forge transforms on load (swap_scale_shift): not a plain LoRA target
+        else:
+            key, piece = target[0], target[1]
+        if not key.endswith(".weight"):
+            continue
+        layer = modules.get(key[: -len(".weight")])
+        if layer is None:
+            continue
+        if piece is None:
+            index[name] = layer
+        elif piece[0] == 0:
+            index[name] = RowSlice(layer, piece[1], piece[2])
+    return index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,31 +166,70 @@ class _Conv2dView(nn.Conv2d):
         return type(layer).forward(layer, x)
 
 
+class _SliceView(nn.Linear):
+    """The ``nn.Linear`` face of a :class:`RowSlice` for :class:`OnlineTSM`: its own output is zero, so
+    once wrapped it returns only the LoRA output for those rows."""
+
+    def __init__(self, in_features: int, size: int, device, dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, size
+        self.weight = torch.empty(0, device=device, dtype=dtype)
+        self.bias = None
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _factor(tensors, name: str, part: str) -> torch.Tensor:
+    return next(v for k, v in tensors.items() if k.startswith(name + ".") and k.endswith(f"{part}.weight"))
+
+
 def _views(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], device, dtype) -> dict[str, nn.Module]:
     views = {}
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d):
             views[name] = _Conv2dView(layer, device, dtype)
             continue
-        down = next(v for k, v in tensors.items() if k.startswith(name + ".") and k.endswith("lora_down.weight"))
-        up = next(v for k, v in tensors.items() if k.startswith(name + ".") and k.endswith("lora_up.weight"))
+        down, up = _factor(tensors, name, "lora_down"), _factor(tensors, name, "lora_up")
         if down.dim() != 2:
             raise TSMFileError(f"{name}: a conv LoRA for a Linear layer")
-        views[name] = _LinearView(layer, down.shape[1], up.shape[0], device, dtype)
+        if isinstance(layer, RowSlice):
+            views[name] = _SliceView(down.shape[1], layer.size, device, dtype)
+        else:
+            views[name] = _LinearView(layer, down.shape[1], up.shape[0], device, dtype)
     return views
 
 
 class _OnlineOnForge:
     """:class:`OnlineTSM` on views of Forge layers; the Forge layers' forward is redirected to the
-    TSM modules, and put back by :meth:`restore`. No weight is ever written."""
+    TSM modules (fused layers: their output plus each slice's LoRA output in its rows), and put back
+    by :meth:`restore`. No weight is ever written."""
 
-    def __init__(self, tensors, metadata, layers, multiplier, path, device, dtype):
-        self.layers = dict(layers)
-        self.views = _views(tensors, self.layers, device, dtype)
-        self.online = OnlineTSM(tensors, metadata, self.views, multiplier, path)
+    def __init__(self, f: SessionFile, device, dtype):
         self.device = torch.device(device)
-        for name, layer in self.layers.items():
-            layer.forward = self.views[name].forward  # now the TSM module's forward (OnlineTSM.apply_to)
+        self.views = _views(f.tensors, f.layers, device, dtype)
+        self.online = OnlineTSM(f.tensors, f.metadata, self.views, f.multiplier, f.path)
+        self.patched: dict[nn.Module, object] = {}  # layer -> its previous instance-level forward (or None)
+        slices: dict[nn.Module, list] = {}
+        for name, layer in f.layers.items():
+            if isinstance(layer, RowSlice):
+                slices.setdefault(layer.fused_parent, []).append((layer.offset, layer.size, self.views[name]))
+            else:
+                self.patched[layer] = self.views[name]._previous
+                layer.forward = self.views[name].forward  # now the TSM module's forward (OnlineTSM.apply_to)
+        for parent, pieces in slices.items():
+            self.patched[parent] = previous = parent.__dict__.get("forward")
+            parent.forward = self._fused_forward(parent, previous, pieces)
+
+    @staticmethod
+    def _fused_forward(parent, previous, pieces):
+        def forward(x, *args, **kwargs):
+            out = previous(x, *args, **kwargs) if previous is not None else type(parent).forward(parent, x, *args, **kwargs)
+            out = out.clone()
+            for offset, size, view in pieces:
+                out[..., offset:offset + size] += view(x).to(out.dtype)
+            return out
+        return forward
 
     def set_timestep(self, t, batch_size=None):
         self.online.set_timestep(t, batch_size)
@@ -160,93 +241,50 @@ class _OnlineOnForge:
             self.device = device
 
     def restore(self) -> None:
-        for name, layer in self.layers.items():
-            previous = self.views[name]._previous
+        for layer, previous in self.patched.items():
             if previous is not None:
                 layer.forward = previous
             else:
                 layer.__dict__.pop("forward", None)
+        self.patched.clear()
         self.online.restore()
-        self.layers.clear()
 
 
 # ----------------------------------------------------------------------------------------------
-# one TSM file on one UNet
+# one sampling run on one UNet
 # ----------------------------------------------------------------------------------------------
-class ForgeTSM:
-    """One TSM file applied to Forge's diffusion model for one sampling run.
+class ForgeSession(SamplingSession):
+    """The TSM files of one sampling run on Forge's diffusion model: a forward pre-hook on
+    ``diffusion_model`` hands every call's t to the shared :class:`SamplingSession` policy.
 
-    Args:
-        tensors, metadata: the native file (``tsm_trainer.file_format.load_file``).
-        layers: ``{kohya name: layer}`` of the UNet modules of the file.
-        merge: True for the stage-1 merge path (:class:`ExpertSwitcher`), False for the online path.
-        device, dtype: where the LoRA factors live and compute (online path).
+    Weights may be inference tensors (Forge's ``LoraLoader.refresh`` runs under
+    ``torch.inference_mode``), writable only inside inference mode: every write uses it.
     """
 
-    def __init__(self, tensors, metadata, layers, multiplier: float = 1.0, path: str = "<file>",
-                 merge: bool = True, device="cpu", dtype=torch.float32):
-        self.path = path
-        self.info = check_tsm_metadata(metadata, path)
-        self.T = self.info["num_train_timesteps"]
-        self.merge = merge
-        self.calls = 0
-        self.history: list[int | None] = []  # the merged expert at each call (merge path)
-        if merge:
-            self.runtime = ExpertSwitcher(tensors, metadata, layers, multiplier, path)
-        else:
-            self.runtime = _OnlineOnForge(tensors, metadata, layers, multiplier, path, device, dtype)
+    def __init__(self, files: Sequence[SessionFile], kmodel, device="cpu", dtype=torch.float32):
+        self.hook = None
+        Ts = {check_tsm_metadata(f.metadata, f.path)["num_train_timesteps"] for f in files}
+        if len(Ts) > 1:
+            raise TSMFileError(f"[TSM] files with different num_train_timesteps {sorted(Ts)} in one generation")
+        self.T = Ts.pop() if Ts else 1000
+        super().__init__(files, make_online=lambda f: _OnlineOnForge(f, device, dtype),
+                         weight_writes=torch.inference_mode)
+        self.predictor = kmodel.predictor
+        self.hook = kmodel.diffusion_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
-    @property
-    def merges(self) -> int:
-        return self.runtime.merges if self.merge else 0
-
-    @property
-    def active(self) -> int | None:
-        return self.runtime.active if self.merge else None
-
-    def set_timestep(self, t: torch.Tensor, batch_size: int, device: torch.device) -> None:
-        self.calls += 1
-        if self.merge:
-            # Forge merges its own LoRAs under inference_mode (backend/patcher/lora.py LoraLoader.refresh),
-            # so weights may be inference tensors, writable only inside inference_mode.
-            with torch.inference_mode():
-                self.runtime.set_timestep(t)
-            self.history.append(self.runtime.active)
-        else:
-            self.runtime.to_device(device)
-            self.runtime.set_timestep(t, batch_size)
+    def _pre_hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        unet_t = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("timestep"))
+        for run in self.runs:
+            if not run.merge and hasattr(run.runtime, "to_device"):
+                run.runtime.to_device(x.device)
+        self.set_timestep(unet_input_to_t(self.predictor, unet_t, self.T), x.shape[0])
 
     def restore(self) -> None:
-        with torch.inference_mode():
-            self.runtime.restore()
-
-
-class TSMSamplingWrapper:
-    """Forge's ``model_function_wrapper``: ``wrapper(apply_model, {"input", "timestep", "c", ...})``.
-
-    Chains an existing wrapper. Survives ``UnetPatcher.clone`` (deep copy returns itself: it holds
-    the model's layers) and ``model_patches_to`` (``to`` returns itself; devices follow the input).
-    """
-
-    def __init__(self, networks: Sequence[ForgeTSM], predictor, previous: Callable | None = None):
-        self.networks = list(networks)
-        self.predictor = predictor
-        self.previous = previous
-
-    def __call__(self, apply_model, args):
-        x, sigma = args["input"], args["timestep"]
-        for net in self.networks:
-            t = timestep_from_sigma(self.predictor, sigma, net.T)
-            net.set_timestep(t, x.shape[0], x.device)
-        if self.previous is not None:
-            return self.previous(apply_model, args)
-        return apply_model(x, sigma, **args["c"])
-
-    def to(self, *args, **kwargs):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        super().restore()
 
 
 @dataclass
@@ -293,56 +331,47 @@ def load_cached(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def apply_to_unet(unet_patcher, requests: Iterable[TSMRequest], layer_index: Mapping[str, nn.Module] | None = None,
-                  loader: Callable[[str], tuple[dict, dict]] = load_cached):
-    """Clone Forge's UnetPatcher and install the TSM wrapper on the clone.
+                  loader: Callable[[str], tuple[dict, dict]] = load_cached,
+                  key_map: Mapping[str, object] | None = None) -> ForgeSession | None:
+    """Start a :class:`ForgeSession` on Forge's UnetPatcher's diffusion model for one sampling run.
 
-    At most one file takes the merge path (a second merging file would overwrite the first's
-    merge); files on quantized weights, assembled files, ``mode=online`` and every further file
-    run online. The layers are the shared model's: call ``restore()`` on each returned network
-    when sampling ends.
+    The policy (``tsm_trainer.sampling_session``): the first fostered file on writable weights merges,
+    files on quantized weights (or non-float ``storage_dtype``), assembled files, ``mode=online`` and
+    every further file run online. ``key_map``: Forge's ``model_lora_keys_unet`` map, for files with
+    diffusers names (Flux/SD3 ``lora_transformer_...``). Call ``restore()`` when sampling ends.
 
     Returns:
-        (patched clone, [ForgeTSM, ...]).
+        the session (iterating it gives each file's run), or None when no request applies.
     """
     model = unet_patcher.model  # KModel (backend/modules/k_model.py)
-    index = forge_layer_index(model.diffusion_model) if layer_index is None else layer_index
+    index = forge_layer_index(model.diffusion_model) if layer_index is None else dict(layer_index)
+    if key_map:
+        index.update({k: v for k, v in diffusers_name_index(model, key_map).items() if k not in index})
     device = getattr(unet_patcher, "load_device", None) or torch.device("cpu")
     dtype = getattr(model, "computation_dtype", torch.float32)
     dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-    storage_float = _storage_is_float(model)
-    networks: list[ForgeTSM] = []
-    merging = False
-    try:
-        for req in requests:
-            if req.unet_multiplier == 0:
-                continue
-            tensors, metadata = loader(req.path)
-            info = check_tsm_metadata(metadata, req.path)
-            names = [n for n in module_names(tensors) if not n.startswith("lora_te")]
-            if not names:
-                continue
-            layers = resolve_layers(names, index, req.path)
-            quantized = not storage_float or any(is_quantized(layers[n]) for n in names)
-            stage1 = info["stage"] == "foster" and len(info["scales"]) == 1
-            if req.mode == "merge" and (quantized or not stage1):
-                raise TSMFileError(f"{req.path}: mode=merge needs a fostered file on unquantized weights")
-            merge = req.mode != "online" and stage1 and not quantized and not merging
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_te")}
-            if merge:
-                tensors = {k: v.to(device) for k, v in tensors.items()}
-            networks.append(ForgeTSM(tensors, metadata, layers, req.unet_multiplier, req.path, merge=merge,
-                                     device=device, dtype=dtype))
-            merging |= merge
-    except BaseException:
-        for net in networks:
-            net.restore()
-        raise
-    if not networks:
-        return unet_patcher, []
-    unet = unet_patcher.clone()
-    previous = unet.model_options.get("model_function_wrapper")
-    unet.set_model_unet_function_wrapper(TSMSamplingWrapper(networks, model.predictor, previous))
-    return unet, networks
+    # extensions-builtin/sd_forge_lora/networks.py: online LoRA only for non fp32/fp16/bf16 storage.
+    storage_float = getattr(model, "storage_dtype", torch.float32) in FLOAT_STORAGE
+    files = []
+    for req in requests:
+        if req.unet_multiplier == 0:
+            continue
+        tensors, metadata = loader(req.path)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_te")}
+        names = module_names(tensors)
+        if not names:
+            continue
+        mode = req.mode
+        if not storage_float:
+            if mode == "merge":
+                raise TSMFileError(f"{req.path}: mode=merge is impossible: this model's weights are stored as "
+                                   f"{getattr(model, 'storage_dtype', '?')}; use mode=auto or mode=online")
+            mode = "online"
+        files.append(SessionFile(tensors, metadata, resolve_layers(names, index, req.path), req.unet_multiplier,
+                                 req.path, mode))
+    if not files:
+        return None
+    return ForgeSession(files, model, device, dtype)
 
 
 def apply_text_encoder(clip, requests: Iterable[TSMRequest], key_map_fn: Callable, load_lora_fn: Callable,
@@ -378,20 +407,25 @@ class Controller:
     * extra network ``activate(p, params_list)``: resolve tags to files (stored on ``p``);
     * script ``process_batch``: text-encoder LoRA on ``p.sd_model.forge_objects.clip``
       (after ``forge_objects_after_applying_lora.shallow_copy()``, before ``p.setup_conds()``);
-    * script ``process_before_every_sampling``: restore any previous run, then patch a clone of
-      ``p.sd_model.forge_objects.unet`` (called again for the hires pass);
-    * script ``post_sample`` / ``postprocess``: restore every weight and forward.
+    * script ``process_before_every_sampling``: end any previous session (Forge calls this twice
+      before a hires pass; the first session is replaced unused), then start one on
+      ``p.sd_model.forge_objects.unet``;
+    * script ``post_sample`` / ``postprocess``: :meth:`finish`: restore every weight and forward, warn
+      if the UNet was never called, and put the session's notices in ``p.extra_generation_params``.
     """
 
     ATTR = "tsm_requests"
 
     def __init__(self, find_file: Callable[[str], str | None], key_map_fn: Callable | None = None,
-                 load_lora_fn: Callable | None = None, loader: Callable = load_cached):
+                 load_lora_fn: Callable | None = None, loader: Callable = load_cached,
+                 unet_key_map_fn: Callable | None = None):
         self.find_file = find_file
         self.key_map_fn = key_map_fn
         self.load_lora_fn = load_lora_fn
+        self.unet_key_map_fn = unet_key_map_fn
         self.loader = loader
-        self.networks: list[ForgeTSM] = []
+        self.session: ForgeSession | None = None
+        self.notices: list[str] = []
 
     def activate(self, p, params_list) -> list[TSMRequest]:
         requests = []
@@ -402,6 +436,7 @@ class Controller:
                 raise TSMFileError(f"<tsm:{name}>: no such TSM file (looked for {name}.safetensors)")
             requests.append(TSMRequest(path, unet, te, mode))
         setattr(p, self.ATTR, requests)
+        self.notices = []
         return requests
 
     def process_batch(self, p) -> None:
@@ -412,17 +447,32 @@ class Controller:
         objects.clip = apply_text_encoder(objects.clip, requests, self.key_map_fn, self.load_lora_fn, self.loader)
 
     def process_before_every_sampling(self, p) -> None:
-        self.restore()
+        self.restore()  # a session replaced before it sampled is Forge's double call, not an error
         requests = getattr(p, self.ATTR, None)
         if not requests:
             return
-        objects = p.sd_model.forge_objects
-        objects.unet, self.networks = apply_to_unet(objects.unet, requests, loader=self.loader)
+        unet = p.sd_model.forge_objects.unet
+        key_map = self.unet_key_map_fn(unet.model) if self.unet_key_map_fn is not None else None
+        try:
+            self.session = apply_to_unet(unet, requests, loader=self.loader, key_map=key_map)
+        except Exception as e:
+            # Forge's script runner prints and swallows this: say it in the image's info too.
+            if hasattr(p, "extra_generation_params"):
+                p.extra_generation_params["TSM error"] = f"not applied: {e}"
+            raise
 
     def restore(self) -> None:
-        networks, self.networks = self.networks, []
-        for net in networks:
-            if net.calls == 0:
-                warnings.warn(f"[TSM] {net.path}: the UNet never called the TSM wrapper (another extension "
-                              "replaced model_function_wrapper?); no expert was applied")
-            net.restore()
+        """Undo the current session (weights bit for bit, forwards, the hook); keep its notices."""
+        session, self.session = self.session, None
+        if session is not None:
+            self.notices += [n for n in session.notices if n not in self.notices]
+            session.restore()
+
+    def finish(self, p=None) -> None:
+        """End of a generation: restore, report what happened in the output info."""
+        session = self.session
+        self.restore()
+        if session is not None and session.calls == 0:
+            warnings.warn("[TSM] the UNet was never called during sampling; no expert was applied")
+        if p is not None and self.notices and hasattr(p, "extra_generation_params"):
+            p.extra_generation_params["TSM notice"] = "; ".join(self.notices)
