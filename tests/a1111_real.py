@@ -1,0 +1,125 @@
+"""Import the real AUTOMATIC1111 webui (``TSM_A1111_DIR``, a checkout with its ``repositories/``:
+stable-diffusion-stability-ai, generative-models, k-diffusion) into this process, with stubs only
+for gradio/fastapi/starlette, and for torchvision and timm (imported at module level by open_clip,
+sgm and ldm's MiDaS; no CPU torchvision wheel exists for this project's torch). Settings are the
+webui's own defaults (``shared_init.initialize`` with a temporary ``--data-dir``, CPU, full
+precision).
+
+Used by ``tests/test_ext_a1111_real.py`` only; it patches ``torch.nn.Linear.forward`` & co. as the
+built-in Lora extension does, so run that file on its own:
+``TSM_A1111_DIR=/path/to/webui /path/to/venv/bin/python -m pytest tests/test_ext_a1111_real.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STUBBED = ("gradio", "fastapi", "starlette", "torchvision", "timm")
+
+
+class _Anything(type):
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Anything
+
+
+class Anything(metaclass=_Anything):
+    """Any attribute, call, subclass or context: what UI-layer code does with gradio at import."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return Anything()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Anything()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in STUBBED:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+
+        def getattr_(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Anything
+        module.__getattr__ = getattr_
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def load(a1111_dir: str):
+    """Import the webui and its built-in Lora extension; returns a namespace of the real modules."""
+    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    from transformers.utils import import_utils
+    import_utils.is_torchvision_available()  # cached as False before the stub exists
+    import_utils.is_torchvision_v2_available()
+    sys.meta_path.insert(0, _StubFinder())
+    data = tempfile.mkdtemp(prefix="a1111-data-")
+    lora_dir = os.path.join(data, "Lora")
+    os.makedirs(lora_dir)
+    sys.argv = [sys.argv[0], "--data-dir", data, "--use-cpu", "all", "--no-half", "--no-half-vae",
+                "--precision", "full", "--skip-torch-cuda-test", "--lora-dir", lora_dir]
+    sys.path.insert(0, a1111_dir)
+    import modules.paths  # noqa: F401  (puts ldm, sgm, k_diffusion on sys.path)
+    import ldm.modules.encoders.modules  # noqa: F401  (modules/initialize.py imports() order)
+    import sgm.modules.encoders.modules  # noqa: F401
+    from modules import shared_init
+    shared_init.initialize()
+    from modules import processing, sd_samplers, shared, script_callbacks, extra_networks, prompt_parser  # noqa: F401
+    from modules import sd_samplers_kdiffusion, sd_samplers_timesteps, sd_samplers_timesteps_impl, sd_samplers_extra
+    from modules import script_loading, ui_extra_networks, devices
+
+    # the built-in Lora extension, loaded as modules/scripts.py does (its folder first on sys.path)
+    lora_ext = os.path.join(a1111_dir, "extensions-builtin", "Lora")
+    for name in ("networks", "network"):  # never the tsm-trainer repo's `networks/` package
+        if name in sys.modules and not str(getattr(sys.modules[name], "__file__", "")).startswith(lora_ext):
+            del sys.modules[name]
+    sys.path.insert(0, lora_ext)
+    script_loading.load_module(os.path.join(lora_ext, "scripts", "lora_script.py"))
+    import network
+    import networks
+
+    # this extension, through the same loader
+    ext = REPO / "extensions" / "sd-webui-tsm"
+    sys.path.insert(0, str(ext))
+    tsm_script = script_loading.load_module(str(ext / "scripts" / "tsm_extension.py"))
+    script_callbacks.before_ui_callback()  # registers Lora's and TSM's extra networks and pages
+
+    shared.opts.live_previews_enable = False
+    return types.SimpleNamespace(
+        shared=shared, script_callbacks=script_callbacks, extra_networks=extra_networks,
+        prompt_parser=prompt_parser, processing=processing, devices=devices, ui_extra_networks=ui_extra_networks,
+        sd_samplers_kdiffusion=sd_samplers_kdiffusion, sd_samplers_timesteps=sd_samplers_timesteps,
+        sd_samplers_timesteps_impl=sd_samplers_timesteps_impl, sd_samplers_extra=sd_samplers_extra,
+        network=network, networks=networks, tsm_script=tsm_script, lora_dir=lora_dir, data=data,
+        k_sampling=importlib.import_module("k_diffusion.sampling"),
+        k_external=importlib.import_module("k_diffusion.external"),
+        openaimodel=importlib.import_module("ldm.modules.diffusionmodules.openaimodel"),
+    )
