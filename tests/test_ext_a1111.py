@@ -719,3 +719,34 @@ def test_open_clip_qv_lora_merged_through_lora_multihead_attention():
             torch.testing.assert_close(w[rows], before[0][rows] + 0.5 * tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"])
     assert torch.equal(block.attn.out_proj.weight, before[1]) and lora.errors == {}
     lora.remove()
+
+
+def test_out_of_memory_while_merging_stops_instead_of_a_half_merged_model(setup, monkeypatch):
+    """Lora counts a RuntimeError from calc_updown (torch.OutOfMemoryError is one) and samples on with
+    the layer half-merged; TSM turns it into an error that stops the generation."""
+    from tsm_a1111 import lora_network
+    sd, core, lora = setup
+
+    def oom(self, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(lora_network._Pair, "delta", oom)
+    core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
+    with pytest.raises(TSMSamplingError, match="out of memory merging expert"):
+        _kdiffusion_pass(sd, core, CompVisDenoiser(sd).get_sigmas(2))
+    assert lora.errors == {}
+    monkeypatch.undo()
+    core.deactivate()
+
+
+def test_fostered_path_runs_on_torch_2_1_autocast_api(setup, tsm_dir, monkeypatch):
+    """A1111's default torch is 2.1.2, whose ``torch.is_autocast_enabled()`` takes no device type."""
+    sd, core, _ = setup
+    before = _state(sd)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda: False)
+    core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
+    watch = Watch(sd)
+    _kdiffusion_pass(sd, core, CompVisDenoiser(sd).get_sigmas(4))
+    watch.remove()
+    watch.check(before, tsm_dir / "f8.safetensors")
+    core.deactivate()
+    assert _equal(sd, before)
