@@ -5,6 +5,16 @@ sgm and ldm's MiDaS; no CPU torchvision wheel exists for this project's torch). 
 webui's own defaults (``shared_init.initialize`` with a temporary ``--data-dir``, CPU, full
 precision).
 
+The venv: a ``.pth`` onto the project's venv (torch 2.13 CPU, diffusers, transformers) plus, with
+``pip install --no-deps``, the webui's module-level imports: aenum==3.1.15 antlr4-python3-runtime==4.9.3
+blendmodes==2022 clean-fid==0.1.35 clip-anytorch==2.6.0 deprecation==2.1.0 einops==0.4.1 ftfy==6.1.1
+GitPython==3.1.32 gitdb==4.0.11 smmap==5.0.1 imageio==2.37.0 inflection==0.5.1 jsonmerge==1.8.0
+jsonschema==4.21.1 jsonschema-specifications==2023.12.1 referencing==0.33.0 rpds-py==0.18.0 attrs==23.2.0
+kornia==0.6.7 lark==1.1.2 lazy_loader==0.4 lightning-utilities==0.10.1 networkx==3.4.2 omegaconf==2.2.3
+open-clip-torch==2.20.0 opencv-python-headless==4.11.0.86 piexif==1.1.3 pytorch-lightning==1.9.4
+pytz==2024.1 resize-right==0.0.2 scikit-image==0.25.2 scipy==1.16.3 tifffile==2025.5.10 tomesd==0.1.3
+torchdiffeq==0.2.3 torchmetrics==1.3.1 torchsde==0.2.6 trampoline==0.1.2 wcwidth==0.2.13.
+
 Used by ``tests/test_ext_a1111_real.py`` only; it patches ``torch.nn.Linear.forward`` & co. as the
 built-in Lora extension does, so run that file on its own:
 ``TSM_A1111_DIR=/path/to/webui /path/to/venv/bin/python -m pytest tests/test_ext_a1111_real.py``.
