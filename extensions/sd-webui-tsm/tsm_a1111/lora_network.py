@@ -33,6 +33,7 @@ from torch import nn
 from tsm_trainer.export import experts_in, module_names
 from tsm_trainer.file_format import TSMFileError
 from tsm_trainer.intervals import expert_index
+from tsm_trainer.modules import _WrappedModule
 
 QKV = ("_q_proj", "_k_proj", "_v_proj")
 
@@ -98,13 +99,7 @@ class _Pair:
         if self._device is None or self._device[0] != device:
             self._device = (device, self.down.to(device, torch.float32), self.up.to(device, torch.float32))
         _, down, up = self._device
-        if down.dim() == 2:
-            delta = up @ down
-        elif down.shape[2:] == (1, 1):
-            delta = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
-        else:
-            delta = torch.einsum("dr,rkhw->dkhw", up.flatten(1), down)
-        return delta * self.scale
+        return _WrappedModule.pair_delta(down, up) * self.scale
 
 
 def _pair(tensors: Mapping[str, torch.Tensor], prefix: str, name: str) -> _Pair:
