@@ -1,6 +1,7 @@
 """sd-webui-tsm: registers the ``<tsm:name:weight>`` extra network, its card page and callbacks.
 
-All logic is in ``tsm_a1111`` (testable without A1111) and ``tsm_trainer.runtime``.
+All logic is in ``tsm_a1111`` (testable without A1111); the weights are hosted by the built-in Lora
+extension (``tsm_a1111/lora_network.py``).
 """
 
 import os
@@ -20,26 +21,28 @@ def _models_dir():
     return getattr(shared.cmd_opts, "tsm_dir", None) or os.path.join(paths.models_path, "TSM")
 
 
-def _lora_prepare_layer():
-    """The built-in Lora extension's lazy merge (extensions-builtin/Lora/networks.py), if loaded."""
-    networks = sys.modules.get("networks")
-    fn = getattr(networks, "network_apply_weights", None)
-    return fn if callable(fn) else None
+def _lora():
+    """The built-in Lora extension's ``network`` and ``networks`` modules (extensions-builtin/Lora),
+    which host TSM's weights (see tsm_a1111/lora_network.py)."""
+    network, networks = sys.modules.get("network"), sys.modules.get("networks")
+    if not (hasattr(network, "NetworkModule") and hasattr(networks, "network_apply_weights")
+            and hasattr(networks, "loaded_networks")):
+        raise RuntimeError("sd-webui-tsm applies TSM files through the built-in Lora extension "
+                           "(extensions-builtin/Lora), which is not loaded: enable it in Extensions > Installed")
+    return tsm_a1111.LoraHost(network, networks)
 
 
 class ExtraNetworkTSM(extra_networks.ExtraNetwork, tsm_a1111.TSMExtraNetworkCore):
     def __init__(self):
         extra_networks.ExtraNetwork.__init__(self, "tsm")
         tsm_a1111.TSMExtraNetworkCore.__init__(
-            self, _models_dir, lambda: shared.sd_model,
-            default_multiplier=lambda: float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0)),
-            prepare_layer=None)
+            self, _models_dir, lambda: shared.sd_model, _lora,
+            default_multiplier=lambda: float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0)))
 
     def activate(self, p, params_list):
-        self.prepare_layer = _lora_prepare_layer()
         tsm_a1111.TSMExtraNetworkCore.activate(self, p, params_list)
 
-    def deactivate(self, p):
+    def deactivate(self, p=None):
         tsm_a1111.TSMExtraNetworkCore.deactivate(self, p)
 
 
@@ -63,7 +66,8 @@ class ExtraNetworksPageTSM(ui_extra_networks.ExtraNetworksPage):
         item = tsm_a1111.card_item_fields(name, metadata, path, "opts.extra_networks_default_multiplier")
         item.update({
             "preview": self.find_preview(base),
-            "search_term": self.search_terms_from_path(path),
+            "search_term": self.search_terms_from_path(path),      # <= 1.7
+            "search_terms": [self.search_terms_from_path(path)],   # 1.8+
             "local_preview": f"{base}.{shared.opts.samples_format}",
             "sort_keys": {"default": index, **self.get_sort_keys(path)},
         })

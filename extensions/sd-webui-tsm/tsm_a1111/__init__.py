@@ -33,9 +33,12 @@ def _ensure_tsm_trainer() -> None:
 
 _ensure_tsm_trainer()
 
-from .adapter import (TSMExtraNetworkCore, TSMSession, find_tsm_files, parse_params,  # noqa: E402
-                      text_encoder_layer_index, timestep_from_sigma, unet_layer_index)
+from .adapter import (LoraHost, find_tsm_files, parse_params, text_encoder_layer_index,  # noqa: E402
+                      timestep_from_sigma, unet_layer_index)
 from .cards import card_description, card_item_fields  # noqa: E402
+from .lora_network import TSMSamplingError  # noqa: E402
+from .session import TSMExtraNetworkCore, TSMSession  # noqa: E402
 
-__all__ = ["TSMExtraNetworkCore", "TSMSession", "find_tsm_files", "parse_params", "text_encoder_layer_index",
-           "timestep_from_sigma", "unet_layer_index", "card_description", "card_item_fields"]
+__all__ = ["LoraHost", "TSMExtraNetworkCore", "TSMSamplingError", "TSMSession", "find_tsm_files", "parse_params",
+           "text_encoder_layer_index", "timestep_from_sigma", "unet_layer_index", "card_description",
+           "card_item_fields"]
