@@ -96,7 +96,12 @@ def test_bake_expert_into_folder_matches_network_then_unbake(base):
     pipe, net, tmp = base["pipe"], base["net"], base["tmp"]
     lora, _ = load_lora_for_bake(base["tsm"], expert=EXPERT)  # scale: the core (only) one
     out = str(tmp / "baked")
-    baked_names = bake_diffusers_folder(base["folder"], lora, out)
+    old_umask = os.umask(0o022)
+    try:
+        baked_names = bake_diffusers_folder(base["folder"], lora, out)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(out).st_mode & 0o777 == 0o755  # readable by a UI running as another user
     assert len(baked_names) == len(net.all_loras)
     assert _leftovers(tmp) == []
 

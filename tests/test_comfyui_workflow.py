@@ -418,7 +418,12 @@ def test_rejects_bad_expert_lists():
 def test_write_workflow_round_trips(tmp_path):
     wf = make_workflow(experts_of_scale(8))
     path = tmp_path / "sub" / "tsm8_workflow.json"
-    write_workflow(path, wf)
+    old_umask = os.umask(0o022)
+    try:
+        write_workflow(path, wf)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # readable by a UI running as another user
     assert json.loads(path.read_text(encoding="utf-8")) == wf
     write_workflow(str(path), {"nodes": [], "links": []})  # overwrite in place
     assert json.loads(path.read_text(encoding="utf-8")) == {"nodes": [], "links": []}

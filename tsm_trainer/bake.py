@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .base_model import DENOISER_COMPONENTS, TEXT_ENCODER_COMPONENTS
-from .file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic
+from .file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic, umask_mode
 from .key_names import diffusers_lora_name_to_sgm
 from .modules import _WrappedModule
 from .targets import layers_by_lora_name
@@ -251,6 +251,7 @@ def bake_diffusers_folder(base_folder: str, lora_tensors: Mapping[str, torch.Ten
     parent = os.path.dirname(out_folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-bake-", dir=parent)
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide the baked model from a UI's service account
     try:
         pipe.save_pretrained(tmp, safe_serialization=True, variant=variant)
         _replace_folder(tmp, out_folder)

@@ -83,6 +83,7 @@ from typing import Sequence
 import torch
 
 from .discrete_sigmas import DiscreteSigmas
+from .file_format import umask_mode
 
 # ComfyUI's discrete model sampling hard-codes 999 (= len(sigmas) - 1) in percent_to_sigma.
 _DEFAULT_T = 1000
@@ -512,6 +513,7 @@ def write_workflow(path: str | os.PathLike, workflow: dict) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the workflow from a UI running as another user
         os.replace(tmp, path)
     except BaseException:
         try:
