@@ -48,10 +48,10 @@ from reproduce_tables import interval_table, summary_table  # noqa: E402
 PRESETS = {  # (suite, quick) -> defaults
     ("tables", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4),
     ("tables", True): dict(seeds=[0], steps=400, score_seeds=2),
-    # 250 base steps, not 1500: the per-expert budget trains TSM n = 8 and its vanilla twin 8 x S each, and
-    # the suite is ~40 S steps per seed, on a shared 2-core CPU; the ratios are the paper's.
-    ("budgets", False): dict(seeds=[0, 1, 2], steps=250, score_seeds=4),
-    ("budgets", True): dict(seeds=[0], steps=100, score_seeds=2),
+    # S = 1500 as the tables suite, whose committed scores it reuses for the rows they share
+    ("budgets", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4,
+                             reuse=os.path.join(ROOT, "docs", "results", "reproduce_results.json")),
+    ("budgets", True): dict(seeds=[0], steps=400, score_seeds=2),
 }
 CONFIG_KEYS = ("suite", "steps", "stage2_steps", "rank", "learning_rate", "images", "heldout_images", "score_seeds",
                "sample_steps")
@@ -90,8 +90,26 @@ def check_config(output_dir: str, config: dict) -> None:
         json.dump({k: config[k] for k in CONFIG_KEYS}, f, indent=2)
 
 
+def load_reused(path: str, config: dict, base_model: dict) -> dict:
+    """{seed: {key: scores}} of a results.json written by this script with the same settings and the same
+    evaluation (its base model's held-out loss must match ours), for rows without a file of their own."""
+    with open(path) as f:
+        old = json.load(f)
+    for k in ("steps", "rank", "learning_rate", "images", "heldout_images"):
+        if old["config"].get(k) != config[k]:
+            raise SystemExit(f"--reuse {path}: its runs used {k}={old['config'].get(k)!r}, not {config[k]!r}; "
+                             f"pass the same settings or --reuse ''")
+    if old["config"].get("score_images_per_model") != config["score_images_per_model"]:
+        raise SystemExit(f"--reuse {path}: its attribute scores used {old['config'].get('score_images_per_model')} "
+                         f"samples per model, this run {config['score_images_per_model']}: pass the same --score_seeds")
+    if abs(old["base_model"]["mean_loss"] / base_model["mean_loss"] - 1) > 1e-6:
+        raise SystemExit(f"--reuse {path}: its base-model held-out loss {old['base_model']['mean_loss']:.6f} differs from "
+                         f"this run's {base_model['mean_loss']:.6f}: another evaluation draw; rerun without --reuse")
+    return old["per_seed"]
+
+
 def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> tuple[str, float]:
-    """Train one configuration unless its file exists; returns (path, seconds, 0 when reused)."""
+    """Train one configuration unless its file exists; returns (path, seconds; 0 when the file existed)."""
     from tsm_trainer.training.cli import build
     from tsm_trainer.training.config import TrainConfig
 
@@ -100,9 +118,8 @@ def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> 
     if os.path.isfile(path):
         return path, 0.0
     rank = overrides.pop("network_dim", args.rank)
-    lr = args.learning_rate * overrides.pop("lr_mult", 1.0)
     config = TrainConfig(pretrained_model=base, dataset_config=toml, output_dir=out, output_name=key,
-                         learning_rate=lr, network_dim=rank, network_alpha=rank, cache_latents=True,
+                         learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, cache_latents=True,
                          cache_dir=os.path.join(args.output_dir, "latents"), seed=seed, **overrides)
     start = time.time()
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars and library warnings of many runs
@@ -119,7 +136,7 @@ def run_overrides(row: dict, steps: int, stage2_steps: int, files: dict[str, str
                     tsm_experts=f"{files[row['core']]},{files[row['context']]}")
     extra = {k: v for k, v in row.items() if k not in ("key", "n", "rank", "mult", "what", "budget")}
     stage = dict(tsm_stage="vanilla") if row["n"] == 1 else dict(tsm_stage="foster", tsm_scales=str(row["n"]))
-    return dict(max_train_steps=row["mult"] * steps, network_dim=row["rank"], **stage, **extra)
+    return dict(max_train_steps=int(row["mult"] * steps), network_dim=row["rank"], **stage, **extra)
 
 
 class Scorer:
@@ -192,7 +209,9 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
     seeds = sorted(results["per_seed"], key=int)
     present = [r["key"] for r in rows if any(r["key"] in results["per_seed"][s] for s in seeds)]
     md = (f"Base steps S = {steps} (batch 8), stage 2: {stage2_steps} router steps; mean ± sd over the seeds in "
-          f"the 'seeds' column ({', '.join(seeds)}); Δ columns are paired by seed against {ref}.\n\n"
+          f"the 'seeds' column ({', '.join(seeds)}); Δ columns are paired by seed against {ref}."
+          + (f" Rows marked \\* take their scores from {results['config']['reused_from']}." if "reused_from" in
+             results["config"] else "") + "\n\n"
           + summary_table(results, rows, ref, steps, stage2_steps)
           + "\n\n**Per timestep interval.** Held-out loss change against " + ref
           + ", paired by seed (mean over seeds, %; negative = better).\n\n" + interval_table(results, present, ref))
@@ -206,14 +225,13 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
     with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2)
     os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
-    curves = {k: [statistics.fmean(v) for v in zip(*[results["per_seed"][s][k]["losses"] for s in seeds
-                                                      if k in results["per_seed"][s]])] for k in present}
-    spread = {k: [statistics.stdev(v) if len(v) > 1 else 0.0 for v in
-                  zip(*[results["per_seed"][s][k]["losses"] for s in seeds if k in results["per_seed"][s]])]
-              for k in present}
-    if ref in curves:
+    per_bin = {k: [results["per_seed"][s][k]["losses"] for s in seeds if "losses" in results["per_seed"][s].get(k, {})]
+               for k in present}  # reused rows have 8 intervals, not the 16 bins
+    curves = {k: [statistics.fmean(v) for v in zip(*b)] for k, b in per_bin.items() if b}
+    spread = {k: [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*b)] for k, b in per_bin.items() if b}
+    if ref in curves and len(curves) > 1:
         plot_loss_curves(curves, 1000, os.path.join(args.output_dir, "loss_vs_t.png"), reference=ref,
-                         spread=spread if len(seeds) > 1 else None,
+                         spread=spread,
                          title=f"held-out loss, mean of {len(seeds)} seed(s), S = {steps} steps")
     if samples:
         labelled_grid(list(samples.items())).save(os.path.join(args.output_dir, "samples.png"))
@@ -238,6 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="run only these rows (e.g. tsm_n2 tsm_n8); the reference lora_r<r> always runs, and a "
                         "stage-2 row brings the rows it is built on")
+    p.add_argument("--reuse", help="a results.json of this script with the same settings: rows without a file in "
+                        "--output_dir take their scores from it (budgets: the committed docs/results/reproduce_results.json; "
+                        "'' for none)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output_dir", help="default outputs/reproduce (tables) or outputs/reproduce-budgets")
     args = p.parse_args(argv)
@@ -246,6 +267,7 @@ def main(argv=None) -> int:
     args.steps = steps = args.steps or preset["steps"]
     args.stage2_steps = stage2_steps = args.stage2_steps or steps // 2
     args.score_seeds = args.score_seeds or preset["score_seeds"]
+    args.reuse = preset.get("reuse") if args.reuse is None else args.reuse
     args.output_dir = args.output_dir or os.path.join("outputs", "reproduce" + ("" if args.suite == "tables" else "-budgets"))
     rows = SUITES[args.suite](args.rank)
     by_key = {r["key"]: r for r in rows}
@@ -274,24 +296,37 @@ def main(argv=None) -> int:
     results: dict = {"config": {"suite": args.suite, "seeds": seeds, "steps": steps, "stage2_steps": stage2_steps,
                                 "rank": args.rank, "learning_rate": args.learning_rate, "images": args.images,
                                 "heldout_images": args.heldout_images, "heldout_combos": len(heldout_combos()),
-                                "score_seeds": scorer.score_seeds, "sample_steps": args.sample_steps},
+                                "score_seeds": scorer.score_seeds, "sample_steps": args.sample_steps,
+                                "score_images_per_model": len(heldout_combos()) * len(scorer.score_seeds)},
                      "per_seed": {}}
     results["base_model"] = scorer.score(None, os.path.join(args.output_dir, "base_model"), samples=True)
+    reused = load_reused(args.reuse, results["config"], results["base_model"]) if args.reuse else {}
+    if args.reuse:
+        results["config"]["reused_from"] = os.path.relpath(args.reuse, ROOT)
     samples = {"base model": load_strip(os.path.join(args.output_dir, "base_model"))}
     seconds: dict[str, list[float]] = {}
     md = ""
     for seed in seeds:
+        stems = {r["key"]: os.path.join(args.output_dir, f"seed{seed}", r["key"]) for r in rows}
+        reusable = {k: v for k, v in reused.get(str(seed), {}).items() if k in stems}
+        # rows to train: no file and no reusable score; the experts a stage-2 row to train needs are trained too
+        todo = {k for k in stems if not os.path.isfile(stems[k] + ".safetensors") and k not in reusable}
+        todo |= {d for r in rows if r["key"] in todo and is_stage2(r) for d in (r["core"], r["context"])
+                 if not os.path.isfile(stems[d] + ".safetensors")}
         files: dict[str, str] = {}
         for row in rows:
-            path, s = train(args, base, train_toml, seed, row["key"], log, **run_overrides(row, steps, stage2_steps, files))
-            files[row["key"]] = path
-            stem = path[:-len(".safetensors")]
-            scored = scorer.score(path, stem, samples=seed == seeds[0], train_seconds=s)
-            results["per_seed"].setdefault(str(seed), {})[row["key"]] = scored
+            key = row["key"]
+            if key not in todo and not os.path.isfile(stems[key] + ".safetensors"):
+                scored = dict(reusable[key], reused=True)
+            else:
+                path, s = train(args, base, train_toml, seed, key, log, **run_overrides(row, steps, stage2_steps, files))
+                files[key] = path
+                scored = scorer.score(path, stems[key], samples=seed == seeds[0], train_seconds=s)
+            results["per_seed"].setdefault(str(seed), {})[key] = scored
             if scored.get("train_seconds"):
-                seconds.setdefault(row["key"], []).append(scored["train_seconds"])
-            if seed == seeds[0]:
-                samples[row["key"]] = load_strip(stem)
+                seconds.setdefault(key, []).append(scored["train_seconds"])
+            if seed == seeds[0] and os.path.isfile(stems[key] + ".samples.png"):
+                samples[key] = load_strip(stems[key])
             results["train_seconds"] = {k: statistics.fmean(v) for k, v in seconds.items()}
             md = write_outputs(args, results, rows, steps, stage2_steps, samples)  # after every row: resumable, readable
         log(f"seed {seed} done: {args.output_dir}/results.json")

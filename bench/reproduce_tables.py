@@ -45,7 +45,8 @@ def score_delta(results: dict, key: str, ref: str, attribute: str = "all") -> li
 
 def summary_table(results: dict, rows: list[dict], ref: str, steps: int, stage2_steps: int) -> str:
     """One line per row present in any seed: its budget, the optimizer steps behind its file, held-out
-    loss and attribute scores (mean ± sd over seeds) and both paired against ``ref``."""
+    loss and attribute scores (mean ± sd over seeds) and both paired against ``ref``. A key marked with an asterisk
+    took its scores from an earlier results file (``--reuse``)."""
     per = results["per_seed"]
     by_key = {r["key"]: r for r in rows}
     lines = [f"| row | budget | optimizer steps | batches per expert | seeds | held-out loss | Δ loss vs {ref} (paired) "
@@ -65,9 +66,10 @@ def summary_table(results: dict, rows: list[dict], ref: str, steps: int, stage2_
             experts = "frozen; routers only"
         else:
             experts = f"{'' if row.get('timestep_sampling') == 'stratified' or row['n'] == 1 else '~'}" \
-                      f"{row['mult'] * steps // row['n']}"
+                      f"{int(row['mult'] * steps) // row['n']}"
         scores = [pm([100 * per[s][key]["attribute_score"][a] for s in seeds], "{:.1f}") for a in ATTRIBUTES]
-        lines.append(f"| {key}: {row['what']} | {row['budget']} | {total_steps(row, steps, stage2_steps, by_key)} | "
+        mark = " \\*" if all(per[s][key].get("reused") for s in seeds) else ""
+        lines.append(f"| {key}{mark}: {row['what']} | {row['budget']} | {total_steps(row, steps, stage2_steps, by_key)} | "
                      f"{experts} | {len(seeds)} | {pm([per[s][key]['mean_loss'] for s in seeds])} | "
                      f"{pm(loss_delta(results, key, ref), '{:+.2f}')}% | " + " | ".join(scores)
                      + f" | {pm(score_delta(results, key, ref), '{:+.1f}')} |")

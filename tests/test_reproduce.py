@@ -24,45 +24,65 @@ def _main():
     return module.main
 
 
-def test_reproduce_runs_every_configuration_and_reuses_files(tmp_path, capsys):
-    main = _main()
-    args = ["--steps", "2", "--seeds", "0", "1", *TINY, "--output_dir", str(tmp_path)]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("steps in") == 16  # 8 configurations x 2 seeds trained
-    results = json.loads((tmp_path / "results.json").read_text())
-    keys = {"lora_r4", "lora_r32", "tsm_n2", "tsm_n4", "tsm_n8", "tsm_n16", "tsm_8+1_asym", "tsm_1,8_sym"}
+@pytest.fixture(scope="module")
+def tables_run(tmp_path_factory):
+    """The tables suite at toy sizes, 2 seeds: (output folder, its arguments, printed output)."""
+    out = tmp_path_factory.mktemp("tables")
+    args = ["--steps", "8", "--seeds", "0", "1", *TINY, "--output_dir", str(out), "--only", "tsm_n16", "tsm_1,8_sym"]
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _main()(args) == 0
+    return out, args, printed.getvalue()
+
+
+def test_reproduce_runs_the_rows_asked_for_with_their_experts_and_reuses_files(tables_run, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from reproduce_rows import tables_suite
+
+    assert [r["key"] for r in tables_suite(4)] == ["lora_r4", "lora_r32", "tsm_n2", "tsm_n4", "tsm_n8", "tsm_n16",
+                                                   "tsm_8+1_asym", "tsm_1,8_sym"]
+    out, args, printed = tables_run
+    # the reference, the rows asked for and the experts of the stage-2 row, for 2 seeds
+    keys = {"lora_r4", "tsm_n8", "tsm_n16", "tsm_1,8_sym"}
+    assert printed.count("steps in") == 2 * len(keys)
+    results = json.loads((out / "results.json").read_text())
     assert set(results["per_seed"]["0"]) == keys == set(results["per_seed"]["1"])
-    assert all(len(v["interval_loss"]) == 8 for v in results["per_seed"]["0"].values())
-    table = (tmp_path / "results.md").read_text()
-    for row in ("| tsm_n16: TSM n=16 | equal total steps | 2 | ~0 | 2 |", "| lora_r32: vanilla LoRA, rank 8r |",
-                "| tsm_1,8_sym: stage 2 symmetric | equal total steps | 5 | frozen; routers only |", "| base model |",
-                "| tsm_n16 | "):
+    assert all(len(v["interval_loss"]) == 8 and len(v["losses"]) == 16 for v in results["per_seed"]["0"].values())
+    table = (out / "results.md").read_text()
+    for row in ("| tsm_n16: TSM n=16 | equal total steps | 8 | ~0 | 2 |", "| base model |", "| tsm_n16 | ",
+                "| tsm_1,8_sym: stage 2 symmetric | equal total steps | 17 | frozen; routers only |"):
         assert row in table, row
     assert "±" in table  # two seeds: mean ± sd
-    assert Image.open(tmp_path / "loss_vs_t.png").size[0] > 600
-    assert Image.open(tmp_path / "samples.png").size[1] == 9 * 64  # base + 8 configurations
+    assert Image.open(out / "loss_vs_t.png").size[0] > 600
+    assert Image.open(out / "samples.png").size[1] == 5 * 64  # base + 4 configurations
     # a rerun evaluates the files it finds instead of training again
-    assert main(args) == 0
+    assert _main()(args) == 0
     assert "steps in" not in capsys.readouterr().out
 
 
-def test_budgets_suite_trains_n_times_longer_resumes_per_row_and_refuses_other_settings(tmp_path, capsys):
+def test_budgets_suite_reuses_scores_trains_what_is_missing_and_resumes_per_row(tables_run, tmp_path, capsys):
     main = _main()
-    args = ["--suite", "budgets", "--steps", "2", "--seeds", "0", *TINY, "--output_dir", str(tmp_path),
-            "--only", "tsm_8x8+1_asym", "tsm_n4_strat", "lora_r4_te"]
+    args = ["--suite", "budgets", "--reuse", str(tables_run[0] / "results.json"), "--steps", "8", "--seeds", "0",
+            *TINY, "--output_dir", str(tmp_path), "--only", "tsm_8+1per8_asym", "tsm_n4_strat", "lora_r4_te"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     trained = {line.split()[2]: int(line.split()[3]) for line in printed.splitlines() if "steps in" in line}
-    # the stage-2 row brings its experts: TSM n=8 at 8 x S (the paper's budget) and vanilla at S
-    assert trained == {"lora_r4": 2, "tsm_n8_x8": 16, "tsm_8x8+1_asym": 1, "tsm_n4_strat": 2, "lora_r4_te": 2}
+    # vanilla at S comes from the reused scores; the paper's-budget stage 2 needs the n = 8 file, so it is trained
+    assert trained == {"tsm_n8": 8, "lora_r4_per8": 1, "tsm_n4_strat": 8, "lora_r4_te": 8, "tsm_8+1per8_asym": 1}
     seed = tmp_path / "seed0"
     assert any(k.startswith("lora_te") for k in load_file(str(seed / "lora_r4_te.safetensors"))[0])
-    assert not any(k.startswith("lora_te") for k in load_file(str(seed / "lora_r4.safetensors"))[0])
+    assert not any(k.startswith("lora_te") for k in load_file(str(seed / "tsm_n4_strat.safetensors"))[0])
+    reused = json.loads((tables_run[0] / "results.json").read_text())["per_seed"]["0"]["lora_r4"]
+    results = json.loads((tmp_path / "results.json").read_text())["per_seed"]["0"]
+    assert results["lora_r4"]["reused"] and results["lora_r4"]["mean_loss"] == reused["mean_loss"]
     table = (tmp_path / "results.md").read_text()
-    assert "| tsm_n8_x8: TSM n=8 | equal steps per expert | 16 | ~2 | 1 |" in table
-    assert "| tsm_8x8+1_asym: stage 2 [8,1] | equal steps per expert | 19 |" in table  # 1 + 16 + 2
-    assert "| tsm_n4_strat: TSM n=4, stratified batches | equal total steps | 2 | 0 |" in table
+    assert "| lora_r4 \\*: vanilla LoRA | equal total steps | 8 | 8 | 1 |" in table
+    assert "| lora_r4_per8: vanilla LoRA, as long as each expert of TSM n=8 | equal steps per expert | 1 | 1 | 1 |" in table
+    assert "| tsm_8+1per8_asym: stage 2 [8,1], paper's budget | equal steps per expert | 10 |" in table  # 1 + 8 + 1
+    assert "| tsm_n4_strat: TSM n=4, stratified batches | equal total steps | 8 | 2 | 1 |" in table
     # per-row resume: only the row whose file is gone is trained, and only the row whose score is gone re-scored
     scored = json.loads((seed / "tsm_n4_strat.eval.json").read_text())
     os.remove(seed / "lora_r4_te.safetensors")
@@ -72,8 +92,12 @@ def test_budgets_suite_trains_n_times_longer_resumes_per_row_and_refuses_other_s
     assert [line.split()[2] for line in printed.splitlines() if "steps in" in line] == ["lora_r4_te"]
     assert json.loads((seed / "tsm_n4_strat.eval.json").read_text())["mean_loss"] == scored["mean_loss"]
     # the files of a folder are reused by name, so other settings are refused, naming the option
-    with pytest.raises(SystemExit, match=r"config.json: the runs in this folder used steps=2, not 3; pass --steps 2"):
-        main(args[:3] + ["3"] + args[4:])
+    i = args.index("--steps")
+    with pytest.raises(SystemExit, match=r"config.json: the runs in this folder used steps=8, not 3; pass --steps 8"):
+        main(args[:i + 1] + ["3"] + args[i + 2:])
+    # and scores are reused only from runs with the same settings
+    with pytest.raises(SystemExit, match=r"--reuse .*results.json: its runs used learning_rate=0.001, not 0.002"):
+        main(args + ["--learning_rate", "2e-3", "--output_dir", str(tmp_path / "other")])
 
 
 def test_tables_pair_each_row_with_the_reference_of_its_seed():
@@ -85,15 +109,17 @@ def test_tables_pair_each_row_with_the_reference_of_its_seed():
         return {"mean_loss": loss, "interval_loss": [loss] * 8, "attribute_score": dict.fromkeys(
             ("colour", "shape", "background", "all"), score)}
 
-    results = {"per_seed": {"0": {"lora_r4": row(1.0, 0.2), "tsm_n8_x8": row(0.9, 0.3)},
-                            "1": {"lora_r4": row(2.0, 0.1), "tsm_n8_x8": row(1.9, 0.4)},
-                            "2": {"lora_r4": row(3.0, 0.2)}}}  # a partial seed: tsm_n8_x8 not run yet
-    assert loss_delta(results, "tsm_n8_x8", "lora_r4") == pytest.approx([-10.0, -5.0])
-    assert score_delta(results, "tsm_n8_x8", "lora_r4") == pytest.approx([10.0, 30.0])
-    table = summary_table(results, budgets_suite(4), "lora_r4", 10, 5)
-    assert "| tsm_n8_x8: TSM n=8 | equal steps per expert | 80 | ~10 | 2 | 1.40000 ± 0.70711 | -7.50 ± 3.54% |" in table
-    assert table.rstrip().endswith("| +20.0 ± 14.1 |")
-    assert "| lora_r4: vanilla LoRA | equal total steps | 10 | 10 | 3 | 2.00000 ± 1.00000 | +0.00 ± 0.00% |" in table
+    results = {"per_seed": {"0": {"lora_r4": row(1.0, 0.2), "tsm_n8": row(0.9, 0.3), "lora_r4_per8": row(1.2, 0.1)},
+                            "1": {"lora_r4": row(2.0, 0.1), "tsm_n8": row(1.9, 0.4)},
+                            "2": {"lora_r4": row(3.0, 0.2)}}}  # partial seeds: rows not run yet
+    assert loss_delta(results, "tsm_n8", "lora_r4") == pytest.approx([-10.0, -5.0])
+    assert score_delta(results, "tsm_n8", "lora_r4") == pytest.approx([10.0, 30.0])
+    table = summary_table(results, budgets_suite(4), "lora_r4", 80, 40)
+    assert "| tsm_n8: TSM n=8 | equal total steps | 80 | ~10 | 2 | 1.40000 ± 0.70711 | -7.50 ± 3.54% |" in table
+    assert "| 35.0 ± 7.1 | +20.0 ± 14.1 |" in table
+    assert "| lora_r4: vanilla LoRA | equal total steps | 80 | 80 | 3 | 2.00000 ± 1.00000 | +0.00 ± 0.00% |" in table
+    assert table.rstrip().endswith("| lora_r4_per8: vanilla LoRA, as long as each expert of TSM n=8 | equal steps per "
+                                   "expert | 10 | 10 | 1 | 1.20000 | +20.00% | 10.0 | 10.0 | 10.0 | 10.0 | -10.0 |")
     assert "tsm_n2" not in table  # rows without results are left out
-    assert interval_table(results, ["lora_r4", "tsm_n8_x8"], "lora_r4").splitlines()[-1] == "| tsm_n8_x8 | " + \
+    assert interval_table(results, ["lora_r4", "tsm_n8"], "lora_r4").splitlines()[-1] == "| tsm_n8 | " + \
         " | ".join(["-7.5"] * 8) + " |"
