@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", help="a results.json of this script with the same settings: rows without a file in "
                         "--output_dir take their scores from it (budgets: the committed docs/results/reproduce_results.json; "
                         "'' for none)")
+    p.add_argument("--no_train", action="store_true",
+                   help="train nothing: write the outputs from the files and scores already in --output_dir")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output_dir", help="default outputs/reproduce (tables) or outputs/reproduce-budgets")
     args = p.parse_args(argv)
@@ -318,6 +320,8 @@ def main(argv=None) -> int:
             key = row["key"]
             if key not in todo and not os.path.isfile(stems[key] + ".safetensors"):
                 scored = dict(reusable[key], reused=True)
+            elif args.no_train and not os.path.isfile(stems[key] + ".safetensors"):
+                continue
             else:
                 path, s = train(args, base, train_toml, seed, key, log, **run_overrides(row, steps, stage2_steps, files))
                 files[key] = path

@@ -91,6 +91,12 @@ def test_budgets_suite_reuses_scores_trains_what_is_missing_and_resumes_per_row(
     printed = capsys.readouterr().out
     assert [line.split()[2] for line in printed.splitlines() if "steps in" in line] == ["lora_r4_te"]
     assert json.loads((seed / "tsm_n4_strat.eval.json").read_text())["mean_loss"] == scored["mean_loss"]
+    # --no_train writes the outputs from what exists: a row without a file is left out
+    os.remove(seed / "lora_r4_te.safetensors")
+    assert main(args + ["--no_train"]) == 0
+    assert "steps in" not in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "results.json").read_text())["per_seed"]["0"]) == \
+        {"lora_r4", "tsm_n8", "lora_r4_per8", "tsm_n4_strat", "tsm_8+1per8_asym"}
     # the files of a folder are reused by name, so other settings are refused, naming the option
     i = args.index("--steps")
     with pytest.raises(SystemExit, match=r"config.json: the runs in this folder used steps=8, not 3; pass --steps 8"):
