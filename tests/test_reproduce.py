@@ -129,3 +129,20 @@ def test_tables_pair_each_row_with_the_reference_of_its_seed():
     assert "tsm_n2" not in table  # rows without results are left out
     assert interval_table(results, ["lora_r4", "tsm_n8"], "lora_r4").splitlines()[-1] == "| tsm_n8 | " + \
         " | ".join(["-7.5"] * 8) + " |"
+
+
+def test_the_start_up_budget_print_states_the_measured_rule():
+    from tsm_trainer.training.config import TrainConfig
+    from tsm_trainer.training.loop import describe_budget
+
+    # 40 batches per epoch (320 images, batch 8), as the demo world; 1500 steps = 37.5 epochs
+    def text(scales, steps=1500, **kw):
+        return describe_budget(TrainConfig(tsm_scales=scales, max_train_steps=steps, **kw), 8, 40)
+
+    assert text("2") == "1500 steps x batch 8: 12000 samples, about 6000 per expert (1/2 each), 18.8 epochs of the data per expert"
+    assert text("8").endswith(", 4.7 epochs of the data per expert; on the demo world TSM beat vanilla LoRA at equal "
+                              "steps only from ~10 epochs per expert (README, Which to train): --tsm_scales 2 fits this budget")
+    assert text("4", steps=400).endswith("--tsm_stage vanilla fits this budget")  # 10 epochs in all
+    assert text("8", gradient_accumulation_steps=8).endswith(", 37.5 epochs of the data per expert")
+    assert "epochs" not in describe_budget(TrainConfig(tsm_scales="8"), 8)  # unknown dataset size: no claim
+    assert "epochs" not in text("1", tsm_stage="vanilla")

@@ -36,7 +36,9 @@ class TrainConfig:
                      "per step (DMD2, paper section 4.3)", ("train", "distill"))
     # network and recipe
     tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
-                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume", ("none", "paper"))
+                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume. 2.5x the steps of "
+                           "one run; on the demo world it did not beat vanilla LoRA trained max_train_steps (README, "
+                           "Which to train)", ("none", "paper"))
     tsm_stage: str = _opt("foster", "vanilla (n=1 LoRA), foster (experts) or assemble (routers)",
                           ("vanilla", "foster", "assemble"))
     tsm_scales: str = _opt("8", "scales: '8' to foster, '8,1' to assemble")
