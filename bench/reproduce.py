@@ -313,8 +313,9 @@ def main(argv=None) -> int:
         reusable = {k: v for k, v in reused.get(str(seed), {}).items() if k in stems}
         # rows to train: no file and no reusable score; the experts a stage-2 row to train needs are trained too
         todo = {k for k in stems if not os.path.isfile(stems[k] + ".safetensors") and k not in reusable}
-        todo |= {d for r in rows if r["key"] in todo and is_stage2(r) for d in (r["core"], r["context"])
-                 if not os.path.isfile(stems[d] + ".safetensors")}
+        if not args.no_train:
+            todo |= {d for r in rows if r["key"] in todo and is_stage2(r) for d in (r["core"], r["context"])
+                     if not os.path.isfile(stems[d] + ".safetensors")}
         files: dict[str, str] = {}
         for row in rows:
             key = row["key"]

@@ -91,12 +91,14 @@ def test_budgets_suite_reuses_scores_trains_what_is_missing_and_resumes_per_row(
     printed = capsys.readouterr().out
     assert [line.split()[2] for line in printed.splitlines() if "steps in" in line] == ["lora_r4_te"]
     assert json.loads((seed / "tsm_n4_strat.eval.json").read_text())["mean_loss"] == scored["mean_loss"]
-    # --no_train writes the outputs from what exists: a row without a file is left out
-    os.remove(seed / "lora_r4_te.safetensors")
+    # --no_train writes the outputs from what exists: a row without a file or a reusable score is left
+    # out, and one without a file takes the reused score even when a missing stage-2 row would need its file
+    for key in ("lora_r4_te", "tsm_n8", "tsm_8+1per8_asym"):
+        os.remove(seed / f"{key}.safetensors")
     assert main(args + ["--no_train"]) == 0
     assert "steps in" not in capsys.readouterr().out
-    assert set(json.loads((tmp_path / "results.json").read_text())["per_seed"]["0"]) == \
-        {"lora_r4", "tsm_n8", "lora_r4_per8", "tsm_n4_strat", "tsm_8+1per8_asym"}
+    results = json.loads((tmp_path / "results.json").read_text())["per_seed"]["0"]
+    assert set(results) == {"lora_r4", "tsm_n8", "lora_r4_per8", "tsm_n4_strat"} and results["tsm_n8"]["reused"]
     # the files of a folder are reused by name, so other settings are refused, naming the option
     i = args.index("--steps")
     with pytest.raises(SystemExit, match=r"config.json: the runs in this folder used steps=8, not 3; pass --steps 8"):
