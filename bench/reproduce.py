@@ -225,8 +225,9 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
     with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2)
     os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
-    per_bin = {k: [results["per_seed"][s][k]["losses"] for s in seeds if "losses" in results["per_seed"][s].get(k, {})]
-               for k in present}  # reused rows have 8 intervals, not the 16 bins
+    scored = [results["per_seed"][s][k] for s in seeds for k in present if k in results["per_seed"][s]]
+    field = "losses" if all("losses" in v for v in scored) else "interval_loss"  # reused rows: 8 intervals only
+    per_bin = {k: [results["per_seed"][s][k][field] for s in seeds if k in results["per_seed"][s]] for k in present}
     curves = {k: [statistics.fmean(v) for v in zip(*b)] for k, b in per_bin.items() if b}
     spread = {k: [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*b)] for k, b in per_bin.items() if b}
     if ref in curves and len(curves) > 1:
