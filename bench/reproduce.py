@@ -1,25 +1,30 @@
-"""A small-scale reproduction of the paper's ablations (Tables 8 and 11) on the demo world.
+"""A small-scale reproduction of the paper's ablations on the demo world, and of its two budgets.
 
 Usage (from the repository root)::
 
-    python bench/reproduce.py            # 3 seeds (about 45 min on 2 CPU cores)
-    python bench/reproduce.py --quick    # 1 seed, fewer steps (about 4 min)
+    python bench/reproduce.py                    # Tables 8 and 11, 3 seeds (about 45 min on 2 CPU cores)
+    python bench/reproduce.py --quick            # 1 seed, fewer steps (about 4 min)
+    python bench/reproduce.py --suite budgets    # both budgets and the remedies (issue 13)
 
 Fine-tunes the committed demo base model (demo_assets/base_model) on the target domain (shapes in
-pink, cyan, brown: colours and words it never saw) with, at equal total optimizer steps and equal
-seeds (same data order, noise and timestep draws per seed):
+pink, cyan, brown: colours and words it never saw), equal seeds giving the same data order, noise and
+timestep draws. The rows of each suite are in bench/reproduce_rows.py:
 
-* Table 8 (stage 1): vanilla LoRA (n = 1) at rank r and 8r; TSM fostering with n = 2, 4, 8, 16 at rank r
-  (per-sample routing, so expert i of n sees about 1/n of the samples: DESIGN.md section 7);
-* Table 11 (stage 2): the assembled asymmetric [8, 1] (core n = 8 ungated, context n = 1 gated) and the
-  symmetric baseline (both gated, no core), routers trained on top of the n = 8 and n = 1 files above.
+* ``tables``: Table 8 (stage 1) at equal total optimizer steps: vanilla LoRA (n = 1) at rank r and 8r,
+  TSM fostering with n = 2, 4, 8, 16 at rank r (per-sample routing, so expert i of n sees about 1/n of
+  the samples: DESIGN.md section 7); Table 11 (stage 2): the assembled asymmetric [8, 1] and the
+  symmetric baseline, routers trained on the n = 8 and n = 1 files.
+* ``budgets``: equal total steps and equal steps per expert (TSM n trained n x S, next to vanilla LoRA
+  trained as long), stage 2 on both, and the remedies at equal total steps (stratified batches, the
+  text-encoder LoRA, a 3x learning rate).
 
-and scores every file with one fixed held-out draw (``tsm_trainer.evaluation``): the denoising loss per
+Every file is scored with one fixed held-out draw (``tsm_trainer.evaluation``): the denoising loss per
 timestep interval on fresh target-domain renders, and the attribute score of samples for the target
-combinations held out of the training images (``tsm_trainer.demo.attribute_score``). Writes
-``results.md`` (tables: mean +- sd over seeds, and the change against vanilla LoRA r paired by seed),
-``results.json``, ``loss_vs_t.png`` and ``samples.png`` to --output_dir. Training files are kept, and a
-rerun skips the runs whose file exists (an interrupted benchmark continues).
+combinations held out of the training images (``tsm_trainer.demo.attribute_score``). After every row it
+rewrites ``results.md`` (mean ± sd over seeds, and the change against vanilla LoRA r paired by seed),
+``results.json``, ``loss_vs_t.png`` and ``samples.png`` in --output_dir. Trained files and their scores
+(``seed<k>/<row>.eval.json``) are kept: a rerun with the same settings trains and scores only what is
+missing, so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -35,18 +40,24 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FULL = dict(seeds=[0, 1, 2], steps=1500, stage2_steps=750, score_seeds=4)
-QUICK = dict(seeds=[0], steps=400, stage2_steps=200, score_seeds=2)
+from reproduce_rows import SUITES, is_stage2, reference  # noqa: E402
+from reproduce_tables import interval_table, summary_table  # noqa: E402
 
-
-def stage1_runs(rank: int) -> list[dict]:
-    """Table 8's rows: (key, n, rank)."""
-    runs = [dict(key=f"lora_r{rank}", n=1, rank=rank), dict(key=f"lora_r{8 * rank}", n=1, rank=8 * rank)]
-    return runs + [dict(key=f"tsm_n{n}", n=n, rank=rank) for n in (2, 4, 8, 16)]
-
-
-STAGE2 = [dict(key="tsm_8+1_asym", mixture="asymmetric"), dict(key="tsm_1,8_sym", mixture="symmetric")]
+PRESETS = {  # (suite, quick) -> defaults
+    ("tables", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4),
+    ("tables", True): dict(seeds=[0], steps=400, score_seeds=2),
+    # S = 1500 as the tables suite, whose committed scores it reuses for the rows they share
+    ("budgets", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4,
+                             reuse=os.path.join(ROOT, "docs", "results", "reproduce_results.json")),
+    ("budgets", True): dict(seeds=[0], steps=400, score_seeds=2),
+}
+CONFIG_KEYS = ("suite", "steps", "stage2_steps", "rank", "learning_rate", "images", "heldout_images", "score_seeds",
+               "sample_steps")
+PROMPTS = [f"a {c} {s} on a {b} background" for s, c, b in
+           (("circle", "pink", "white"), ("star", "cyan", "black"), ("square", "brown", "gray"),
+            ("triangle", "pink", "striped"), ("cross", "cyan", "checkered"), ("star", "brown", "white"))]
 
 
 def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
@@ -65,8 +76,40 @@ def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
     return tomls[0], tomls[1]
 
 
+def check_config(output_dir: str, config: dict) -> None:
+    """Files in ``output_dir`` are reused by key, so they must come from the same settings."""
+    path = os.path.join(output_dir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        for k in CONFIG_KEYS:
+            if k in old and old[k] != config[k]:
+                raise SystemExit(f"{path}: the runs in this folder used {k}={old[k]!r}, not {config[k]!r}; "
+                                 f"pass --{k} {old[k]} to continue them, or another --output_dir")
+    with open(path, "w") as f:
+        json.dump({k: config[k] for k in CONFIG_KEYS}, f, indent=2)
+
+
+def load_reused(path: str, config: dict, base_model: dict) -> dict:
+    """{seed: {key: scores}} of a results.json written by this script with the same settings and the same
+    evaluation (its base model's held-out loss must match ours), for rows without a file of their own."""
+    with open(path) as f:
+        old = json.load(f)
+    for k in ("steps", "rank", "learning_rate", "images", "heldout_images"):
+        if old["config"].get(k) != config[k]:
+            raise SystemExit(f"--reuse {path}: its runs used {k}={old['config'].get(k)!r}, not {config[k]!r}; "
+                             f"pass the same settings or --reuse ''")
+    if old["config"].get("score_images_per_model") != config["score_images_per_model"]:
+        raise SystemExit(f"--reuse {path}: its attribute scores used {old['config'].get('score_images_per_model')} "
+                         f"samples per model, this run {config['score_images_per_model']}: pass the same --score_seeds")
+    if abs(old["base_model"]["mean_loss"] / base_model["mean_loss"] - 1) > 1e-6:
+        raise SystemExit(f"--reuse {path}: its base-model held-out loss {old['base_model']['mean_loss']:.6f} differs from "
+                         f"this run's {base_model['mean_loss']:.6f}: another evaluation draw; rerun without --reuse")
+    return old["per_seed"]
+
+
 def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> tuple[str, float]:
-    """Train one configuration unless its file exists; returns (path, seconds)."""
+    """Train one configuration unless its file exists; returns (path, seconds; 0 when the file existed)."""
     from tsm_trainer.training.cli import build
     from tsm_trainer.training.config import TrainConfig
 
@@ -75,86 +118,137 @@ def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> 
     if os.path.isfile(path):
         return path, 0.0
     rank = overrides.pop("network_dim", args.rank)
-    config = TrainConfig(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=out, output_name=key,
-                         learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, network_train_unet_only=True,
-                         cache_latents_to_disk=True, cache_dir=os.path.join(args.output_dir, "latents"), seed=seed,
-                         **overrides)
+    options = dict(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=out, output_name=key,
+                   learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, network_train_unet_only=True,
+                   cache_latents_to_disk=True, cache_dir=os.path.join(args.output_dir, "latents"), seed=seed)
+    config = TrainConfig(**{**options, **overrides})  # a row may turn the text-encoder LoRA on
     start = time.time()
-    with contextlib.redirect_stderr(io.StringIO()):  # progress bars and library warnings of 24 runs
+    with contextlib.redirect_stderr(io.StringIO()):  # progress bars and library warnings of many runs
         build(config, log=lambda m: None).run()
     seconds = time.time() - start
-    log(f"  seed {seed} {key:<14} {config.max_train_steps} steps in {seconds:.0f} s")
+    log(f"  seed {seed} {key:<16} {config.max_train_steps} steps in {seconds:.0f} s")
     return path, seconds
 
 
-def summarise(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def run_overrides(row: dict, steps: int, stage2_steps: int, files: dict[str, str]) -> dict:
+    """TrainConfig fields of one row (stage-2 rows name the files of their experts)."""
+    if is_stage2(row):
+        return dict(max_train_steps=stage2_steps, tsm_stage="assemble", tsm_scales="8,1", tsm_mixture=row["mixture"],
+                    tsm_experts=f"{files[row['core']]},{files[row['context']]}")
+    extra = {k: v for k, v in row.items() if k not in ("key", "n", "rank", "mult", "what", "budget")}
+    stage = dict(tsm_stage="vanilla") if row["n"] == 1 else dict(tsm_stage="foster", tsm_scales=str(row["n"]))
+    return dict(max_train_steps=int(row["mult"] * steps), network_dim=row["rank"], **stage, **extra)
 
 
-def pm(values: list[float], fmt: str = "{:.5f}", scale: float = 1.0) -> str:
-    mean, sd = summarise([v * scale for v in values])
-    return (fmt + " ± " + fmt).format(mean, sd) if len(values) > 1 else fmt.format(mean)
+class Scorer:
+    """Scores files against one fixed held-out draw, caching each result next to its file
+    (``<key>.eval.json``, plus ``<key>.samples.png`` when samples are asked for), so that an
+    interrupted run re-scores only what is new. Components load on first use."""
+
+    def __init__(self, args, base: str, heldout_toml: str, score_seeds: int, log):
+        self.args, self.base, self.heldout_toml, self.log = args, base, heldout_toml, log
+        self.score_seeds = [1000 + k for k in range(score_seeds)]
+        self._loaded = None
+
+    def _load(self):
+        if self._loaded is None:
+            from tsm_trainer.evaluation.heldout import heldout_batches
+            from tsm_trainer.training.families import get_training_family
+
+            family = get_training_family("sd1")
+            self._loaded = family, family.load(self.base), heldout_batches(self.heldout_toml, log=lambda m: None)
+        return self._loaded
+
+    def score(self, path: str | None, stem: str, samples: bool, train_seconds: float = 0.0) -> dict:
+        """{"mean_loss", "interval_loss", "losses" (16 bins), "attribute_score", "train_seconds"} of the
+        file at ``path`` (None: the base model), cached at ``stem``.eval.json."""
+        from PIL import Image
+
+        from tsm_trainer.demo.attribute_score import attribute_score, heldout_combos
+        from tsm_trainer.evaluation import evaluate_files
+
+        cache, strip = stem + ".eval.json", stem + ".samples.png"
+        if os.path.isfile(cache) and (not samples or os.path.isfile(strip)) and \
+                (path is None or os.path.getmtime(cache) >= os.path.getmtime(path)):
+            with open(cache) as f:
+                return json.load(f)
+        family, components, batches = self._load()
+        combos = heldout_combos()
+        ev = evaluate_files(family, components, batches, [path] if path else [], ["row"] if path else None,
+                            include_base=path is None, bins=16, prompts=PROMPTS if samples else (),
+                            sample_steps=self.args.sample_steps,
+                            score=lambda generate: attribute_score(generate, combos, self.score_seeds), log=lambda m: None)
+        label = "row" if path else "base model"
+        result = {"mean_loss": ev.mean_loss(label), "interval_loss": ev.interval_losses(label),
+                  "losses": ev.losses[label], "attribute_score": ev.scores[label], "train_seconds": train_seconds}
+        if samples:
+            images = ev.samples[label]
+            row = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+            for k, image in enumerate(images):
+                row.paste(image, (k * images[0].width, 0))
+            row.save(strip)
+        with open(cache + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(cache + ".tmp", cache)
+        return result
 
 
-def tables(results: dict, rank: int, steps: int, stage2_steps: int) -> str:
-    """Markdown tables shaped like the paper's Tables 8 and 11, plus the per-interval breakdown."""
-    from tsm_trainer.intervals import interval_timestep_range
+def load_strip(stem: str) -> list:
+    """The sample images saved by :meth:`Scorer.score`, split back into squares."""
+    from PIL import Image
 
-    ref = f"lora_r{rank}"
+    strip = Image.open(stem + ".samples.png").convert("RGB")
+    h = strip.height
+    return [strip.crop((k * h, 0, (k + 1) * h, h)) for k in range(strip.width // h)]
+
+
+def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_steps: int, samples: dict) -> str:
+    """results.md / .json, loss_vs_t.png and samples.png of everything scored so far; returns the markdown."""
+    from tsm_trainer.evaluation import labelled_grid, plot_loss_curves
+
+    ref = reference(args.rank)
     seeds = sorted(results["per_seed"], key=int)
-
-    def col(key, field):
-        return [results["per_seed"][s][key][field] for s in seeds if key in results["per_seed"][s]]
-
-    def delta(key):  # % change of the mean held-out loss against vanilla LoRA r, paired by seed
-        return [100 * (results["per_seed"][s][key]["mean_loss"] / results["per_seed"][s][ref]["mean_loss"] - 1)
-                for s in seeds]
-
-    def scores(key):
-        return [pm([v[k] for v in col(key, "attribute_score")], "{:.1f}", 100) for k in ("colour", "shape", "background", "all")]
-
-    head = "| held-out loss | Δ vs LoRA r=%d (paired) | colour %% | shape %% | background %% | all %% |" % rank
-    lines = [f"**Table 8 (stage 1).** {steps} optimizer steps (batch 8) for every row; n = 1 is vanilla LoRA. "
-             f"Mean ± sd over {len(seeds)} seed(s).", "",
-             "| n | r | steps per expert " + head, "|---|---|---" + "|---" * 6 + "|"]
-    base = results.get("base_model")
-    if base:
-        lines.append(f"| base model | - | - | {base['mean_loss']:.5f} | "
-                     f"{100 * (base['mean_loss'] / statistics.fmean(col(ref, 'mean_loss')) - 1):+.1f}% | "
-                     + " | ".join(f"{100 * base['attribute_score'][k]:.1f}" for k in ("colour", "shape", "background", "all"))
-                     + " |")
-    present = set(results["per_seed"][seeds[0]])
-    for run in [r for r in stage1_runs(rank) if r["key"] in present]:
-        key = run["key"]
-        lines.append(f"| {run['n']} | {run['rank']} | ~{steps // run['n']} | {pm(col(key, 'mean_loss'))} | "
-                     f"{pm(delta(key), '{:+.2f}')}% | " + " | ".join(scores(key)) + " |")
-    lines += ["", f"**Table 11 (stage 2).** Routers trained {stage2_steps} more steps on the frozen n = 8 and n = 1 "
-                  f"experts of the same seed.", "",
-              "| n_core | n_context " + head, "|---|---" + "|---" * 6 + "|"]
-    for n_core, n_ctx, key in (("8", "-", "tsm_n8"), ("-", "1,8", "tsm_1,8_sym"), ("8", "1", "tsm_8+1_asym")):
-        if key not in present:
-            continue
-        lines.append(f"| {n_core} | {n_ctx} | {pm(col(key, 'mean_loss'))} | {pm(delta(key), '{:+.2f}')}% | "
-                     + " | ".join(scores(key)) + " |")
-    heads = [f"[{lo},{hi})" for lo, hi in (interval_timestep_range(i, 8) for i in range(8))]
-    lines += ["", f"**Per timestep interval.** Held-out loss change against LoRA r={rank}, paired by seed "
-                  f"(mean over seeds, %; negative = better).", "",
-              "| model | " + " | ".join(heads) + " |", "|---" * 9 + "|"]
-    for key in [r["key"] for r in stage1_runs(rank) + STAGE2 if r["key"] != ref and r["key"] in present]:
-        cells = []
-        for i in range(8):
-            cells.append(statistics.fmean(100 * (results["per_seed"][s][key]["interval_loss"][i]
-                                                 / results["per_seed"][s][ref]["interval_loss"][i] - 1) for s in seeds))
-        lines.append(f"| {key} | " + " | ".join(f"{c:+.1f}" for c in cells) + " |")
-    return "\n".join(lines)
+    present = [r["key"] for r in rows if any(r["key"] in results["per_seed"][s] for s in seeds)]
+    md = (f"Base steps S = {steps} (batch 8), stage 2: {stage2_steps} router steps; mean ± sd over the seeds in "
+          f"the 'seeds' column ({', '.join(seeds)}); Δ columns are paired by seed against {ref}."
+          + (f" Rows marked \\* take their scores from {results['config']['reused_from']}." if "reused_from" in
+             results["config"] else "") + "\n\n"
+          + summary_table(results, rows, ref, steps, stage2_steps)
+          + "\n\n**Per timestep interval.** Held-out loss change against " + ref
+          + ", paired by seed (mean over seeds, %; negative = better).\n\n" + interval_table(results, present, ref))
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["train_seconds"].items() if v)
+    md += (f"\n\nHeld-out set: {args.heldout_images} fresh target-domain renders; one draw of noise and timesteps "
+           f"(16 t-bins) for every file. Attribute score: {results['config']['heldout_combos']} held-out combinations x "
+           f"{len(results['config']['score_seeds'])} sampling seeds, DDIM {args.sample_steps} steps, guidance 5. "
+           f"Mean training seconds per run: {timing or 'files reused'}.\n")
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
+    scored = [results["per_seed"][s][k] for s in seeds for k in present if k in results["per_seed"][s]]
+    field = "losses" if all("losses" in v for v in scored) else "interval_loss"  # reused rows: 8 intervals only
+    per_bin = {k: [results["per_seed"][s][k][field] for s in seeds if k in results["per_seed"][s]] for k in present}
+    curves = {k: [statistics.fmean(v) for v in zip(*b)] for k, b in per_bin.items() if b}
+    spread = {k: [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*b)] for k, b in per_bin.items() if b}
+    if ref in curves and len(curves) > 1:
+        plot_loss_curves(curves, 1000, os.path.join(args.output_dir, "loss_vs_t.png"), reference=ref,
+                         spread=spread,
+                         title=f"held-out loss, mean of {len(seeds)} seed(s), S = {steps} steps")
+    if samples:
+        labelled_grid(list(samples.items())).save(os.path.join(args.output_dir, "samples.png"))
+    return md
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 400 steps (about 4 min)")
+    p.add_argument("--suite", choices=sorted(SUITES), default="tables",
+                   help="tables: the paper's Tables 8 and 11 at equal total steps; budgets: both budgets and the "
+                        "remedies (issue 13)")
+    p.add_argument("--quick", action="store_true", help="1 seed, fewer steps (tables: 400, about 4 min)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--steps", type=int, help="optimizer steps of every stage-1 run (default 1500; quick 400)")
-    p.add_argument("--stage2_steps", type=int, help="router steps of the stage-2 runs (default steps / 2)")
+    p.add_argument("--steps", type=int, help="base optimizer steps S (tables: 1500, budgets: 250; quick 400 / 100)")
+    p.add_argument("--stage2_steps", type=int, help="router steps of the stage-2 runs (default S / 2)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r (the wide vanilla run uses 8r)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--images", type=int, default=320, help="training images (held-out combinations excluded)")
@@ -162,103 +256,87 @@ def main(argv=None) -> int:
     p.add_argument("--score_seeds", type=int, help="sampling seeds of the attribute score (default 4; quick 2)")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps of the attribute score's samples")
     p.add_argument("--only", nargs="+", metavar="KEY",
-                   help="run only these rows (e.g. tsm_n2 tsm_n8; lora_r<r>, the reference, always runs, and stage-2 "
-                        "rows bring tsm_n8)")
+                   help="run only these rows (e.g. tsm_n2 tsm_n8); the reference lora_r<r> always runs, and a "
+                        "stage-2 row brings the rows it is built on")
+    p.add_argument("--reuse", help="a results.json of this script with the same settings: rows without a file in "
+                        "--output_dir take their scores from it (budgets: the committed docs/results/reproduce_results.json; "
+                        "'' for none)")
+    p.add_argument("--no_train", action="store_true",
+                   help="train nothing: write the outputs from the files and scores already in --output_dir")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--output_dir", default=os.path.join("outputs", "reproduce"))
+    p.add_argument("--output_dir", help="default outputs/reproduce (tables) or outputs/reproduce-budgets")
     args = p.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = PRESETS[(args.suite, args.quick)]
     seeds = args.seeds or preset["seeds"]
-    steps = args.steps or preset["steps"]
-    stage2_steps = args.stage2_steps or (steps // 2 if args.steps else preset["stage2_steps"])
+    args.steps = steps = args.steps or preset["steps"]
+    args.stage2_steps = stage2_steps = args.stage2_steps or steps // 2
+    args.score_seeds = args.score_seeds or preset["score_seeds"]
+    args.reuse = preset.get("reuse") if args.reuse is None else args.reuse
+    args.output_dir = args.output_dir or os.path.join("outputs", "reproduce" + ("" if args.suite == "tables" else "-budgets"))
+    rows = SUITES[args.suite](args.rank)
+    by_key = {r["key"]: r for r in rows}
+    wanted = set(args.only or by_key) | {reference(args.rank)}
+    unknown = wanted - set(by_key)
+    if unknown:
+        p.error(f"--only: no row {sorted(unknown)} in suite {args.suite} (rows: {', '.join(by_key)})")
+    for row in rows[::-1]:  # a stage-2 row needs its experts
+        if row["key"] in wanted and is_stage2(row):
+            wanted |= {row["core"], row["context"]}
+    rows = [r for r in rows if r["key"] in wanted]
 
     import torch
 
-    from tsm_trainer.demo.attribute_score import attribute_score, heldout_combos
-    from tsm_trainer.evaluation import evaluate_files, labelled_grid, plot_loss_curves
-    from tsm_trainer.evaluation.heldout import heldout_batches
-    from tsm_trainer.training.families import get_training_family
+    from tsm_trainer.demo.attribute_score import heldout_combos
 
     torch.set_num_threads(args.threads)
-    start = time.time()
     base = os.path.join(ROOT, "demo_assets", "base_model")
     os.makedirs(args.output_dir, exist_ok=True)
+    check_config(args.output_dir, vars(args))
     train_toml, heldout_toml = write_data(os.path.join(args.output_dir, "data"), args.images, args.heldout_images)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    log(f"training: seeds {seeds}, {steps} steps per stage-1 run, {stage2_steps} router steps per stage-2 run")
-    seconds: dict[str, list[float]] = {}
-    files: dict[int, dict[str, str]] = {}
-    wanted = set(args.only or [r["key"] for r in stage1_runs(args.rank) + STAGE2]) | {f"lora_r{args.rank}"}  # the reference
-    if wanted & {r["key"] for r in STAGE2}:
-        wanted |= {"tsm_n8", f"lora_r{args.rank}"}
-    for seed in seeds:
-        files[seed] = {}
-        for run in [r for r in stage1_runs(args.rank) if r["key"] in wanted]:
-            stage = dict(tsm_stage="vanilla") if run["n"] == 1 else dict(tsm_stage="foster", tsm_scales=str(run["n"]))
-            path, s = train(args, base, train_toml, seed, run["key"], log, max_train_steps=steps,
-                            network_dim=run["rank"], **stage)
-            files[seed][run["key"]] = path
-            seconds.setdefault(run["key"], []).append(s)
-        for run in [r for r in STAGE2 if r["key"] in wanted]:
-            experts = f"{files[seed]['tsm_n8']},{files[seed][f'lora_r{args.rank}']}"
-            path, s = train(args, base, train_toml, seed, run["key"], log, max_train_steps=stage2_steps,
-                            tsm_stage="assemble", tsm_scales="8,1", tsm_mixture=run["mixture"], tsm_experts=experts)
-            files[seed][run["key"]] = path
-            seconds.setdefault(run["key"], []).append(s)
-    train_s = time.time() - start
-
-    log("evaluating (one fixed held-out draw for every file)")
-    family = get_training_family("sd1")
-    components = family.load(base)
-    batches = heldout_batches(heldout_toml, log=log)
-    combos = heldout_combos()
-    score_seeds = [1000 + k for k in range(args.score_seeds or preset["score_seeds"])]
-    prompts = [f"a {c} {s} on a {b} background" for s, c, b in
-               (("circle", "pink", "white"), ("star", "cyan", "black"), ("square", "brown", "gray"),
-                ("triangle", "pink", "striped"), ("cross", "cyan", "checkered"), ("star", "brown", "white"))]
-    results: dict = {"config": {"seeds": seeds, "steps": steps, "stage2_steps": stage2_steps, "rank": args.rank,
-                                "learning_rate": args.learning_rate, "images": args.images,
-                                "heldout_images": args.heldout_images, "heldout_combos": len(combos),
-                                "score_images_per_model": len(combos) * len(score_seeds)},
+    log(f"suite {args.suite}: seeds {seeds}, S = {steps} base steps, {stage2_steps} router steps per stage-2 run; "
+        f"rows {', '.join(r['key'] for r in rows)}")
+    scorer = Scorer(args, base, heldout_toml, args.score_seeds, log)
+    results: dict = {"config": {"suite": args.suite, "seeds": seeds, "steps": steps, "stage2_steps": stage2_steps,
+                                "rank": args.rank, "learning_rate": args.learning_rate, "images": args.images,
+                                "heldout_images": args.heldout_images, "heldout_combos": len(heldout_combos()),
+                                "score_seeds": scorer.score_seeds, "sample_steps": args.sample_steps,
+                                "score_images_per_model": len(heldout_combos()) * len(scorer.score_seeds)},
                      "per_seed": {}}
-    curves: dict[str, list[list[float]]] = {}
-    samples = {}
-    for i, seed in enumerate(seeds):
-        keys = list(files[seed])
-        ev = evaluate_files(family, components, batches, [files[seed][k] for k in keys], keys,
-                            include_base=(i == 0), bins=16, prompts=prompts if i == 0 else (),
-                            sample_steps=args.sample_steps,
-                            score=lambda generate: attribute_score(generate, combos, score_seeds), log=lambda m: None)
-        results["per_seed"][str(seed)] = {k: {"mean_loss": ev.mean_loss(k), "interval_loss": ev.interval_losses(k),
-                                              "attribute_score": ev.scores[k]} for k in keys}
-        if i == 0:
-            results["base_model"] = {"mean_loss": ev.mean_loss("base model"),
-                                     "interval_loss": ev.interval_losses("base model"),
-                                     "attribute_score": ev.scores["base model"]}
-            samples = ev.samples
-        for k in keys:
-            curves.setdefault(k, []).append(ev.losses[k])
-    results["train_seconds"] = {k: statistics.fmean(v) for k, v in seconds.items()}
-    results["total_minutes"] = (time.time() - start) / 60
-    results["train_minutes"] = train_s / 60
-
-    md = tables(results, args.rank, steps, stage2_steps)
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["train_seconds"].items() if v)
-    md += (f"\n\nHeld-out set: {args.heldout_images} fresh target-domain renders; one draw of noise and timesteps "
-           f"(16 t-bins) for every file. Attribute score: {len(combos)} held-out combinations x "
-           f"{len(score_seeds)} sampling seeds, DDIM {args.sample_steps} steps, guidance 5. Total {results['total_minutes']:.1f} min "
-           f"(training {results['train_minutes']:.1f} min; mean seconds per run: {timing or 'files reused'}).\n")
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    shown = [r["key"] for r in stage1_runs(args.rank) + STAGE2 if r["key"] in curves]
-    mean_curves = {k: [statistics.fmean(v) for v in zip(*curves[k])] for k in shown}
-    spread = {k: [summarise(list(v))[1] for v in zip(*curves[k])] for k in shown} if len(seeds) > 1 else None
-    plot_loss_curves(mean_curves, family.num_train_timesteps, os.path.join(args.output_dir, "loss_vs_t.png"),
-                     reference=f"lora_r{args.rank}", spread=spread,
-                     title=f"held-out loss, mean of {len(seeds)} seed(s), {steps} steps")
-    labelled_grid([(k, v) for k, v in samples.items()]).save(os.path.join(args.output_dir, "samples.png"))
+    results["base_model"] = scorer.score(None, os.path.join(args.output_dir, "base_model"), samples=True)
+    reused = load_reused(args.reuse, results["config"], results["base_model"]) if args.reuse else {}
+    if args.reuse:
+        results["config"]["reused_from"] = os.path.relpath(args.reuse, ROOT)
+    samples = {"base model": load_strip(os.path.join(args.output_dir, "base_model"))}
+    seconds: dict[str, list[float]] = {}
+    md = ""
+    for seed in seeds:
+        stems = {r["key"]: os.path.join(args.output_dir, f"seed{seed}", r["key"]) for r in rows}
+        reusable = {k: v for k, v in reused.get(str(seed), {}).items() if k in stems}
+        # rows to train: no file and no reusable score; the experts a stage-2 row to train needs are trained too
+        todo = {k for k in stems if not os.path.isfile(stems[k] + ".safetensors") and k not in reusable}
+        if not args.no_train:
+            todo |= {d for r in rows if r["key"] in todo and is_stage2(r) for d in (r["core"], r["context"])
+                     if not os.path.isfile(stems[d] + ".safetensors")}
+        files: dict[str, str] = {}
+        for row in rows:
+            key = row["key"]
+            if key not in todo and not os.path.isfile(stems[key] + ".safetensors"):
+                scored = dict(reusable[key], reused=True)
+            elif args.no_train and not os.path.isfile(stems[key] + ".safetensors"):
+                continue
+            else:
+                path, s = train(args, base, train_toml, seed, key, log, **run_overrides(row, steps, stage2_steps, files))
+                files[key] = path
+                scored = scorer.score(path, stems[key], samples=seed == seeds[0], train_seconds=s)
+            results["per_seed"].setdefault(str(seed), {})[key] = scored
+            if scored.get("train_seconds"):
+                seconds.setdefault(key, []).append(scored["train_seconds"])
+            if seed == seeds[0] and os.path.isfile(stems[key] + ".samples.png"):
+                samples[key] = load_strip(stems[key])
+            results["train_seconds"] = {k: statistics.fmean(v) for k, v in seconds.items()}
+            md = write_outputs(args, results, rows, steps, stage2_steps, samples)  # after every row: resumable, readable
+        log(f"seed {seed} done: {args.output_dir}/results.json")
     print("\n" + md)
     print(f"wrote {args.output_dir}/results.md, results.json, loss_vs_t.png and samples.png")
     return 0

@@ -157,8 +157,9 @@ class TrainConfig:
                      "per step (DMD2, paper section 4.3)", "tsm", ("train", "distill"))
     family: str = _opt("auto", "model family", "tsm", ("auto", "sd1", "sd2", "sdxl", "sd3", "flux", "pixart", "video"))
     tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
-                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume", "tsm",
-                           ("none", "paper"))
+                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume. 2.5x the steps of "
+                           "one run; on the demo world it did not beat vanilla LoRA trained max_train_steps (README, "
+                           "Which to train)", "tsm", ("none", "paper"))
     tsm_stage: str = _opt("foster", "vanilla (n=1 LoRA), foster (experts) or assemble (routers)", "tsm",
                           ("vanilla", "foster", "assemble"))
     tsm_scales: str = _opt("8", "scales: '8' to foster, '8,1' to assemble (network_args tsm_scales)", "tsm")

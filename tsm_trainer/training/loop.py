@@ -66,16 +66,26 @@ def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torc
     return draw_timesteps(family, lo, hi, batch, generator)
 
 
-def describe_budget(config: TrainConfig, batch_size: int) -> str:
-    """DESIGN.md section 7: what the step budget buys each expert."""
+def describe_budget(config: TrainConfig, batch_size: int, batches_per_epoch: int | None = None) -> str:
+    """DESIGN.md section 7: what the step budget buys each expert, and whether that was enough on the
+    demo world (README, Which to train: TSM beat vanilla LoRA at equal steps from ~10 epochs per expert)."""
     n = config.scales[0]
     samples = config.max_train_steps * batch_size * config.gradient_accumulation_steps
     if config.tsm_interval >= 0:
         return f"training expert {config.tsm_interval} of {n} alone: it sees all {samples} samples"
     if config.tsm_stage == "assemble":
         return f"assembling {config.scales}: experts frozen, routers see all {samples} samples"
-    return (f"{config.max_train_steps} steps x batch {batch_size * config.gradient_accumulation_steps}: "
+    text = (f"{config.max_train_steps} steps x batch {batch_size * config.gradient_accumulation_steps}: "
             f"{samples} samples, about {samples / n:.0f} per expert (1/{n} each)")
+    if batches_per_epoch and n > 1:
+        epochs = config.max_train_steps * config.gradient_accumulation_steps / batches_per_epoch
+        text += f", {epochs / n:.1f} epochs of the data per expert"
+        if epochs / n < 10:
+            fits = [k for k in (2, 4, 8, 16) if epochs / k >= 10]
+            text += ("; on the demo world TSM beat vanilla LoRA at equal steps only from ~10 epochs per expert "
+                     f"(README, Which to train): {f'--tsm_scales {fits[-1]}' if fits else '--tsm_stage vanilla'} "
+                     "fits this budget")
+    return text
 
 
 def removal_step(step: int, last_n: int | None, every: int | None) -> int | None:
@@ -344,7 +354,7 @@ class Trainer:
         if config.resume:
             self.resume(config.resume)
         if self.is_tsm:
-            self.log(describe_budget(config, self.batch_size))
+            self.log(describe_budget(config, self.batch_size, self.batches_per_epoch))
         if (config.sample_every_n_steps or config.sample_every_n_epochs) and not config.sample_prompts:
             raise ValueError("--sample_every_n_steps needs --sample_prompts (a text file, one prompt per line)")
         if config.save_every_n_epochs and not self.batches_per_epoch:
