@@ -79,6 +79,10 @@ def test_latest_falls_back_to_the_old_layout_and_notes_what_is_kept(tmp_path):
     out = str(tmp_path)
     assert latest_state(out, "tsm") == ""
     assert kept_checkpoint_note(out, "tsm") == "no checkpoint of this run was saved yet"
+    save = os.path.join(out, "tsm-step00000003.safetensors")  # a network save without --save_state
+    open(save, "wb").close()
+    assert kept_checkpoint_note(out, "tsm") == f"the last good checkpoint {save} is kept"
+    os.remove(save)
     for step in (2, 10):
         os.makedirs(os.path.join(out, f"state-{step}"))
     assert latest_state(out, "tsm") == os.path.join(out, "state-10")

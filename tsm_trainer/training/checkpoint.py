@@ -61,8 +61,13 @@ def prune_states(output_dir: str, output_name: str, keep: int) -> list[str]:
 
 
 def kept_checkpoint_note(output_dir: str, output_name: str) -> str:
-    """What a failed run leaves: the newest state, or that there is none yet."""
+    """What a failed run leaves: the newest state, else the newest network save (kohya's
+    ``NAME-stepNNNNNNNN`` / ``NAME-NNNNNN`` files, written without ``--save_state``), or that there is none yet."""
     latest = latest_state(output_dir, output_name)
+    if not latest and os.path.isdir(output_dir):
+        saves = re.compile(re.escape(output_name) + r"-(step)?\d+\.safetensors")
+        found = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if saves.fullmatch(n)]
+        latest = max(found, key=os.path.getmtime) if found else ""
     return f"the last good checkpoint {latest} is kept" if latest else "no checkpoint of this run was saved yet"
 
 
