@@ -109,7 +109,7 @@ def make_batches(folder: str) -> list[dict]:
 
 def build(size: str, config: str, folder: str, device: torch.device):
     """(step, keep) for one configuration: ``step()`` runs one optimizer step on the next batch."""
-    from tsm_trainer.training.families import StableDiffusionFamily
+    from tsm_trainer.families import StableDiffusionFamily
 
     batches = make_batches(folder)
     family = StableDiffusionFamily()

@@ -10,7 +10,7 @@ Usage (from the repository root)::
 Prints and writes ``results.md`` / ``results.json`` / ``samples.png`` to --output_dir: per sampler, the
 attribute score on every base-domain combination (colour / shape / background read back) and a
 small-sample FID-like distance (Fréchet distance of features of a CNN trained here on the shapes world,
-``tsm_trainer.demo.features``) to fresh real renders, plus the CPU minutes each student took.
+``demo_world.features``) to fresh real renders, plus the CPU minutes each student took.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ STUDENT_STEPS = [999, 749, 499, 249]
 
 def write_data(folder: str, n: int) -> str:
     from tsm_trainer.data import write_dataset_config
-    from tsm_trainer.demo import shapes
+    from demo_world import shapes
 
     images = os.path.join(folder, "images")
     if not os.path.isfile(os.path.join(images, "attributes.jsonl")):
@@ -58,14 +58,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tsm_trainer.demo import shapes
-    from tsm_trainer.demo.attribute_score import all_combos, score_images
-    from tsm_trainer.demo.features import extract, frechet_distance, train_feature_net
+    from demo_world import shapes
+    from demo_world.attribute_score import all_combos, score_images
+    from demo_world.features import extract, frechet_distance, train_feature_net
     from tsm_trainer.evaluation import labelled_grid, load_lora_file
     from tsm_trainer.training.cli import build
     from tsm_trainer.training.config import TrainConfig
     from tsm_trainer.training.distill.sampler import sample_student
-    from tsm_trainer.training.families import get_training_family
+    from tsm_trainer.families import get_training_family
 
     torch.set_num_threads(args.threads)
     start = time.time()

@@ -20,7 +20,7 @@ timestep draws. The rows of each suite are in bench/reproduce_rows.py:
 
 Every file is scored with one fixed held-out draw (``tsm_trainer.evaluation``): the denoising loss per
 timestep interval on fresh target-domain renders, and the attribute score of samples for the target
-combinations held out of the training images (``tsm_trainer.demo.attribute_score``). After every row it
+combinations held out of the training images (``demo_world.attribute_score``). After every row it
 rewrites ``results.md`` (mean ± sd over seeds, and the change against vanilla LoRA r paired by seed),
 ``results.json``, ``loss_vs_t.png`` and ``samples.png`` in --output_dir. Trained files and their scores
 (``seed<k>/<row>.eval.json``) are kept: a rerun with the same settings trains and scores only what is
@@ -63,8 +63,8 @@ PROMPTS = [f"a {c} {s} on a {b} background" for s, c, b in
 def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
     """Training images of the target domain without its held-out combinations, and fresh held-out renders."""
     from tsm_trainer.data import write_dataset_config
-    from tsm_trainer.demo import shapes
-    from tsm_trainer.demo.attribute_score import heldout_combos
+    from demo_world import shapes
+    from demo_world.attribute_score import heldout_combos
 
     tomls = []
     for name, n, seed, exclude in (("train", n_train, 1, {shapes.combo(a) for a in heldout_combos()}),
@@ -153,7 +153,7 @@ class Scorer:
     def _load(self):
         if self._loaded is None:
             from tsm_trainer.evaluation.heldout import heldout_batches
-            from tsm_trainer.training.families import get_training_family
+            from tsm_trainer.families import get_training_family
 
             family = get_training_family("sd1")
             self._loaded = family, family.load(self.base), heldout_batches(self.heldout_toml, log=lambda m: None)
@@ -164,7 +164,7 @@ class Scorer:
         file at ``path`` (None: the base model), cached at ``stem``.eval.json."""
         from PIL import Image
 
-        from tsm_trainer.demo.attribute_score import attribute_score, heldout_combos
+        from demo_world.attribute_score import attribute_score, heldout_combos
         from tsm_trainer.evaluation import evaluate_files
 
         cache, strip = stem + ".eval.json", stem + ".samples.png"
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tsm_trainer.demo.attribute_score import heldout_combos
+    from demo_world.attribute_score import heldout_combos
 
     torch.set_num_threads(args.threads)
     base = os.path.join(ROOT, "demo_assets", "base_model")

@@ -78,7 +78,7 @@ def summary_table(results: dict, rows: list[dict], ref: str, steps: int, stage2_
 
 def interval_table(results: dict, keys: list[str], ref: str, n: int = 8) -> str:
     """Held-out loss change against ``ref`` per timestep interval, paired by seed (mean over seeds, %)."""
-    from tsm_trainer.intervals import interval_timestep_range
+    from tsm_trainer.core.intervals import interval_timestep_range
 
     per = results["per_seed"]
     heads = [f"[{lo},{hi})" for lo, hi in (interval_timestep_range(i, n) for i in range(n))]

@@ -21,11 +21,11 @@ from torch import nn
 # `networks` is a namespace package (no __init__.py), like sd-scripts' own `networks/`:
 # with tsm-trainer installed (or on PYTHONPATH), both folders merge and this module imports
 # from inside an unmodified sd-scripts checkout.
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
-from tsm_trainer.metadata import kohya_metadata, modelspec_metadata
-from tsm_trainer.network import TSMConfig, TSMNetwork
-from tsm_trainer.network_args import parse_network_args
-from tsm_trainer.targets import text_encoder_kind
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
+from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
+from tsm_trainer.core.network import TSMConfig, TSMNetwork
+from tsm_trainer.core.network_args import parse_network_args
+from tsm_trainer.core.targets import text_encoder_kind
 
 NETWORK_MODULE = "networks.tsm_lora"
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class TSMLoRANetwork(TSMNetwork):
 
     def enable_gradient_checkpointing(self) -> None:
         """Nothing to do: the timestep capture re-installs each call's t before autograd
-        recomputes its checkpointed blocks (see tsm_trainer.timestep)."""
+        recomputes its checkpointed blocks (see tsm_trainer.core.timestep)."""
 
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
         """kohya's scale_weight_norms, per expert: rescale B and A so ||scale * B A|| <= max_norm."""

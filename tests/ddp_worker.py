@@ -9,10 +9,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.test_training_loop import make_batches  # noqa: E402
-from tsm_trainer.file_format import save_file_atomic  # noqa: E402
-from tsm_trainer.intervals import expert_index  # noqa: E402
+from tsm_trainer.core.file_format import save_file_atomic  # noqa: E402
+from tsm_trainer.core.intervals import expert_index  # noqa: E402
 from tsm_trainer.training.config import TrainConfig  # noqa: E402
-from tsm_trainer.training.families import get_training_family  # noqa: E402
+from tsm_trainer.families import get_training_family  # noqa: E402
 from tsm_trainer.training.loop import Trainer  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from tsm_trainer.key_names import diffusers_unet_to_sgm
+from tsm_trainer.core.key_names import diffusers_unet_to_sgm
 
 CLIP_VOCAB = 49408  # the real CLIP BPE vocabulary, so the shipped tokenizer path is exercised
 

@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.bake import (BakeError, bake_diffusers_folder, bake_into_models, bake_single_file, expert_lora,
+from tsm_trainer.files.bake import (BakeError, bake_diffusers_folder, bake_into_models, bake_single_file, expert_lora,
                               load_lora_for_bake, lora_deltas, stored_dtypes, unbake_from_models)
-from tsm_trainer.file_format import TSMFileError, load_file
-from tsm_trainer.key_names import diffusers_unet_to_sgm
-from tsm_trainer.targets import layers_by_lora_name
+from tsm_trainer.core.file_format import TSMFileError, load_file
+from tsm_trainer.core.key_names import diffusers_unet_to_sgm
+from tsm_trainer.core.targets import layers_by_lora_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERT, SCALE = 3, 8  # expert 3 of 8: t in [375, 500)

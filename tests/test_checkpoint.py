@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tsm_trainer.file_format import load_file, save_file_atomic
+from tsm_trainer.core.file_format import load_file, save_file_atomic
 from tsm_trainer.training.checkpoint import (
     kept_checkpoint_note, latest_state, list_states, load_state, prune_states, save_state, state_folder)
 from tsm_trainer.training.config import TrainConfig

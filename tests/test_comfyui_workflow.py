@@ -27,13 +27,13 @@ import os
 import pytest
 import torch
 
-from tsm_trainer.comfyui_workflow import (
+from tsm_trainer.files.comfyui_workflow import (
     boundary_percent,
     build_workflow,
     expert_hook_schedule,
     write_workflow,
 )
-from tsm_trainer.intervals import expert_index, interval_timestep_range
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 
 # ---------------------------------------------------------------------------------------------
 # Core node definitions, recorded from ComfyUI's source (comfyanonymous/ComfyUI):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_trainer.demo import base_model as bm
-from tsm_trainer.demo import shapes
+from demo_world import base_model as bm
+from demo_world import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +123,7 @@ def test_quick_build_gives_a_loadable_pipeline(tmp_path):
 
 
 def test_frechet_distance_matches_the_gaussian_closed_form():
-    from tsm_trainer.demo.features import frechet_distance
+    from demo_world.features import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
@@ -134,7 +134,7 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
 
 
 def test_feature_distance_separates_domains():
-    from tsm_trainer.demo.features import extract, frechet_distance, train_feature_net
+    from demo_world.features import extract, frechet_distance, train_feature_net
 
     net = train_feature_net(n_images=600, steps=150)
     base1 = extract(net, shapes.make_arrays(200, "base", seed=1)[0])

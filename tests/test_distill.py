@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
 from tsm_trainer import TSMNetwork
-from tsm_trainer.file_format import load_file
+from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.cli import build, main
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.distill import parse_student_timesteps
@@ -154,7 +154,7 @@ def test_distill_from_the_command_line_saves_a_student_file(data, stage, capsys)
     tensors, meta = load_file(path)
     assert meta["tsm.student_timesteps"] == "999,749,499,249"
     assert meta["tsm.scales"] == ("[4]" if stage == "foster" else "[1]")
-    from tsm_trainer.base_model import load_components
+    from tsm_trainer.base_models.loading import load_components
 
     _, denoiser, _ = load_components(base)
     assert TSMNetwork.from_file(path, denoiser).denoiser_loras

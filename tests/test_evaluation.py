@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
-from tsm_trainer.demo import shapes
-from tsm_trainer.demo.attribute_score import all_combos, attribute_score, heldout_combos, score_images
+from demo_world import shapes
+from demo_world.attribute_score import all_combos, attribute_score, heldout_combos, score_images
 from tsm_trainer.evaluation import evaluate_files
 from tsm_trainer.evaluation.heldout import heldout_batches
-from tsm_trainer.export import expert_lora
-from tsm_trainer.file_format import TSMFileError, load_file, save_file_atomic
+from tsm_trainer.files.export import expert_lora
+from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
 from tsm_trainer.training.cli import main as train_main
-from tsm_trainer.training.families import get_training_family
+from tsm_trainer.families import get_training_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

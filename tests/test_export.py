@@ -7,12 +7,12 @@ from safetensors.torch import save_file
 
 from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.base_model import load_components
-from tsm_trainer.export import (expert_lora, fold_alpha, kohya_to_peft, lora_delta, merge_experts, merge_weights,
+from tsm_trainer.base_models.loading import load_components
+from tsm_trainer.files.export import (expert_lora, fold_alpha, kohya_to_peft, lora_delta, merge_experts, merge_weights,
                                 module_names, peft_to_kohya, svd_truncate, write_expert_files)
-from tsm_trainer.file_format import load_file, tensor_data_sha256
-from tsm_trainer.intervals import interval_timestep_range
-from tsm_trainer.targets import lora_name_index
+from tsm_trainer.core.file_format import load_file, tensor_data_sha256
+from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.core.targets import lora_name_index
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.file_format import TSMFileError
-from tsm_trainer.intervals import expert_index
+from tsm_trainer.core.file_format import TSMFileError
+from tsm_trainer.core.intervals import expert_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "extensions" / "sd-webui-tsm"))
 import tsm_a1111  # noqa: E402
@@ -350,8 +350,8 @@ KOHYA = "lora_unet_" + LAYER.replace(".", "_")
 
 
 def _delta(path, e, multiplier=1.0):
-    from tsm_trainer.file_format import load_file
-    from tsm_trainer.export import expert_lora, lora_delta
+    from tsm_trainer.core.file_format import load_file
+    from tsm_trainer.files.export import expert_lora, lora_delta
     tensors, _ = load_file(str(path))
     return multiplier * lora_delta(expert_lora(tensors, 8, e), KOHYA)
 
@@ -548,8 +548,8 @@ def test_text_encoder_lora_merged_for_the_generation(setup, tsm_dir):
     with torch.no_grad():
         te(torch.tensor([[0, 5, 7, 1]]))
     h.remove()
-    from tsm_trainer.export import lora_delta, text_encoder_lora
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.files.export import lora_delta, text_encoder_lora
+    from tsm_trainer.core.file_format import load_file
     tensors, _ = load_file(str(tsm_dir / "f8.safetensors"))
     key = next(k for k, v in te.wrapped.transformer.named_modules() if v is q) + ".weight"
     torch.testing.assert_close(seen[0], before["te." + key] +
@@ -658,7 +658,7 @@ def test_expert_lookup_moves_t_to_cpu_before_float64(setup):
 def test_card_page_lists_tsm_files_with_intervals(tsm_dir):
     found = find_tsm_files(str(tsm_dir))
     assert {"f8", "a81", "_part8", "_part1"} <= set(found) and "plain_lora" not in found
-    from tsm_trainer.file_format import read_metadata
+    from tsm_trainer.core.file_format import read_metadata
     text = tsm_a1111.card_description(read_metadata(found["f8"]))
     assert "TSM foster" in text and "scales 8" in text and "[0,125)" in text and "[875,1000)" in text
     assert "asymmetric mixture" in tsm_a1111.card_description(read_metadata(found["a81"]))

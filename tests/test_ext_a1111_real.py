@@ -222,7 +222,7 @@ def _layer(sd):
 @pytest.mark.parametrize("sampler,steps", [("euler", STEPS), ("dpmpp_2m", STEPS), ("heun", STEPS), ("restart", 30),
                                            ("dpm_adaptive", STEPS), ("ddim", STEPS)])
 def test_expert_of_each_call_merged_by_lora_then_restored(a, sampler, steps):
-    from tsm_trainer.intervals import expert_index
+    from tsm_trainer.core.intervals import expert_index
     sd = make_model(a)
     base = weights(sd)
     layer = _layer(sd)
@@ -309,7 +309,7 @@ def test_errors_during_sampling_stop_the_generation(a):
 def test_loractl_style_per_step_lora_weights_keep_the_expert(a):
     """loractl sets a Lora network's te/unet multipliers at every step; Lora re-merges from its backup."""
     from safetensors.torch import save_file
-    from tsm_trainer.intervals import expert_index
+    from tsm_trainer.core.intervals import expert_index
     sd = make_model(a)
     layer = _layer(sd)
     g = torch.Generator().manual_seed(3)

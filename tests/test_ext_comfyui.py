@@ -37,8 +37,8 @@ import torch
 from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.file_format import TSMFileError
-from tsm_trainer.intervals import expert_index
+from tsm_trainer.core.file_format import TSMFileError
+from tsm_trainer.core.intervals import expert_index
 
 EXT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "comfyui-tsm")
 

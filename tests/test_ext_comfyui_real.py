@@ -43,10 +43,10 @@ if COMFY:
     import comfy_extras.nodes_hooks as nodes_hooks
     import nodes
 
-from tsm_trainer.export import expert_lora  # noqa: E402
-from tsm_trainer.comfyui_workflow import build_workflow  # noqa: E402
-from tsm_trainer.intervals import expert_index, interval_timestep_range  # noqa: E402
-from tsm_trainer.sampling_session import TSMSamplingError  # noqa: E402
+from tsm_trainer.files.export import expert_lora  # noqa: E402
+from tsm_trainer.files.comfyui_workflow import build_workflow  # noqa: E402
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range  # noqa: E402
+from tsm_trainer.runtime.sampling_session import TSMSamplingError  # noqa: E402
 
 CPU = torch.device("cpu")
 UNET_CONFIG = {"context_dim": 16, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
@@ -81,7 +81,7 @@ def tsm_file(tmp_path_factory):
 
     from tests.tiny_models import tiny_unet
     from tsm_trainer import TSMConfig, TSMNetwork
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     folder = tmp_path_factory.mktemp("loras")
     meta_path = str(folder / "meta.safetensors")
@@ -222,7 +222,7 @@ def test_a_file_error_mid_sampling_restores_and_stops_the_prompt(node, tsm_file,
     from safetensors.torch import save_file
 
     tensors = {k: v for k, v in tsm_file[1].items() if ".tsm.8.7." not in k}  # no expert for t >= 875
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     save_file(tensors, str(tsm_file[0] / "no7.safetensors"), load_file(str(tsm_file[0] / "tsm8.safetensors"))[1])
     model = _model()

@@ -18,10 +18,10 @@ from torch import nn
 from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import randomise as _randomise, tiny_clip, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.export import text_encoder_lora
-from tsm_trainer.file_format import TSMFileError, load_file
-from tsm_trainer.intervals import expert_index
-from tsm_trainer.sampling_session import TSMSamplingError
+from tsm_trainer.files.export import text_encoder_lora
+from tsm_trainer.core.file_format import TSMFileError, load_file
+from tsm_trainer.core.intervals import expert_index
+from tsm_trainer.runtime.sampling_session import TSMSamplingError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
 import tsm_forge  # noqa: E402
@@ -451,7 +451,7 @@ def test_layer_index_finds_forge_linears_under_sgm_names():
     getattr(sgm.input_blocks[4], "1").conv = nn.Conv2d(4, 4, 3)
     index = tsm_forge.forge_layer_index(sgm)
     assert set(index) == {"lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_4_1_conv"}
-    from tsm_trainer.runtime import resolve_layers
+    from tsm_trainer.runtime.online import resolve_layers
     assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == \
         {"lora_unet_down_blocks_1_attentions_0_proj_in": layer}
     assert tsm_forge.is_quantized(QuantLinear(nn.Linear(4, 4))) and not tsm_forge.is_quantized(layer)

@@ -50,9 +50,9 @@ if FORGE:
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
 import tsm_forge  # noqa: E402
 from tsm_forge.forge_keys import unet_key_map  # noqa: E402
-from tsm_trainer.file_format import TSMFileError, load_file  # noqa: E402
-from tsm_trainer.intervals import expert_index  # noqa: E402
-from tsm_trainer.sampling_session import TSMSamplingError  # noqa: E402
+from tsm_trainer.core.file_format import TSMFileError, load_file  # noqa: E402
+from tsm_trainer.core.intervals import expert_index  # noqa: E402
+from tsm_trainer.runtime.sampling_session import TSMSamplingError  # noqa: E402
 
 CPU = torch.device("cpu")
 

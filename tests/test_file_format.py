@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.file_format import TSMFileError, load_file, sshs_hashes, tensor_data_sha256
+from tsm_trainer.core.file_format import TSMFileError, load_file, sshs_hashes, tensor_data_sha256
 
 
 def _trained_net(unet, te=None, **cfg):

@@ -8,8 +8,8 @@ import torch
 
 from tests.ldm_checkpoints import write_checkpoint
 from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
-from tsm_trainer.base_model import frozen_weight_dtype
-from tsm_trainer.file_format import load_file
+from tsm_trainer.base_models.loading import frozen_weight_dtype
+from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.cli import main
 
 
@@ -78,7 +78,7 @@ def test_fp16_single_file_trains_on_cpu(data, tmp_path):
     trains(path, data, str(tmp_path / "plain"))
     # the saved network loads back onto the module tree built from the single file's header
     from tsm_trainer import TSMNetwork
-    from tsm_trainer.base_model import load_components
+    from tsm_trainer.base_models.loading import load_components
 
     _, denoiser, encoders = load_components(path)
     network = TSMNetwork.from_file(str(tmp_path / "plain" / "tsm.safetensors"), denoiser, [m for _, m in encoders])

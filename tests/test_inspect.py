@@ -1,4 +1,4 @@
-"""tools/inspect_lora.py and tsm_trainer.inspection: summaries of TSM / kohya / PEFT files, --check."""
+"""tools/inspect_lora.py and tsm_trainer.files.inspection: summaries of TSM / kohya / PEFT files, --check."""
 
 import importlib.util
 import json
@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.file_format import TSMFileError, load_file
-from tsm_trainer.base_model import BaseModelError, load_base_model
-from tsm_trainer.inspection import check_against_model, format_summary, summarize
-from tsm_trainer.metadata import kohya_metadata, modelspec_metadata
-from tsm_trainer.targets import FAMILIES
+from tsm_trainer.core.file_format import TSMFileError, load_file
+from tsm_trainer.base_models.loading import BaseModelError, load_base_model
+from tsm_trainer.files.inspection import check_against_model, format_summary, summarize
+from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
+from tsm_trainer.core.targets import FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "inspect_lora.py")

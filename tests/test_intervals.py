@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tsm_trainer.intervals import expert_index, interval_bounds, interval_timestep_range, parse_scales
+from tsm_trainer.core.intervals import expert_index, interval_bounds, interval_timestep_range, parse_scales
 
 
 def test_expert_index_matches_design_examples():

@@ -74,7 +74,7 @@ def _kohya_command(base, toml, out, *extra):
 
 
 def _components(base):
-    from tsm_trainer.training.families import get_training_family
+    from tsm_trainer.families import get_training_family
 
     return get_training_family("sd1").load(base)
 
@@ -111,7 +111,7 @@ def test_the_list_matches_the_real_sd_scripts_parser():
 
 def test_kohya_command_line_trains_and_the_file_loads_through_the_network_module(world, tmp_path):
     import networks.tsm_lora as tsm_lora
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     root, base, toml = world
     out = str(tmp_path / "out")
@@ -209,7 +209,7 @@ learning_rate = 1e-3
 """)
     # kohya appends .toml to a name without it
     assert main(["--config_file", str(config)[:-5], "--max_train_steps", "2"]) == 0
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     _, meta = load_file(os.path.join(out, "fromtoml.safetensors"))
     assert meta["ss_steps"] == "2" and meta["tsm.scales"] == "[4]"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from tsm_trainer.intervals import expert_index
-from tsm_trainer.modules import LoRAModule, TSMLoRAModule
-from tsm_trainer.timestep import TimestepContext
+from tsm_trainer.core.intervals import expert_index
+from tsm_trainer.core.modules import LoRAModule, TSMLoRAModule
+from tsm_trainer.core.timestep import TimestepContext
 
 torch.manual_seed(0)
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tsm_trainer.file_format import save_file_atomic
+from tsm_trainer.core.file_format import save_file_atomic
 from tsm_trainer.training.cli import main
 from tsm_trainer.training.output_dir import (
     OutputLockedError, check_final_file, check_output_dir, lock_path, remove_stale_temps, run_lock)

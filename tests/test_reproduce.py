@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tsm_trainer.file_format import load_file
+from tsm_trainer.core.file_format import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--stage2_steps", "1", "--images", "16", "--heldout_images", "8", "--score_seeds", "1", "--sample_steps", "2",

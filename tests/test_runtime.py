@@ -1,4 +1,4 @@
-"""Sampling-time application of TSM files (tsm_trainer.runtime), the core of the UI adapters."""
+"""Sampling-time application of TSM files (tsm_trainer.runtime.online), the core of the UI adapters."""
 
 import functools
 
@@ -8,11 +8,11 @@ from diffusers import DDIMScheduler
 
 from tests.tiny_models import randomise as _randomise, tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.file_format import TSMFileError, load_file
-from tsm_trainer.intervals import expert_index
-from tsm_trainer.key_names import diffusers_lora_name_to_sgm, diffusers_unet_to_sgm, lora_name
-from tsm_trainer.runtime import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_layer_index
-from tsm_trainer.targets import all_layers, layers_by_lora_name
+from tsm_trainer.core.file_format import TSMFileError, load_file
+from tsm_trainer.core.intervals import expert_index
+from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm, diffusers_unet_to_sgm, lora_name
+from tsm_trainer.runtime.online import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_layer_index
+from tsm_trainer.core.targets import all_layers, layers_by_lora_name
 
 
 
@@ -118,13 +118,13 @@ def test_switcher_rejects_a_file_whose_shapes_do_not_fit(foster_file):
 
 
 # ---------------------------------------------------------------------------------------------
-# the sampling-time session policy shared by the adapters (tsm_trainer.sampling_session)
+# the sampling-time session policy shared by the adapters (tsm_trainer.runtime.sampling_session)
 # ---------------------------------------------------------------------------------------------
-from tsm_trainer.runtime import cpu_timesteps  # noqa: E402
-from tsm_trainer.sampling_session import (  # noqa: E402
+from tsm_trainer.runtime.online import cpu_timesteps  # noqa: E402
+from tsm_trainer.runtime.sampling_session import (  # noqa: E402
     SamplingSession, SessionFile, TSMSamplingError, choose_path, weights_writable,
 )
-from tsm_trainer.torch_compat import autocast_enabled  # noqa: E402
+from tsm_trainer.core.torch_compat import autocast_enabled  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_clip, tiny_unet
-from tsm_trainer.file_format import TSMFileError, load_file
+from tsm_trainer.core.file_format import TSMFileError, load_file
 
 
 def _batch(seed=0, n=8):

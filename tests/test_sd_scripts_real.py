@@ -64,7 +64,7 @@ def sd(tmp_path_factory):
 
 
 def _te_keys(path):
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     return sorted(k for k in load_file(path)[0] if k.startswith("lora_te"))
 
@@ -76,7 +76,7 @@ def test_stage_2_after_a_unet_only_stage_1(sd):
     f1 = train("u1", "--network_args", "tsm_scales=1", "--network_train_unet_only")
     assert _te_keys(f8) == []
     out = train("u81", "--network_args", "tsm_scales=8,1", "tsm_stage=assemble", f"tsm_experts={f8},{f1}")
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     tensors, meta = load_file(out)
     assert meta["tsm.stage"] == "assemble" and any(".router." in k for k in tensors) and _te_keys(out) == []
@@ -86,7 +86,7 @@ def test_stage_2_after_a_unet_only_stage_1(sd):
 def test_unet_only_stage_2_carries_the_text_encoder_lora(sd):
     import torch
 
-    from tsm_trainer.file_format import load_file
+    from tsm_trainer.core.file_format import load_file
 
     train, _, _ = sd
     f8 = train("t8", "--network_args", "tsm_scales=8")

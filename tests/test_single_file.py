@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from tests.ldm_checkpoints import save_tiny_tokenizer, write_checkpoint
-from tsm_trainer.base_model import BaseModelError, load_components
-from tsm_trainer.single_file import describe, find_bpe_file
-from tsm_trainer.training.families import get_training_family
+from tsm_trainer.base_models.loading import BaseModelError, load_components
+from tsm_trainer.base_models.single_file import describe, find_bpe_file
+from tsm_trainer.families import get_training_family
 
 KOHYA_NAMES = ("openai_clip-vit-large-patch14", "stabilityai_stable-diffusion-2",
                "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
@@ -94,7 +94,7 @@ def test_sd2_full_size_files_recording_nothing_get_a1111s_test_run(tmp_path, mon
     averages below -1; here the output is steered through the last convolution's bias."""
     from safetensors.torch import load_file
 
-    from tsm_trainer.single_file import loader
+    from tsm_trainer.base_models.single_file import loader
 
     cache = save_tiny_tokenizer(tmp_path / "tokenizers", KOHYA_NAMES[1:2])
     path = str(tmp_path / "sd2.safetensors")
@@ -169,7 +169,7 @@ def test_tokenizer_cache_dir_is_filled_as_kohya_does(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     model = describe(path)
-    from tsm_trainer.single_file import build_tokenizers
+    from tsm_trainer.base_models.single_file import build_tokenizers
 
     first = build_tokenizers(model, str(cache))[0]
     assert (cache / KOHYA_NAMES[0] / "tokenizer_config.json").is_file()  # saved for the next run
@@ -180,7 +180,7 @@ def test_tokenizer_cache_dir_is_filled_as_kohya_does(tmp_path):
 def test_missing_vocabulary_says_how_to_install_it(tmp_path, monkeypatch):
     path = str(tmp_path / "sd15.safetensors")
     write_checkpoint(path, "sd1", vocab=100)
-    monkeypatch.setattr("tsm_trainer.single_file.tokenizers.find_bpe_file", lambda: None)
+    monkeypatch.setattr("tsm_trainer.base_models.single_file.tokenizers.find_bpe_file", lambda: None)
     with pytest.raises(BaseModelError, match=r"bpe_simple_vocab_16e6.txt.gz\) is not installed: install .*"
                                              r"pip install --no-deps open-clip-torch==3.3.0.*--tokenizer_cache_dir"):
         get_training_family("sd1").load(path)
@@ -234,7 +234,7 @@ def test_incomplete_sd_files_are_named(tmp_path):
 
 
 def test_clip_tokenizers_pad_as_the_families_do(tmp_path):
-    from tsm_trainer.single_file import clip_tokenizer
+    from tsm_trainer.base_models.single_file import clip_tokenizer
 
     sd1 = clip_tokenizer("<|endoftext|>", "openai_clip-vit-large-patch14")
     sd2 = clip_tokenizer("!", "stabilityai_stable-diffusion-2")  # SD 2 and SDXL's second encoder pad with "!"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.ldm_checkpoints import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
-from tsm_trainer.single_file.loader import describe_checkpoint
+from tsm_trainer.base_models.single_file.loader import describe_checkpoint
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               hidden_act="quick_gelu", projection_dim=768)

@@ -54,7 +54,7 @@ def test_file_saved_by_sd_scripts_loads_like_sd_scripts_loads_it(tmp_path, v2):
     from library import model_util
     from transformers import CLIPTextModel
 
-    from tsm_trainer.single_file import build_text_encoder, build_unet, build_vae, describe, settle_prediction_type
+    from tsm_trainer.base_models.single_file import build_text_encoder, build_unet, build_vae, describe, settle_prediction_type
 
     torch.manual_seed(0)
     unet = model_util.UNet2DConditionModel(**model_util.create_unet_diffusers_config(v2, v2))

@@ -6,7 +6,7 @@ from torch import nn
 
 from tests.tiny_models import tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.timestep import TimestepCapture, TimestepContext
+from tsm_trainer.core.timestep import TimestepCapture, TimestepContext
 
 
 class DiffusersStyle(nn.Module):

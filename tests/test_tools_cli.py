@@ -1,4 +1,4 @@
-"""The command-line tools over tsm_trainer.export, run as a user runs them."""
+"""The command-line tools over tsm_trainer.files.export, run as a user runs them."""
 
 import importlib.util
 import json
@@ -11,9 +11,9 @@ import torch
 
 from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.base_model import load_components
-from tsm_trainer.export import expert_lora, lora_delta, module_names
-from tsm_trainer.file_format import load_file
+from tsm_trainer.base_models.loading import load_components
+from tsm_trainer.files.export import expert_lora, lora_delta, module_names
+from tsm_trainer.core.file_format import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def test_tools_report_bad_input(setup, tmp_path, capsys):
 def test_merge_keeps_the_text_encoder_lora_apart_and_diffusers_loads_the_merge(setup, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
-    from tsm_trainer.export import merge_experts, svd_truncate, text_encoder_lora
+    from tsm_trainer.files.export import merge_experts, svd_truncate, text_encoder_lora
 
     base, path = setup
     tensors, _ = load_file(path)

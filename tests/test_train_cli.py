@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tests.tiny_models import tiny_sd_pipeline_folder
-from tsm_trainer.file_format import load_file
+from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.cli import main
 from tsm_trainer.training.config import load_config
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _reloads(base: str, path: str) -> None:
     """The saved file loads back onto the base model (built from its configs), strictly."""
     from tsm_trainer import TSMNetwork
-    from tsm_trainer.base_model import load_components
+    from tsm_trainer.base_models.loading import load_components
 
     _, denoiser, encoders = load_components(base)
     network = TSMNetwork.from_file(path, denoiser, [m for _, m in encoders])
@@ -145,7 +145,7 @@ def test_video_family_trains_on_frame_folders(tmp_path):
 def test_flow_timesteps_are_logit_normal_and_respect_intervals():
     import torch
 
-    from tsm_trainer.training.families import StableDiffusion3Family
+    from tsm_trainer.families import StableDiffusion3Family
 
     family = StableDiffusion3Family()
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from tests.tiny_models import tiny_sd_pipeline_folder
-from tsm_trainer.file_format import load_file
+from tsm_trainer.core.file_format import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_sd_pipeline_folder
-from tsm_trainer.file_format import load_file
+from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.config import TrainConfig
-from tsm_trainer.training.families import get_training_family
+from tsm_trainer.families import get_training_family
 from tsm_trainer.training.loop import NonFiniteLossError, Trainer, sample_timesteps
 
 

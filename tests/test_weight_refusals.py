@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.base_model import load_components
-from tsm_trainer.file_format import TSMFileError, load_file, save_file_atomic
+from tsm_trainer.base_models.loading import load_components
+from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

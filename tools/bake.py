@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import math  # noqa: E402
 
-from tsm_trainer.bake import BakeError, bake_diffusers_folder, bake_single_file, load_lora_for_bake  # noqa: E402
-from tsm_trainer.cli_errors import add_debug_flag, run_tool  # noqa: E402
-from tsm_trainer.file_format import check_not_an_input  # noqa: E402
+from tsm_trainer.files.bake import BakeError, bake_diffusers_folder, bake_single_file, load_lora_for_bake  # noqa: E402
+from tsm_trainer.cli.errors import add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.core.file_format import check_not_an_input  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

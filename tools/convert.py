@@ -17,12 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.base_model import load_components  # noqa: E402
-from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
-from tsm_trainer.export import kohya_to_peft, peft_to_kohya  # noqa: E402
-from tsm_trainer.file_format import check_not_an_input, load_file, save_file_atomic  # noqa: E402
-from tsm_trainer.targets import lora_name_index  # noqa: E402
-from tsm_trainer.tensor_checks import check_lora_tensors  # noqa: E402
+from tsm_trainer.base_models.loading import load_components  # noqa: E402
+from tsm_trainer.cli.errors import about_file, add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.files.export import kohya_to_peft, peft_to_kohya  # noqa: E402
+from tsm_trainer.core.file_format import check_not_an_input, load_file, save_file_atomic  # noqa: E402
+from tsm_trainer.core.targets import lora_name_index  # noqa: E402
+from tsm_trainer.core.tensor_checks import check_lora_tensors  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> int:

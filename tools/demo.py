@@ -28,7 +28,7 @@ PROMPTS = ["a pink circle on a white background", "a cyan star on a black backgr
 
 def write_data(folder: str, n: int, seed: int) -> str:
     from tsm_trainer.data import write_dataset_config
-    from tsm_trainer.demo.shapes import write_dataset
+    from demo_world.shapes import write_dataset
 
     images = os.path.join(folder, "images")
     if not os.path.isdir(images):
@@ -38,7 +38,7 @@ def write_data(folder: str, n: int, seed: int) -> str:
 
 def colour_accuracy(images, prompts) -> float:
     """Share of images whose colour, read back by the shapes world's detector, is the prompt's."""
-    from tsm_trainer.demo.attribute_score import score_images
+    from demo_world.attribute_score import score_images
 
     words = [p.split() for p in prompts]  # "a {colour} {shape} on a {background} background"
     return score_images(images, [{"colour": w[1], "shape": w[2], "background": w[5]} for w in words])["colour"]
@@ -56,10 +56,10 @@ def main(argv=None) -> int:
     import torch
 
     from tsm_trainer.evaluation import labelled_grid
-    from tsm_trainer.intervals import interval_timestep_range
+    from tsm_trainer.core.intervals import interval_timestep_range
     from tsm_trainer.training.cli import build
     from tsm_trainer.training.config import TrainConfig
-    from tsm_trainer.training.families import get_training_family
+    from tsm_trainer.families import get_training_family
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import networks.tsm_lora as tsm_lora  # noqa: E402
-from tsm_trainer.intervals import expert_index, interval_timestep_range  # noqa: E402
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range  # noqa: E402
 
 
 def build_models(seed: int = 0):

@@ -57,9 +57,9 @@ def main(argv=None) -> int:
     from tsm_trainer.evaluation import evaluate_files, labelled_grid, plot_loss_curves
     from tsm_trainer.evaluation.heldout import heldout_batches
     from tsm_trainer.evaluation.report import loss_table, score_table
-    from tsm_trainer.file_format import TSMFileError
+    from tsm_trainer.core.file_format import TSMFileError
     from tsm_trainer.training.cli import detect_family_name
-    from tsm_trainer.training.families import get_training_family
+    from tsm_trainer.families import get_training_family
 
     try:
         batches = heldout_batches(args.dataset_config, args.validation_split, args.seed)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     size = batches[0]["pixels"].shape[-1]
     score = None
     if args.attribute_score != "none":
-        from tsm_trainer.demo.attribute_score import all_combos, attribute_score, heldout_combos
+        from demo_world.attribute_score import all_combos, attribute_score, heldout_combos
 
         combos = heldout_combos() if args.attribute_score == "heldout" else all_combos()
         seeds = [args.sample_seed + 1000 * k for k in range(args.score_seeds)]

@@ -19,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
-from tsm_trainer.export import write_expert_files  # noqa: E402
+from tsm_trainer.cli.errors import about_file, add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.files.export import write_expert_files  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         where = f"expert {w['e']}/{w['n']}  t in [{w['lo']}, {w['hi']})" if w["kind"] == "expert" else "text encoder"
         print(f"{where:<32} {w['path']}")
     if args.workflow:
-        from tsm_trainer.comfyui_workflow import build_workflow, write_workflow
+        from tsm_trainer.files.comfyui_workflow import build_workflow, write_workflow
 
         experts = [(os.path.basename(w["path"]), w["lo"], w["hi"]) for w in written if w["kind"] == "expert"]
         scales = {w["n"] for w in written if w["kind"] == "expert"}

@@ -22,10 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.cli_errors import add_debug_flag, run_tool  # noqa: E402
-from tsm_trainer.file_format import TSMFileError  # noqa: E402
-from tsm_trainer.base_model import load_base_model  # noqa: E402
-from tsm_trainer.inspection import check_against_model, format_summary, summarize  # noqa: E402
+from tsm_trainer.cli.errors import add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.core.file_format import TSMFileError  # noqa: E402
+from tsm_trainer.base_models.loading import load_base_model  # noqa: E402
+from tsm_trainer.files.inspection import check_against_model, format_summary, summarize  # noqa: E402
 
 MAX_REASONS = 20
 

@@ -4,7 +4,7 @@
     python tools/make_demo_assets.py            # -> demo_assets/base_model/, demo_assets/sample_grid.png
     python tools/make_demo_assets.py --quick --out_dir /tmp/assets   # seconds-long smoke run
 
-See tsm_trainer/demo/make_assets.py for what is trained and how.
+See demo_world/make_assets.py for what is trained and how.
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.demo.make_assets import main  # noqa: E402
+from demo_world.make_assets import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.cli_errors import about_file, add_debug_flag, run_tool  # noqa: E402
-from tsm_trainer.export import (experts_in, fold_alpha, merge_experts, merge_weights, plain_metadata,  # noqa: E402
+from tsm_trainer.cli.errors import about_file, add_debug_flag, run_tool  # noqa: E402
+from tsm_trainer.files.export import (experts_in, fold_alpha, merge_experts, merge_weights, plain_metadata,  # noqa: E402
                                 svd_truncate, text_encoder_lora)
-from tsm_trainer.file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic  # noqa: E402
-from tsm_trainer.tensor_checks import check_tsm_file  # noqa: E402
+from tsm_trainer.core.file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic  # noqa: E402
+from tsm_trainer.core.tensor_checks import check_tsm_file  # noqa: E402
 
 
 def text_encoder_path(out: str) -> str:

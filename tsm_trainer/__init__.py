@@ -3,9 +3,9 @@
 Imports no trainer, UI or model library beyond torch and safetensors.
 """
 
-from .intervals import expert_index, interval_bounds, interval_timestep_range, parse_scales
-from .network import TSMConfig, TSMNetwork
-from .timestep import TimestepCapture, TimestepContext
+from tsm_trainer.core.intervals import expert_index, interval_bounds, interval_timestep_range, parse_scales
+from tsm_trainer.core.network import TSMConfig, TSMNetwork
+from tsm_trainer.core.timestep import TimestepCapture, TimestepContext
 
 __all__ = [
     "TSMConfig",

@@ -1,7 +1,7 @@
 """ComfyUI custom node package of tsm-trainer: `Load TSM LoRA` (see README.md here).
 
 ComfyUI imports this folder from ``ComfyUI/custom_nodes/``. The node is a thin adapter; the
-logic lives in the ``tsm_trainer`` package (``tsm_trainer.runtime``). When ``tsm_trainer`` is
+logic lives in the ``tsm_trainer`` package (``tsm_trainer.runtime.online``). When ``tsm_trainer`` is
 not installed into ComfyUI's Python, the repository this folder belongs to is put on
 ``sys.path`` (resolved through symlinks, so a symlinked folder works).
 """

@@ -1,6 +1,6 @@
 """`Load TSM LoRA` (MODEL, CLIP -> MODEL, CLIP): a TSM file in ComfyUI (DESIGN.md section 6).
 
-Thin adapter; the expert arithmetic and the weight handling are ``tsm_trainer.runtime``'s.
+Thin adapter; the expert arithmetic and the weight handling are ``tsm_trainer.runtime.online``'s.
 
 * Denoiser: the node returns a clone of the MODEL (``ModelPatcher.clone()``) carrying an
   ``APPLY_MODEL`` wrapper (``comfy/patcher_extension.py`` ``WrappersMP``), which
@@ -10,10 +10,10 @@ Thin adapter; the expert arithmetic and the weight handling are ``tsm_trainer.ru
   hands that t to the runtime and runs the model:
 
   Merge or online, backups, exact restore and errors follow the shared policy of
-  ``tsm_trainer.sampling_session`` (as in the A1111 and Forge adapters): a fostered file on
-  fp32/fp16/bf16 weights is merged (:class:`~tsm_trainer.runtime.ExpertSwitcher`, re-merged only
+  ``tsm_trainer.runtime.sampling_session`` (as in the A1111 and Forge adapters): a fostered file on
+  fp32/fp16/bf16 weights is merged (:class:`~tsm_trainer.runtime.online.ExpertSwitcher`, re-merged only
   when t crosses into another expert's interval); assembled files (routers), fp8 weights and
-  mixed-interval batches run online (:class:`~tsm_trainer.runtime.OnlineTSM`; a mixed batch is
+  mixed-interval batches run online (:class:`~tsm_trainer.runtime.online.OnlineTSM`; a mixed batch is
   logged). Any error while switching restores the weights, then stops the prompt with the message.
 
   The session is built at the first denoiser call of a sampling run (the weights are then on
@@ -36,10 +36,10 @@ import folder_paths
 import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-from tsm_trainer.export import module_names, text_encoder_lora
-from tsm_trainer.file_format import check_tsm_metadata, load_file
-from tsm_trainer.runtime import resolve_layers, sgm_layer_index
-from tsm_trainer.sampling_session import SamplingSession, SessionFile
+from tsm_trainer.files.export import module_names, text_encoder_lora
+from tsm_trainer.core.file_format import check_tsm_metadata, load_file
+from tsm_trainer.runtime.online import resolve_layers, sgm_layer_index
+from tsm_trainer.runtime.sampling_session import SamplingSession, SessionFile
 
 WRAPPER_KEY = "tsm_trainer.load_tsm_lora"
 
@@ -50,7 +50,7 @@ class TSMSampling:
     """The denoiser side of one `Load TSM LoRA` node: selects the expert per denoiser call.
 
     Args:
-        tensors, metadata: the native file's content (``tsm_trainer.file_format.load_file``).
+        tensors, metadata: the native file's content (``tsm_trainer.core.file_format.load_file``).
         strength: the user's multiplier for the denoiser.
         path: the file, for error messages.
     """

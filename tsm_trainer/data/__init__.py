@@ -14,16 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
-from .cache import LatentCache, TextEncoderCache
-from .captions import process_caption, read_caption_file
-from .config import (DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config,
+from tsm_trainer.data.buckets import BucketChoice, BucketSelector, make_bucket_resolutions
+from tsm_trainer.data.cache import LatentCache, TextEncoderCache
+from tsm_trainer.data.captions import process_caption, read_caption_file
+from tsm_trainer.data.config import (DataConfig, DatasetConfig, SubsetConfig, load_dataset_config, parse_dataset_config,
                      write_dataset_config)
-from .dataset import TrainDataset, item_repeats
-from .errors import DatasetConfigError, DatasetError
-from .folders import concept_folder_params, folder_dataset_config
-from .images import IMAGE_EXTENSIONS
-from .scan import Item, Problem, ScanResult, scan_dataset
+from tsm_trainer.data.dataset import TrainDataset, item_repeats
+from tsm_trainer.data.errors import DatasetConfigError, DatasetError
+from tsm_trainer.data.folders import concept_folder_params, folder_dataset_config
+from tsm_trainer.data.images import IMAGE_EXTENSIONS
+from tsm_trainer.data.scan import Item, Problem, ScanResult, scan_dataset
 
 
 def build_dataset(config: str | Path | DataConfig, seed: int = 0, on_error: Literal["skip", "raise"] = "skip",

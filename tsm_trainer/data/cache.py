@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..file_format import umask_mode
+from tsm_trainer.core.file_format import umask_mode
 
 
 def _digest(*parts: object) -> str:

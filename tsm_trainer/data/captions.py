@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import SubsetConfig
+from tsm_trainer.data.config import SubsetConfig
 
 
 class CaptionFileError(ValueError):

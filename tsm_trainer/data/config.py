@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import DatasetConfigError
+from tsm_trainer.data.errors import DatasetConfigError
 
 # key -> (checker, description of what is valid). A checker returns the converted value or raises ValueError.
 

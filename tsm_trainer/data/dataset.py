@@ -23,13 +23,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .cache import LatentCache
-from .captions import process_caption
-from .config import DataConfig
-from .errors import DatasetConfigError
-from .images import crop_offset, load_sample
-from .sampler import PlannedBatch, epoch_rng, plan_epoch
-from .scan import Item, ScanResult
+from tsm_trainer.data.cache import LatentCache
+from tsm_trainer.data.captions import process_caption
+from tsm_trainer.data.config import DataConfig
+from tsm_trainer.data.errors import DatasetConfigError
+from tsm_trainer.data.images import crop_offset, load_sample
+from tsm_trainer.data.sampler import PlannedBatch, epoch_rng, plan_epoch
+from tsm_trainer.data.scan import Item, ScanResult
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, parse_dataset_config
-from .errors import DatasetConfigError
-from .images import IMAGE_EXTENSIONS
+from tsm_trainer.data.config import DataConfig, parse_dataset_config
+from tsm_trainer.data.errors import DatasetConfigError
+from tsm_trainer.data.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import BucketChoice
+from tsm_trainer.data.buckets import BucketChoice
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

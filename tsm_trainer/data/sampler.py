@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scan import Item
+from tsm_trainer.data.scan import Item
 
 
 @dataclass(frozen=True)

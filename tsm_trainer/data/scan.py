@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .buckets import BucketChoice, BucketSelector
-from .captions import ESTIMATED_CLIP, CaptionFileError, CaptionLength, caption_too_long, read_caption_file
-from .config import DataConfig, DatasetConfig, SubsetConfig
-from .errors import DatasetConfigError, DatasetError
-from .images import IMAGE_EXTENSIONS, list_clips, list_images, verify_image
+from tsm_trainer.data.buckets import BucketChoice, BucketSelector
+from tsm_trainer.data.captions import ESTIMATED_CLIP, CaptionFileError, CaptionLength, caption_too_long, read_caption_file
+from tsm_trainer.data.config import DataConfig, DatasetConfig, SubsetConfig
+from tsm_trainer.data.errors import DatasetConfigError, DatasetError
+from tsm_trainer.data.images import IMAGE_EXTENSIONS, list_clips, list_images, verify_image
 
 logger = logging.getLogger(__name__)
 

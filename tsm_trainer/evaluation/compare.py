@@ -9,12 +9,12 @@ from typing import Sequence
 
 import torch
 
-from ..export import plain_lora_as_tsm
-from ..file_format import TSMFileError, load_file
-from ..metadata import tsm_metadata
-from ..network import TSMNetwork
-from ..targets import detect_family
-from ..training.objective import FrozenTextCache, denoising_loss, loss_by_interval
+from tsm_trainer.files.export import plain_lora_as_tsm
+from tsm_trainer.core.file_format import TSMFileError, load_file
+from tsm_trainer.core.metadata import tsm_metadata
+from tsm_trainer.core.network import TSMNetwork
+from tsm_trainer.core.targets import detect_family
+from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, loss_by_interval
 
 
 def load_lora_file(path: str, components, num_train_timesteps: int, multiplier: float = 1.0) -> TSMNetwork:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..intervals import interval_timestep_range
-from .compare import Evaluation
+from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.evaluation.compare import Evaluation
 
 
 def loss_table(evaluation: Evaluation, intervals: int = 8, markdown: bool = False) -> str:

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from ..file_format import load_file, save_file_atomic, umask_mode
-from .run_record import compare_runs
+from tsm_trainer.core.file_format import load_file, save_file_atomic, umask_mode
+from tsm_trainer.training.run_record import compare_runs
 
 _LEGACY = re.compile(r"state-(\d+)")
 

@@ -9,22 +9,22 @@ import sys
 
 import torch
 
-from ..base_model import frozen_weight_dtype
-from ..data import DatasetError, LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
-from ..data.captions import tokenizer_caption_length
-from .checkpoint import latest_state
-from .config import TrainConfig, load_config
-from .families import get_training_family
-from .loop import NonFiniteLossError, Trainer
-from .output_dir import training_output
-from .run_record import data_identity
-from .validate import DATASET_FLAGS, check_config
+from tsm_trainer.base_models.loading import frozen_weight_dtype
+from tsm_trainer.data import DatasetError, LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
+from tsm_trainer.data.captions import tokenizer_caption_length
+from tsm_trainer.training.checkpoint import latest_state
+from tsm_trainer.training.config import TrainConfig, load_config
+from tsm_trainer.families import get_training_family
+from tsm_trainer.training.loop import NonFiniteLossError, Trainer
+from tsm_trainer.training.output_dir import training_output
+from tsm_trainer.training.run_record import data_identity
+from tsm_trainer.training.validate import DATASET_FLAGS, check_config
 
 
 def detect_family_name(folder: str) -> str:
     """The family of a diffusers folder, from its configs (no weights are loaded)."""
-    from ..base_model import load_components
-    from ..targets import detect_family
+    from tsm_trainer.base_models.loading import load_components
+    from tsm_trainer.core.targets import detect_family
 
     _, denoiser, _ = load_components(folder)
     return detect_family(denoiser).name
@@ -80,7 +80,7 @@ def load_data_config(config: TrainConfig):
     --train_data_dir / --reg_data_dir folders."""
     options = dataset_options(config)
     if config.train_data_dir:
-        from ..data import folder_dataset_config
+        from tsm_trainer.data import folder_dataset_config
 
         if "resolution" not in options:
             raise ValueError("--train_data_dir needs --resolution (e.g. 512 or 512,768)")
@@ -136,7 +136,7 @@ def build(config: TrainConfig, log=print) -> Trainer:
     make_batches = dataset.epoch_batches  # lazy: a resume skips batches without loading them
 
     if config.task == "distill":
-        from .distill import DistillTrainer
+        from tsm_trainer.training.distill import DistillTrainer
 
         return DistillTrainer(config, family, components, make_batches, log=log)
     resolution = max((d.resolution for d in data_config.datasets), key=lambda r: r[0] * r[1])

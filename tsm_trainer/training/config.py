@@ -18,7 +18,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from .kohya_flags import REFUSED
+from tsm_trainer.training.kohya_flags import REFUSED
 
 # Groups in --help, in sd-scripts' order (the add_*_arguments functions of train_util.py, then
 # train_network.py's own), followed by this trainer's.
@@ -193,7 +193,7 @@ class TrainConfig:
 
     @property
     def scales(self) -> list[int]:
-        from ..intervals import parse_scales
+        from tsm_trainer.core.intervals import parse_scales
 
         return [1] if self.tsm_stage == "vanilla" else parse_scales(self.tsm_scales)
 

@@ -17,17 +17,17 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..intervals import expert_index, interval_timestep_range
-from ..metadata import kohya_metadata, modelspec_metadata
-from ..data.dataset import indexed_batches
-from ..network import TSMNetwork
-from .checkpoint import kept_checkpoint_note, load_state, save_state, state_folder
-from .output_dir import check_final_file
-from .run_record import run_record
-from .config import TrainConfig
-from .network_plugin import build_network
-from .objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
-from .optimizers import build_optimizer, parse_optimizer_args
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range
+from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
+from tsm_trainer.data.dataset import indexed_batches
+from tsm_trainer.core.network import TSMNetwork
+from tsm_trainer.training.checkpoint import kept_checkpoint_note, load_state, save_state, state_folder
+from tsm_trainer.training.output_dir import check_final_file
+from tsm_trainer.training.run_record import run_record
+from tsm_trainer.training.config import TrainConfig
+from tsm_trainer.training.network_plugin import build_network
+from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
+from tsm_trainer.training.optimizers import build_optimizer, parse_optimizer_args
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -299,7 +299,7 @@ class Trainer:
             family = self.network.family
             meta["tsm.trainer_stage"] = config.tsm_stage
         else:
-            from ..targets import detect_family
+            from tsm_trainer.core.targets import detect_family
 
             family = detect_family(self.c.denoiser)
             dim = getattr(self.network, "lora_dim", config.network_dim)
@@ -405,7 +405,7 @@ class Trainer:
         """A grid of the prompts file's images at this step: ``output_dir/samples/step-N.png``."""
         from PIL import Image
 
-        from .sample_prompts import read_sample_prompts
+        from tsm_trainer.training.sample_prompts import read_sample_prompts
 
         config = self.config
         self.network.eval()

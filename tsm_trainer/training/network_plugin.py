@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import TrainConfig
+from tsm_trainer.training.config import TrainConfig
 
 TSM_MODULE = "networks.tsm_lora"
 # trainer options that are network_args of networks.tsm_lora

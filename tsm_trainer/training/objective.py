@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..intervals import interval_timestep_range
+from tsm_trainer.core.intervals import interval_timestep_range
 
 
 def denoising_loss(family, components, batch: dict, timesteps: torch.Tensor, generator: torch.Generator,

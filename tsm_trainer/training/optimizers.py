@@ -71,7 +71,7 @@ def resolve(optimizer_type: str):
 
 
 def _display_names() -> list[str]:
-    from .config import OPTIMIZERS as NAMES
+    from tsm_trainer.training.config import OPTIMIZERS as NAMES
 
     return list(NAMES)
 

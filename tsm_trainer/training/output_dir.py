@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from ..file_format import TSMFileError, read_metadata
+from tsm_trainer.core.file_format import TSMFileError, read_metadata
 
 _held: set[str] = set()  # locks held by this process (a lock naming our own PID but not here is stale)
 

@@ -10,8 +10,8 @@ import importlib.util
 import math
 import os
 
-from .config import FIELDS, OptionError, TrainConfig
-from .network_plugin import TSM_MODULE, TSM_OPTIONS, parse_network_args
+from tsm_trainer.training.config import FIELDS, OptionError, TrainConfig
+from tsm_trainer.training.network_plugin import TSM_MODULE, TSM_OPTIONS, parse_network_args
 
 # dataset flags that become defaults of a --dataset_config (kohya's argparse fallback) or build a
 # --train_data_dir dataset; kohya's names -> the dataset TOML's
@@ -115,7 +115,7 @@ def _check_ranges(c: TrainConfig) -> None:
 
 
 def _check_tsm(c: TrainConfig) -> None:
-    from ..intervals import parse_scales
+    from tsm_trainer.core.intervals import parse_scales
 
     if c.network_module != TSM_MODULE:
         bad = [f"--{n}" for n in (*TSM_OPTIONS, "tsm_recipe", "timestep_sampling") if _given(c, n)]
@@ -148,9 +148,9 @@ def _check_tsm(c: TrainConfig) -> None:
                if _given(c, n)]
         if bad:
             _fail(f"--tsm_recipe paper sets the stages itself: drop {', '.join(bad)}")
-    from ..network_args import NETWORK_ARGS
-    from ..network_args import parse_network_args as parse_tsm_args
-    from .network_plugin import tsm_network_args
+    from tsm_trainer.core.network_args import NETWORK_ARGS
+    from tsm_trainer.core.network_args import parse_network_args as parse_tsm_args
+    from tsm_trainer.training.network_plugin import tsm_network_args
 
     for key in tsm_network_args(c):
         if key not in NETWORK_ARGS:
@@ -225,13 +225,13 @@ def _check_unimplemented(c: TrainConfig) -> None:
     if c.xformers and c.sdpa:
         _fail("--xformers and --sdpa exclude each other")
     if c.train_data_dir:
-        from .. import data
+        from tsm_trainer import data
 
         if not hasattr(data, "folder_dataset_config"):
             _fail("--train_data_dir: folder datasets are not implemented yet; use --dataset_config with a kohya "
                   "dataset TOML (examples in dataset_configs/)")
-    from .network_plugin import import_network_module
-    from .optimizers import parse_optimizer_args, resolve
+    from tsm_trainer.training.network_plugin import import_network_module
+    from tsm_trainer.training.optimizers import parse_optimizer_args, resolve
 
     try:
         import_network_module(c.network_module)
@@ -242,7 +242,7 @@ def _check_unimplemented(c: TrainConfig) -> None:
 
 
 def _check_task(c: TrainConfig) -> None:
-    from .cli import DISTILL_UNSUPPORTED
+    from tsm_trainer.training.cli import DISTILL_UNSUPPORTED
 
     if c.task == "distill":
         bad = [f"--{n}" for n in DISTILL_UNSUPPORTED if _given(c, n)]
@@ -287,7 +287,7 @@ def _check_paths(c: TrainConfig) -> None:
     if c.resume and c.resume != "latest" and not os.path.isdir(c.resume):
         _fail(f"--resume {c.resume}: no such folder (a state folder written with --save_state, or 'latest')")
     if c.sample_prompts:
-        from .sample_prompts import read_sample_prompts
+        from tsm_trainer.training.sample_prompts import read_sample_prompts
 
         try:
             read_sample_prompts(c.sample_prompts)

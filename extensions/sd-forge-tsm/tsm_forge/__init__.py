@@ -1,4 +1,4 @@
-"""Forge adapter for TimeStep Master (TSM) files. Logic lives in ``tsm_trainer.runtime``.
+"""Forge adapter for TimeStep Master (TSM) files. Logic lives in ``tsm_trainer.runtime.online``.
 
 Importing this package makes ``tsm_trainer`` importable when the extension folder is a
 symlink into the tsm-trainer repository (its realpath's grandparent is the repo root).

@@ -22,7 +22,7 @@ How Forge runs its UNet (stable-diffusion-webui-forge, checked at commit dfdcbab
   from Forge itself (``backend.patcher.lora.model_lora_keys_unet``, which yields
   ``(key, (dim, offset, size))`` for fused targets).
 
-Merge or online, backups, restore and error handling are ``tsm_trainer.sampling_session``'s policy
+Merge or online, backups, restore and error handling are ``tsm_trainer.runtime.sampling_session``'s policy
 (shared with the A1111 and ComfyUI adapters).
 """
 
@@ -36,10 +36,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tsm_trainer.export import module_names, text_encoder_lora
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file
-from tsm_trainer.runtime import OnlineTSM, resolve_layers
-from tsm_trainer.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
+from tsm_trainer.files.export import module_names, text_encoder_lora
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file
+from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
+from tsm_trainer.runtime.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
 # Predictors whose UNet receives sigma in [0, 1] (Flux, Chroma): t = sigma * T (DESIGN.md section 1).
 SIGMA_INPUT_PREDICTORS = frozenset({"PredictionFlux"})
@@ -335,7 +335,7 @@ def apply_to_unet(unet_patcher, requests: Iterable[TSMRequest], layer_index: Map
                   key_map: Mapping[str, object] | None = None) -> ForgeSession | None:
     """Start a :class:`ForgeSession` on Forge's UnetPatcher's diffusion model for one sampling run.
 
-    The policy (``tsm_trainer.sampling_session``): the first fostered file on writable weights merges,
+    The policy (``tsm_trainer.runtime.sampling_session``): the first fostered file on writable weights merges,
     files on quantized weights (or non-float ``storage_dtype``), assembled files, ``mode=online`` and
     every further file run online. ``key_map``: Forge's ``model_lora_keys_unet`` map, for files with
     diffusers names (Flux/SD3 ``lora_transformer_...``). Call ``restore()`` when sampling ends.

@@ -14,7 +14,7 @@ if _EXT_ROOT not in sys.path:
 from modules import extra_networks, paths, script_callbacks, shared, ui_extra_networks  # noqa: E402
 
 import tsm_a1111  # noqa: E402
-from tsm_trainer.file_format import TSMFileError, read_metadata  # noqa: E402
+from tsm_trainer.core.file_format import TSMFileError, read_metadata  # noqa: E402
 
 
 def _models_dir():

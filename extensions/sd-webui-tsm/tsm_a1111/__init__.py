@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 adapter for TimeStep Master files (thin: the logic lives in ``tsm_trainer.runtime``).
+"""AUTOMATIC1111 adapter for TimeStep Master files (thin: the logic lives in ``tsm_trainer.runtime.online``).
 
 Nothing here imports A1111: the webui objects (``shared.sd_model``, ``p``, ``CFGDenoiserParams``)
 are passed in by ``scripts/tsm_extension.py``, so the adapter is tested without a webui.

@@ -22,9 +22,9 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import nn
 
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
-from tsm_trainer.runtime import sgm_layer_index
-from tsm_trainer.targets import text_encoder_key_path
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
+from tsm_trainer.runtime.online import sgm_layer_index
+from tsm_trainer.core.targets import text_encoder_key_path
 
 from .lora_network import QKV
 
@@ -101,7 +101,7 @@ def parse_params(params_list: Iterable, default_multiplier: float = 1.0) -> list
 def unet_layer_index(sd_model) -> dict[str, nn.Module]:
     """``{kohya name: layer}`` of ``sd_model.model.diffusion_model`` (A1111's ldm/sgm UNet holds the
     original ``input_blocks...`` layout; SD1 files' diffusers names are translated by
-    :func:`tsm_trainer.runtime.resolve_layers`, SDXL files already use these names)."""
+    :func:`tsm_trainer.runtime.online.resolve_layers`, SDXL files already use these names)."""
     return sgm_layer_index(sd_model.model.diffusion_model, "lora_unet")
 
 

@@ -6,8 +6,8 @@ import html
 import json
 from typing import Mapping
 
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata
-from tsm_trainer.intervals import interval_timestep_range
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
+from tsm_trainer.core.intervals import interval_timestep_range
 
 
 def card_description(metadata: Mapping[str, str], path: str = "<file>") -> str:

@@ -30,10 +30,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from tsm_trainer.export import experts_in, module_names
-from tsm_trainer.file_format import TSMFileError
-from tsm_trainer.intervals import expert_index
-from tsm_trainer.modules import _WrappedModule
+from tsm_trainer.files.export import experts_in, module_names
+from tsm_trainer.core.file_format import TSMFileError
+from tsm_trainer.core.intervals import expert_index
+from tsm_trainer.core.modules import _WrappedModule
 
 QKV = ("_q_proj", "_k_proj", "_v_proj")
 

@@ -1,5 +1,5 @@
 """Assembled files (routers) in A1111: the UNet layers are wrapped and compute core + gated
-context experts per sample (``tsm_trainer.runtime.OnlineTSM``), with t read from the UNet call.
+context experts per sample (``tsm_trainer.runtime.online.OnlineTSM``), with t read from the UNet call.
 
 The router's gates depend on the layer input, so these files cannot be merged into weights.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tsm_trainer.timestep import TimestepContext
+from tsm_trainer.core.timestep import TimestepContext
 
 
 class UNetTimestepHook:

@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from tsm_trainer.file_format import TSMFileError, check_tsm_metadata
-from tsm_trainer.runtime import OnlineTSM, resolve_layers
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
+from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 
 from .adapter import (FileCache, LoraHost, find_tsm_files, parse_params, text_encoder_layer_index,
                       timestep_from_sigma, unet_layer_index)

@@ -24,12 +24,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ...metadata import kohya_metadata, modelspec_metadata
-from ...network import TSMConfig, TSMNetwork
-from ..config import TrainConfig
-from ..objective import FrozenTextCache
-from .dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
-from .student import parse_student_timesteps, predict_x0, renoise, simulate_to
+from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
+from tsm_trainer.core.network import TSMConfig, TSMNetwork
+from tsm_trainer.training.config import TrainConfig
+from tsm_trainer.training.objective import FrozenTextCache
+from tsm_trainer.training.distill.dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
+from tsm_trainer.training.distill.student import parse_student_timesteps, predict_x0, renoise, simulate_to
 
 # Appendix A.3, as the fraction of each expert's steps trained before the GAN term starts: 999 and 749
 # get 20K without + 5K with; 499 5K + 20K; 249 5K + 40K; vanilla LoRA 40K + 5K.

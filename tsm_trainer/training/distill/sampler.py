@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .student import predict_x0, sample_latents
+from tsm_trainer.training.distill.student import predict_x0, sample_latents
 
 
 @torch.no_grad()

@@ -1,0 +1,61 @@
+"""PixArt-alpha / sigma."""
+
+from __future__ import annotations
+
+import torch
+
+from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.sd import StableDiffusionFamily
+
+class PixArtFamily(StableDiffusionFamily):
+    """PixArt-alpha/sigma (DiT): one T5 encoder with its attention mask, DDPM noise, epsilon
+    prediction; a transformer that also predicts the variance (2x channels) is trained on the
+    epsilon half, as its pipelines read it."""
+
+    names = ("pixart",)
+
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
+        from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
+        transformer = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
+        encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        tokenizer = T5Tokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler", **tok))
+        if self.prediction_type == "auto":
+            self.prediction_type = scheduler.config.prediction_type
+        return Components(transformer, [encoder], [tokenizer], vae, scheduler)
+
+    def encode_text(self, c: Components, captions: list[str], device) -> dict:
+        """{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}"""
+        tokenizer = c.tokenizers[0]
+        tokens = tokenizer(captions, padding="max_length", max_length=min(tokenizer.model_max_length, 120),
+                           truncation=True, return_tensors="pt").to(device)
+        mask = tokens.attention_mask
+        return {"encoder_hidden_states": c.text_encoders[0](tokens.input_ids, attention_mask=mask)[0],
+                "encoder_attention_mask": mask}
+
+    def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
+        out = c.denoiser(noisy, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timesteps,
+                         encoder_attention_mask=cond["encoder_attention_mask"],
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return out[:, : noisy.shape[1]] if out.shape[1] == 2 * noisy.shape[1] else out
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+        pipe = PixArtAlphaPipeline(tokenizer=c.tokenizers[0], text_encoder=c.text_encoders[0], vae=c.vae,
+                                   transformer=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=torch.Generator().manual_seed(seed), use_resolution_binning=False,
+                        max_sequence_length=min(c.tokenizers[0].model_max_length, 120)).images

@@ -1,0 +1,92 @@
+"""SD 1.x / 2.x."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, single_file_components
+
+class StableDiffusionFamily:
+    """SD 1.x / 2.x: VAE latents, one CLIP text encoder, DDPM noise, epsilon or v-prediction."""
+
+    names = ("sd1", "sd2")
+
+    def __init__(self, prediction_type: str = "auto"):
+        self.prediction_type = prediction_type
+
+    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder or a single-file checkpoint. The frozen UNet and text encoder are loaded in
+        ``weight_dtype`` and the VAE in ``vae_dtype`` (both float32 unless given, whatever the files
+        store; see ``base_model.frozen_weight_dtype``). ``tokenizer_cache_dir``: kohya's option, for
+        single files (a diffusers folder has its own tokenizer)."""
+        if os.path.isfile(path):
+            components, self.prediction_type = single_file_components(
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+            return components
+        note_folder_tokenizer(path, tokenizer_cache_dir)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        kw = load_kwargs(weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        if self.prediction_type == "auto":
+            self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{path}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+        return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return 1000
+
+    def encode_text(self, c: Components, captions: list[str], device) -> dict:
+        """{"encoder_hidden_states": (B, L, D)}"""
+        tokenizer = c.tokenizers[0]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return {"encoder_hidden_states": c.text_encoders[0](ids)[0]}
+
+    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled with ``generator``."""
+        dist = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        return latents * c.vae.config.scaling_factor
+
+    def noisy_input_and_target(self, c: Components, latents, noise, timesteps):
+        noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            return noisy, c.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
+
+    def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
+        return c.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        """PIL images of ``prompts`` with whatever network is applied to the UNet (DDIM, fixed seed)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                       unet=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=generator).images
+
+    def loss_weights(self, c: Components, timesteps, min_snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample min-SNR weights (Hang et al. 2023), or None when off."""
+        if not min_snr_gamma:
+            return None
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(c.noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma)
+        return weight / (snr + 1) if self.prediction_type == "v_prediction" else weight / snr

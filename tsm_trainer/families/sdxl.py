@@ -1,0 +1,68 @@
+"""SDXL."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, single_file_components
+from tsm_trainer.families.sd import StableDiffusionFamily
+
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SDXL: two CLIP encoders (penultimate hidden states concatenated; pooled projection of the
+    second), size/crop conditioning ``time_ids``, DDPM noise, epsilon or v-prediction."""
+
+    names = ("sdxl",)
+
+    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """As :meth:`StableDiffusionFamily.load`, with two text encoders and tokenizers."""
+        if os.path.isfile(path):
+            components, self.prediction_type = single_file_components(
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+            return components
+        note_folder_tokenizer(path, tokenizer_cache_dir)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        kw = load_kwargs(weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
+                      for s in ("tokenizer", "tokenizer_2")]
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        if self.prediction_type == "auto":
+            self.prediction_type = scheduler.config.prediction_type
+        return Components(unet, encoders, tokenizers, vae, scheduler)
+
+    def encode_text(self, c: Components, captions: list[str], device) -> dict:
+        """{"encoder_hidden_states": (B, L, D1 + D2), "text_embeds": (B, P)}"""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
+        # Size conditioning: original = target = the training resolution, no crop.
+        h, w = (noisy.shape[-2] * 8, noisy.shape[-1] * 8)
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=noisy.dtype, device=noisy.device).repeat(noisy.shape[0], 1)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        return c.denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.denoiser,
+                                         scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                        generator=torch.Generator().manual_seed(seed)).images

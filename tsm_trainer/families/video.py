@@ -1,0 +1,58 @@
+"""The text-to-video 3D UNet."""
+
+from __future__ import annotations
+
+import torch
+
+from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.sd import StableDiffusionFamily
+
+class TextToVideoFamily(StableDiffusionFamily):
+    """Text-to-video 3D UNet (diffusers ``UNet3DConditionModel``, ModelScope/VideoCrafter style):
+    frames encoded by the image VAE one by one, one CLIP encoder, DDPM noise on (B, C, F, h, w)."""
+
+    names = ("video",)
+
+    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
+        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        require_folder(folder, self.names[0])
+        note_folder_tokenizer(folder, tokenizer_cache_dir)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        kw = load_kwargs(weight_dtype)
+        tok = dict(local_files_only=True)
+        unet = UNet3DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
+        if self.prediction_type == "auto":
+            self.prediction_type = scheduler.config.prediction_type
+        return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
+
+    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, F, 3, H, W) clips in [-1, 1] -> scaled latents (B, 4, F, H/f, W/f)."""
+        if pixels.dim() != 5:
+            raise ValueError(f"the video family trains on clips (B, F, 3, H, W); got a batch of shape "
+                             f"{tuple(pixels.shape)} (set video_frames in the dataset config)")
+        b, f = pixels.shape[:2]
+        latents = super().encode_images(c, pixels.flatten(0, 1), generator)
+        return latents.unflatten(0, (b, f)).transpose(1, 2)
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        """The first frame of each prompt's clip (a grid of clips would not fit one image)."""
+        from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+        pipe = TextToVideoSDPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                     unet=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        with torch.no_grad():
+            for prompt in prompts:
+                frames = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                              num_frames=2, generator=torch.Generator().manual_seed(seed), output_type="pil").frames
+                images.append(frames[0][0])
+        return images
