@@ -182,13 +182,13 @@ def test_an_error_mid_merge_restores_every_weight_then_raises_and_closes(foster_
     switcher = session.runs[0].runtime
     calls = []
 
-    def delta_then_oom(name, down, up, _orig=switcher._delta):
+    def delta_then_oom(name, e, _orig=switcher._expert_delta):
         calls.append(name)
         if len(calls) == 3:
             raise RuntimeError("CUDA out of memory")
-        return _orig(name, down, up)
+        return _orig(name, e)
 
-    switcher._delta = delta_then_oom  # fails after 2 layers of the next expert were written
+    switcher._expert_delta = delta_then_oom  # fails after 2 layers of the next expert were written
     with pytest.raises(TSMSamplingError, match=r"f8.safetensors: RuntimeError: CUDA out of memory "
                                                r"\(at t=\[10.0\]; the base weights were restored"):
         session.set_timestep(10.0)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tsm_trainer.core.lora_math import pair_delta
 from tsm_trainer.core.router import Router, pool_input
 from tsm_trainer.core.timestep import TimestepContext
 from tsm_trainer.core.torch_compat import autocast_enabled
@@ -128,14 +129,8 @@ class _WrappedModule(nn.Module):
             extra = 1.0 / (1.0 - self.rank_dropout)
         return h, extra
 
-    @staticmethod
-    def pair_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """ΔW = B A in the base weight's layout (Linear: d x k; Conv: d x k x kh x kw)."""
-        if down.dim() == 2:
-            return up @ down
-        if down.shape[2:] == (1, 1):
-            return (up.flatten(1) @ down.flatten(1)).unsqueeze(-1).unsqueeze(-1)
-        return torch.einsum("dr,rkhw->dkhw", up.flatten(1), down)
+    # ΔW = B A in the base weight's layout (kept as a method: networks/tsm_lora.py calls it on modules)
+    pair_delta = staticmethod(pair_delta)
 
     # -- weight merging -----------------------------------------------------------------
     def backup_weights(self) -> None:

@@ -8,16 +8,15 @@ The metadata check runs before a network is built from a file: a forged ``tsm.sc
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
+from tsm_trainer.core.lora_math import EXPERT_KEY
 
 # the two factors of one LoRA pair: kohya (lora_down/lora_up, also per TSM expert) and PEFT (lora_A/lora_B)
 _PAIR_SUFFIXES = (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"))
-EXPERT_KEY = re.compile(r"^(?P<module>[^.]+)\.tsm\.(?P<n>\d+)\.(?P<e>\d+)\.(?P<part>lora_down|lora_up)\.weight$")
 
 
 def check_lora_tensors(tensors: Mapping[str, torch.Tensor], path: str) -> None:

@@ -29,9 +29,8 @@ from torch import nn
 from tsm_trainer.base_models.loading import DENOISER_COMPONENTS, TEXT_ENCODER_COMPONENTS
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic, umask_mode
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
-from tsm_trainer.core.modules import _WrappedModule
+from tsm_trainer.core.lora_math import PLAIN_KEY, pair_delta
 from tsm_trainer.core.targets import layers_by_lora_name
-_LORA_KEY = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 class BakeError(ValueError):
@@ -48,7 +47,7 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor], source: str = "LoRA") -> dic
     """
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = PLAIN_KEY.match(key)
         if m is None:
             hint = (" (a native TSM file: pick one expert with expert_lora, or merge the experts first)"
                     if ".tsm." in key or ".router." in key else "")
@@ -70,11 +69,6 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor], source: str = "LoRA") -> dic
             alpha = float(rank)  # kohya: alpha 0 / None means alpha = rank
         pairs[name] = (down, up, alpha / rank)
     return pairs
-
-
-def pair_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * B A`` in float32, in the base weight's layout (Linear d x k; Conv d x k x kh x kw)."""
-    return _WrappedModule.pair_delta(down.float(), up.float()) * scale
 
 
 def fit_delta(delta: torch.Tensor, shape: Sequence[int], name: str, target: str, source: str) -> torch.Tensor:
@@ -110,7 +104,7 @@ def lora_deltas(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Mod
                         f"model?), e.g. key {unknown[0] + '.lora_down.weight'!r}; others: {unknown[1:4]}")
     for name, (down, up, scale) in pairs.items():
         weight = layers[name].weight
-        deltas[name] = fit_delta(pair_delta(down, up, scale), weight.shape, name, f"the model's {name}", source)
+        deltas[name] = fit_delta(pair_delta(down.float(), up.float(), scale), weight.shape, name, f"the model's {name}", source)
     return deltas
 
 
@@ -413,7 +407,7 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
             shape = (third, *weight.shape[1:])
         else:
             shape = tuple(weight.shape)
-        deltas[name] = (key, rows, fit_delta(pair_delta(down, up, scale), shape, name, f"{checkpoint_path}:{key}",
+        deltas[name] = (key, rows, fit_delta(pair_delta(down.float(), up.float(), scale), shape, name, f"{checkpoint_path}:{key}",
                                              source))
     for name, (key, rows, delta) in deltas.items():
         weight = tensors[key]

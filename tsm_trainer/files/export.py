@@ -15,23 +15,9 @@ from typing import Mapping, Sequence
 import torch
 
 from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.core.lora_math import EXPERT_KEY, PLAIN_KEY, experts_in, lora_delta, module_names
 
-_EXPERT_KEY = re.compile(r"^(?P<module>[^.]+)\.tsm\.(?P<n>\d+)\.(?P<e>\d+)\.(?P<part>lora_down|lora_up)\.weight$")
 MERGE_WEIGHTINGS = ("uniform", "interval")
-
-
-def module_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    return sorted({k.split(".", 1)[0] for k in tensors})
-
-
-def experts_in(tensors: Mapping[str, torch.Tensor]) -> dict[int, list[int]]:
-    """{scale: [experts]} present in a native file's tensors."""
-    found: dict[int, set[int]] = {}
-    for key in tensors:
-        m = _EXPERT_KEY.match(key)
-        if m:
-            found.setdefault(int(m["n"]), set()).add(int(m["e"]))
-    return {n: sorted(es) for n, es in sorted(found.items())}
 
 
 def text_encoder_lora(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,7 +33,7 @@ def expert_lora(tensors: Mapping[str, torch.Tensor], n: int, e: int) -> dict[str
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        m = _EXPERT_KEY.match(key)
+        m = EXPERT_KEY.match(key)
         if m and int(m["n"]) == n and int(m["e"]) == e:
             out[f"{m['module']}.{m['part']}.weight"] = value
     if not out:
@@ -70,9 +56,10 @@ def plain_lora_as_tsm(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in lora.items():
-        name, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        m = PLAIN_KEY.match(key)
+        if m is None:
             raise ValueError(f"key {key!r} is not a kohya LoRA key (only lora_down/lora_up/alpha are supported)")
+        name, part = m["name"], m["part"]
         out[key if part == "alpha" or name.startswith("lora_te") else f"{name}.tsm.1.0.{part}"] = value
     return out
 
@@ -142,15 +129,6 @@ def merge_experts(tensors: Mapping[str, torch.Tensor], n: int, weights: Sequence
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     return out
-
-
-def lora_delta(lora: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """(alpha/r) B A of one module, float32, in the base weight's layout."""
-    from tsm_trainer.core.modules import _WrappedModule
-
-    down, up = lora[f"{name}.lora_down.weight"].float(), lora[f"{name}.lora_up.weight"].float()
-    alpha = float(lora[f"{name}.alpha"]) if f"{name}.alpha" in lora else float(down.shape[0])
-    return _WrappedModule.pair_delta(down, up) * (alpha / down.shape[0])
 
 
 def svd_truncate(lora: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, sshs_hashes, tensor_data_sha256
 from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.core.lora_math import EXPERT_KEY
 from tsm_trainer.files.family_guess import guess_family
 from tsm_trainer.core.targets import layers_by_lora_name
 
@@ -30,7 +31,6 @@ KIND_LABELS = {"tsm": "native TSM file", "kohya": "kohya LoRA", "peft": "diffuse
 # kohya: "{lora_name}.{rest}" with lora_name "lora_<prefix>_<path>"
 _KOHYA_KEY = re.compile(r"^(lora_[A-Za-z0-9_]+?)\.(.+)$")
 _KOHYA_PREFIX = re.compile(r"^(lora_(?:unet|transformer|te\d?|prior_unet))_")
-_TSM_REST = re.compile(r"^tsm\.(\d+)\.(\d+)\.(lora_down|lora_up)\.weight$")
 # PEFT / diffusers: "{module.path}.lora_A.weight" (also the older ".lora.down.weight" forms)
 _PEFT_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
                        r"(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -156,9 +156,9 @@ def _parse_modules(kind: str, tensors: dict[str, torch.Tensor]) -> dict[str, dic
         pm = _KOHYA_PREFIX.match(name)
         prefix = pm.group(1) if pm else "_".join(name.split("_")[:2])
         mod = modules.setdefault(name, _new_module(prefix))
-        tm = _TSM_REST.match(rest)
+        tm = EXPERT_KEY.match(key)
         if tm:
-            mod["down" if tm.group(3) == "lora_down" else "up"][(int(tm.group(1)), int(tm.group(2)))] = key
+            mod["down" if tm["part"] == "lora_down" else "up"][(int(tm["n"]), int(tm["e"]))] = key
         elif rest in ("lora_down.weight", "lora_up.weight"):
             mod["down" if rest == "lora_down.weight" else "up"][None] = key
         elif rest == "alpha":

@@ -19,11 +19,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from tsm_trainer.files.export import experts_in, module_names
 from tsm_trainer.core.file_format import TSMFileError, check_state_dict, check_tsm_metadata
 from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
-from tsm_trainer.core.modules import LoRAModule, TSMLoRAModule, _WrappedModule
+from tsm_trainer.core.lora_math import experts_in, first_factor, lora_delta, module_names, split_key
+from tsm_trainer.core.modules import LoRAModule, TSMLoRAModule
 from tsm_trainer.core.timestep import TimestepContext
 
 
@@ -101,7 +101,7 @@ class ExpertSwitcher:
         if missing:
             raise TSMFileError(f"{path}: no layer given for {len(missing)} module(s), e.g. {missing[:3]}")
         for key, value in tensors.items():  # fail now, not in a merge mid-sampling
-            name = key.split(".", 1)[0]
+            name = split_key(key)[0]
             if name in self.layers and key.endswith("lora_down.weight"):
                 weight = self.layers[name].weight
                 if tuple(value.shape[1:]) != tuple(weight.shape[1:]):
@@ -134,14 +134,8 @@ class ExpertSwitcher:
                 self._set(name, self._expert_delta(name, e))
         return e
 
-    def _delta(self, name: str, down_key: str, up_key: str) -> torch.Tensor:
-        down, up = self.tensors[down_key].float(), self.tensors[up_key].float()
-        alpha = float(self.tensors.get(f"{name}.alpha", torch.tensor(float(down.shape[0]))))
-        return _WrappedModule.pair_delta(down, up) * (alpha / down.shape[0])
-
     def _expert_delta(self, name: str, e: int) -> torch.Tensor:
-        prefix = f"{name}.tsm.{self.n}.{e}"
-        return self._delta(name, f"{prefix}.lora_down.weight", f"{prefix}.lora_up.weight")
+        return lora_delta(self.tensors, name, f"{name}.tsm.{self.n}.{e}")
 
     @staticmethod
     def _fingerprint(weight: torch.Tensor) -> tuple:
@@ -188,7 +182,7 @@ class ExpertSwitcher:
             self._set(name, self._expert_delta(name, e))
         if self.active is None:  # the static text-encoder LoRA, once
             for name in self._static:
-                self._set(name, self._delta(name, f"{name}.lora_down.weight", f"{name}.lora_up.weight"))
+                self._set(name, lora_delta(self.tensors, name))
         self.active = e
         self.merges += 1
 
@@ -220,7 +214,7 @@ class OnlineTSM:
                 if name.startswith("lora_te"):
                     continue  # the UI applies the static text-encoder LoRA itself
                 raise TSMFileError(f"{path}: no layer given for module {name}")
-            rank = next(v.shape[0] for k, v in tensors.items() if k.startswith(name + ".") and k.endswith("lora_down.weight"))
+            rank = first_factor(tensors, name, "lora_down").shape[0]
             if name.startswith("lora_te"):
                 module = LoRAModule(name, layers[name], rank, None, multiplier=multiplier)
             else:
@@ -232,7 +226,7 @@ class OnlineTSM:
                       else torch.float32)
             self.modules[name] = module
         expected = {f"{n}.{k}": v.shape for n, m in self.modules.items() for k, v in m.state_dict().items()}
-        mine = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in self.modules}
+        mine = {k: v for k, v in tensors.items() if split_key(k)[0] in self.modules}
         check_state_dict(expected, mine, path)
         with torch.no_grad():
             for n, m in self.modules.items():

@@ -36,8 +36,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from tsm_trainer.files.export import module_names, text_encoder_lora
+from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file
+from tsm_trainer.core.lora_math import first_factor, module_names
 from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 from tsm_trainer.runtime.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
@@ -180,17 +181,13 @@ class _SliceView(nn.Linear):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _factor(tensors, name: str, part: str) -> torch.Tensor:
-    return next(v for k, v in tensors.items() if k.startswith(name + ".") and k.endswith(f"{part}.weight"))
-
-
 def _views(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], device, dtype) -> dict[str, nn.Module]:
     views = {}
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d):
             views[name] = _Conv2dView(layer, device, dtype)
             continue
-        down, up = _factor(tensors, name, "lora_down"), _factor(tensors, name, "lora_up")
+        down, up = first_factor(tensors, name, "lora_down"), first_factor(tensors, name, "lora_up")
         if down.dim() != 2:
             raise TSMFileError(f"{name}: a conv LoRA for a Linear layer")
         if isinstance(layer, RowSlice):

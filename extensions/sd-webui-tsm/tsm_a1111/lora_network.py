@@ -30,10 +30,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from tsm_trainer.files.export import experts_in, module_names
 from tsm_trainer.core.file_format import TSMFileError
 from tsm_trainer.core.intervals import expert_index
-from tsm_trainer.core.modules import _WrappedModule
+from tsm_trainer.core.lora_math import experts_in, module_names, pair_delta
 
 QKV = ("_q_proj", "_k_proj", "_v_proj")
 
@@ -99,7 +98,7 @@ class _Pair:
         if self._device is None or self._device[0] != device:
             self._device = (device, self.down.to(device, torch.float32), self.up.to(device, torch.float32))
         _, down, up = self._device
-        return _WrappedModule.pair_delta(down, up) * self.scale
+        return pair_delta(down, up, self.scale)
 
 
 def _pair(tensors: Mapping[str, torch.Tensor], prefix: str, name: str) -> _Pair:
