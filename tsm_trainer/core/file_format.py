@@ -7,30 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
+from tsm_trainer.core.atomic_write import atomic_file
+
 FORMAT_VERSION = "1"
 
 
 class TSMFileError(ValueError):
     """A file that cannot be read, or does not fit the model it is loaded into."""
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what ``open``/``mkdir`` would give (0o644 / 0o755 under umask 022).
-    ``tempfile`` creates 0o600 / 0o700 entries; atomic writes chmod them to this before the rename."""
-    try:
-        with open("/proc/self/status") as f:  # reading the umask without setting it (thread-safe)
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return mode & ~umask
 
 
 def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
@@ -69,22 +58,8 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: M
     if add_hashes:
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
     data = serialize(tensors, metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        os.fchmod(fd, umask_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a LoRA is shared (a UI may run as another user): the umask's mode
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, suffix=".safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return metadata
 
 
@@ -97,12 +72,6 @@ def check_not_an_input(out: str, inputs: Sequence[str], flag: str = "--out") -> 
         if same:
             raise TSMFileError(f"{flag} {out} is the input file {path}: choose another output path "
                                "(the input would be overwritten)")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def read_metadata(path: str) -> dict[str, str]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsm_trainer.core.file_format import umask_mode
+from tsm_trainer.core.atomic_write import atomic_file
 
 
 def _digest(*parts: object) -> str:
@@ -54,15 +53,8 @@ class _TensorStore:
         if self.dir is None:
             self.mem[key] = tensors
             return
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(self.path(key), suffix=".tmp", fsync=False) as tmp:  # readers never see a half-written file
             save_file(tensors, tmp, metadata={"key": key})
-            os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the cache from other users
-            os.replace(tmp, self.path(key))  # atomic: readers never see a half-written file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 class LatentCache:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
+
+from tsm_trainer.core.atomic_write import atomic_file
 
 
 def plot_loss_curves(curves: Mapping[str, Sequence[float]], num_train_timesteps: int, path: str,
@@ -47,10 +48,11 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]], num_train_timesteps:
         ax.set_xlim(0, num_train_timesteps)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from tsm_trainer.base_models.loading import DENOISER_COMPONENTS, TEXT_ENCODER_COMPONENTS
-from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic, umask_mode
+from tsm_trainer.core.atomic_write import atomic_folder
+from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
 from tsm_trainer.core.lora_math import PLAIN_KEY, pair_delta
 from tsm_trainer.core.targets import layers_by_lora_name
@@ -242,16 +241,8 @@ def bake_diffusers_folder(base_folder: str, lora_tensors: Mapping[str, torch.Ten
     denoiser, encoders = pipeline_models(pipe)
     baked = bake_into_models(lora_tensors, denoiser, encoders, multiplier, source)
 
-    parent = os.path.dirname(out_folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-bake-", dir=parent)
-    os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide the baked model from a UI's service account
-    try:
+    with atomic_folder(out_folder, prefix=".tmp-bake-") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True, variant=variant)
-        _replace_folder(tmp, out_folder)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return baked
 
 
@@ -266,22 +257,6 @@ def _check_output(out: str, base: str, overwrite: bool, folder: bool) -> None:
             raise BakeError(f"{out}: exists and is not a folder")
         if not folder and os.path.isdir(out):
             raise BakeError(f"{out}: exists and is a folder")
-
-
-def _replace_folder(tmp: str, out: str) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first, then deleted."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = tempfile.mkdtemp(prefix=".old-bake-", dir=os.path.dirname(out))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)  # put the old folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- single-file (original layout) checkpoints ------------------------------------------------

@@ -77,13 +77,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Sequence
 
 import torch
 
 from tsm_trainer.runtime.discrete_sigmas import DiscreteSigmas
-from tsm_trainer.core.file_format import umask_mode
+from tsm_trainer.core.atomic_write import atomic_file
 
 # ComfyUI's discrete model sampling hard-codes 999 (= len(sigmas) - 1) in percent_to_sigma.
 _DEFAULT_T = 1000
@@ -503,21 +502,6 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
 
 def write_workflow(path: str | os.PathLike, workflow: dict) -> None:
     """Write ``workflow`` as JSON atomically: a temp file in the same folder, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(workflow, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())  # mkstemp's 0600 would hide the workflow from a UI running as another user
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, suffix=".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(workflow, f, indent=2, ensure_ascii=False)
+        f.write("\n")

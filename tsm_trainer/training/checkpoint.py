@@ -13,12 +13,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable
 
 import torch
 
-from tsm_trainer.core.file_format import load_file, save_file_atomic, umask_mode
+from tsm_trainer.core.atomic_write import atomic_folder
+from tsm_trainer.core.file_format import load_file, save_file_atomic
 from tsm_trainer.training.run_record import compare_runs
 
 _LEGACY = re.compile(r"state-(\d+)")
@@ -85,23 +85,13 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict) -> None:
     """Write a resumable state to ``folder`` atomically (temp folder + rename)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(folder)}-", dir=parent)
-    try:
-        os.chmod(tmp, umask_mode(0o777))  # mkdtemp's 0700 would hide the state from other users
+    with atomic_folder(folder) as tmp:
         network.save(os.path.join(tmp, "network.safetensors"))
         tensors, rest = _optimizer_tensors(optimizer)
         save_file_atomic({**tensors, "rng.torch_cpu": torch.get_rng_state()},
                          os.path.join(tmp, "optimizer.safetensors"), add_hashes=False)
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"optimizer": rest, "lr_scheduler": lr_scheduler.state_dict(), **extra}, f)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_state_json(folder: str) -> dict:

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from tsm_trainer.core.atomic_write import atomic_file
 from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.data.dataset import indexed_batches
@@ -423,8 +424,8 @@ class Trainer:
         folder = os.path.join(config.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{self.step}.png")
-        grid.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        with atomic_file(path, suffix=".png") as tmp:
+            grid.save(tmp)
         return path
 
     def log_validation(self) -> list[float]:

