@@ -288,3 +288,13 @@ def test_weights_the_host_rewrote_mid_run_are_rebased_not_overwritten(foster_fil
     assert torch.equal(layer.weight.detach(), host_base)  # not our stale backup
     assert torch.equal(layers[other].weight.detach(), torch.ones_like(layers[other].weight))
     assert switcher.rebased == [name]
+
+
+def test_policy_when_the_host_merges_judges_the_file_only(foster_file, tmp_path):
+    """A1111's Lora writes the weights (layers=None): storage is not ours to judge; the file kind is."""
+    f = load_file(foster_file)[1]
+    assert choose_path(f, None) == (True, "")
+    assert choose_path(load_file(write_assembled_file(tmp_path, "a.safetensors"))[1], None) == \
+        (False, "an assembled file (routers) runs online")
+    with pytest.raises(TSMFileError, match="ExpertSwitcher takes fostered files"):
+        ExpertSwitcher(*load_file(write_assembled_file(tmp_path, "b.safetensors")), {}, path="b.safetensors")

@@ -68,6 +68,16 @@ def resolve_layers(names: list[str], index: Mapping[str, nn.Module], path: str =
     return layers
 
 
+def merge_blocker(info: Mapping) -> str:
+    """Why :class:`ExpertSwitcher` cannot merge a file of this (checked) metadata, "" when it can:
+    only a fostered file with one scale (no router) has one expert per t."""
+    if info["stage"] != "foster":
+        return "an assembled file (routers) runs online"
+    if len(info["scales"]) != 1:
+        return f"a file with {len(info['scales'])} scales runs online"
+    return ""
+
+
 class ExpertSwitcher:
     """Stage-1 fast path: the expert of the current t merged into the weights.
 
@@ -81,7 +91,7 @@ class ExpertSwitcher:
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                  layers: Mapping[str, nn.Module], multiplier: float = 1.0, path: str = "<file>"):
         info = check_tsm_metadata(metadata, path)
-        if info["stage"] != "foster" or len(info["scales"]) != 1:
+        if merge_blocker(info):
             raise TSMFileError(f"{path}: ExpertSwitcher takes fostered files (one scale, no router); use OnlineTSM")
         self.n = info["scales"][0]
         self.num_train_timesteps = info["num_train_timesteps"]

@@ -7,7 +7,7 @@ Policy
   one weight write per expert crossed) only when it is a fostered file with one scale and no
   router, its weights are plain fp32/fp16/bf16 tensors (:func:`weights_writable`), ``mode`` is not
   ``online`` and no other file of the session already merges (two merges would overwrite each
-  other). Everything else runs online (:class:`~tsm_trainer.runtime.online.OnlineTSM`, no weight write).
+  other). A1111 asks the same function, but its Lora extension does the merging (``layers=None``). Everything else runs online (:class:`~tsm_trainer.runtime.online.OnlineTSM`, no weight write).
   ``mode=merge`` where merging is impossible is an error naming the reason.
 * **Mixed-interval batches**: when the samples of one call fall in different experts, the merged
   file is restored and re-applied online for the rest of the run (exact, slower); the switch is
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
-from tsm_trainer.runtime.online import ExpertSwitcher, MixedExpertsError, OnlineTSM, cpu_timesteps
+from tsm_trainer.runtime.online import ExpertSwitcher, MixedExpertsError, OnlineTSM, cpu_timesteps, merge_blocker
 
 MODES = ("auto", "merge", "online")
 WRITABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,10 +51,14 @@ def weights_writable(layer: nn.Module) -> bool:
             and getattr(w, "gguf_cls", None) is None and w.dtype in WRITABLE_DTYPES)
 
 
-def choose_path(metadata: Mapping[str, str], layers: Mapping[str, nn.Module], *, mode: str = "auto",
+def choose_path(metadata: Mapping[str, str], layers: Mapping[str, nn.Module] | None, *, mode: str = "auto",
                 merge_taken: bool = False, path: str = "<file>") -> tuple[bool, str]:
     """Whether a file merges, and why not when it runs online.
 
+    Args:
+        layers: the layers a merge would write; None when the host writes the weights itself
+            (A1111's Lora extension: its own backups and fp8 handling, and it sums the deltas of
+            every loaded network, so neither the storage nor another merging file matters).
     Returns:
         ``(merge, reason)``; ``reason`` is "" when merging.
     Raises:
@@ -63,14 +67,10 @@ def choose_path(metadata: Mapping[str, str], layers: Mapping[str, nn.Module], *,
     if mode not in MODES:
         raise TSMFileError(f"{path}: mode={mode!r}, expected one of {MODES}")
     info = check_tsm_metadata(metadata, path)
-    reason = ""
-    if info["stage"] != "foster":
-        reason = "an assembled file (routers) runs online"
-    elif len(info["scales"]) != 1:
-        reason = f"a file with {len(info['scales'])} scales runs online"
-    elif any(not weights_writable(m) for m in layers.values()):
+    reason = merge_blocker(info)
+    if not reason and layers is not None and any(not weights_writable(m) for m in layers.values()):
         reason = "quantized weights (bnb/GGUF/fp8) are never written, so the file runs online"
-    elif merge_taken:
+    elif not reason and merge_taken:
         reason = "another TSM file already merges into these weights, so this one runs online"
     if mode == "merge" and reason:
         raise TSMFileError(f"{path}: mode=merge is impossible: {reason}; use mode=auto or mode=online")

@@ -11,6 +11,7 @@ from torch import nn
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
 from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
+from tsm_trainer.runtime.sampling_session import choose_path
 
 from .adapter import (FileCache, LoraHost, find_tsm_files, parse_params, text_encoder_layer_index,
                       timestep_from_sigma, unet_layer_index)
@@ -66,7 +67,9 @@ class TSMSession:
                         raise TSMFileError(f"{path}: {len(missing)} text-encoder module(s) not in this model, "
                                            f"e.g. {missing[:3]}")
                     te_layers = {n: te_index[n] for n in te_names}
-                fostered = info["stage"] == "foster" and len(info["scales"]) == 1
+                # Lora merges (layers=None): one decision for all adapters, but A1111 has no mode
+                # and a mixed-expert call is an error rather than a switch to online (Lora holds the merge)
+                fostered, _ = choose_path(metadata, None, path=path)
                 net = build_network(lora.network, label, path, tensors, info, multiplier,
                                     layers if fostered else None, te_layers)
                 self.nets.append(net)
