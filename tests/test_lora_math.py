@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsm_trainer.core.lora_math import EXPERT_KEY, PLAIN_KEY, experts_in, first_factor, lora_delta, module_names, \
+from tsm_trainer.core.lora_math import EXPERT_KEY, PLAIN_KEY, experts_in, first_factor, lora_delta, module_names, module_ranks, \
     pair_delta, split_key
 
 
@@ -41,3 +41,9 @@ def test_keys_split_into_name_and_part():
     assert PLAIN_KEY.match("lora_te_y.alpha")["name"] == "lora_te_y"
     assert PLAIN_KEY.match("lora_unet_x.tsm.8.3.lora_up.weight") is None
     assert PLAIN_KEY.match("lora_unet_x.hada_w1_a") is None
+
+
+def test_module_ranks_reads_the_first_down_factor_of_each_module():
+    tensors = {"lora_unet_a.tsm.4.0.lora_down.weight": torch.zeros(3, 8), "lora_unet_a.alpha": torch.tensor(3.0),
+               "lora_te_b.lora_down.weight": torch.zeros(2, 8), "lora_te_b.lora_up.weight": torch.zeros(8, 2)}
+    assert module_ranks(tensors) == {"lora_unet_a": 3, "lora_te_b": 2}

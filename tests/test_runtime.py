@@ -298,3 +298,11 @@ def test_policy_when_the_host_merges_judges_the_file_only(foster_file, tmp_path)
         (False, "an assembled file (routers) runs online")
     with pytest.raises(TSMFileError, match="ExpertSwitcher takes fostered files"):
         ExpertSwitcher(*load_file(write_assembled_file(tmp_path, "b.safetensors")), {}, path="b.safetensors")
+
+
+def test_online_names_a_module_without_down_weight(foster_file):
+    """It used to stop with a bare StopIteration."""
+    f = _session_file(foster_file, tiny_unet())
+    tensors = {**f.tensors, "lora_unet_extra.alpha": torch.tensor(4.0)}
+    with pytest.raises(TSMFileError, match=r"f8.safetensors: module lora_unet_extra has no lora_down weight"):
+        OnlineTSM(tensors, f.metadata, {**f.layers, "lora_unet_extra": torch.nn.Linear(2, 2)}, path=f.path)

@@ -73,3 +73,13 @@ def first_factor(tensors: Mapping[str, torch.Tensor], name: str, part: str) -> t
     """The first ``lora_down`` or ``lora_up`` (``part``) factor of module ``name``, plain or of any
     expert: (r, in[, kh, kw]) or (out, r[, 1, 1]); experts of a module share their shapes."""
     return next(v for k, v in tensors.items() if k.startswith(name + ".") and k.endswith(f"{part}.weight"))
+
+
+def module_ranks(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{lora_name: rank}`` of every module with a ``lora_down`` factor (plain or expert), in key
+    order; the rank is its first down factor's row count (experts of a module share it)."""
+    ranks: dict[str, int] = {}
+    for key, value in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            ranks.setdefault(split_key(key)[0], int(value.shape[0]))
+    return ranks

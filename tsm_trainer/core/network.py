@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from tsm_trainer.core import lora_math
 from tsm_trainer.core.file_format import TSMFileError, check_state_dict, check_tsm_metadata, load_file, save_file_atomic
 from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
 from tsm_trainer.core.intervals import parse_scales
@@ -201,10 +202,7 @@ class TSMNetwork(nn.Module):
         if tensors is None:
             tensors, metadata = load_file(path)
         info = check_tsm_file(tensors, metadata or {}, path)  # before building anything the metadata sizes
-        module_ranks: dict[str, int] = {}
-        for key, value in tensors.items():
-            if key.endswith(".lora_down.weight"):
-                module_ranks.setdefault(key.split(".", 1)[0], int(value.shape[0]))
+        module_ranks = lora_math.module_ranks(tensors)
         if not module_ranks:
             raise TSMFileError(f"{path}: holds no lora_down weights")
         config = TSMConfig(scales=info["scales"], stage=info["stage"], mixture=info["mixture"],

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
-from tsm_trainer.core.lora_math import EXPERT_KEY
+from tsm_trainer.core.lora_math import experts_in
 
 # the two factors of one LoRA pair: kohya (lora_down/lora_up, also per TSM expert) and PEFT (lora_A/lora_B)
 _PAIR_SUFFIXES = (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"))
@@ -52,12 +52,7 @@ def check_lora_tensors(tensors: Mapping[str, torch.Tensor], path: str) -> None:
 
 def experts_by_scale(tensors: Mapping[str, torch.Tensor]) -> dict[int, set[int]]:
     """{scale: {experts}} whose keys a native file holds."""
-    found: dict[int, set[int]] = {}
-    for key in tensors:
-        m = EXPERT_KEY.match(key)
-        if m:
-            found.setdefault(int(m["n"]), set()).add(int(m["e"]))
-    return found
+    return {n: set(es) for n, es in experts_in(tensors).items()}
 
 
 def check_keys_match_metadata(tensors: Mapping[str, torch.Tensor], info: Mapping, path: str) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from tsm_trainer.core.file_format import TSMFileError, check_state_dict, check_tsm_metadata
 from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
-from tsm_trainer.core.lora_math import experts_in, first_factor, lora_delta, module_names, split_key
+from tsm_trainer.core.lora_math import experts_in, lora_delta, module_names, module_ranks, split_key
 from tsm_trainer.core.modules import LoRAModule, TSMLoRAModule
 from tsm_trainer.core.timestep import TimestepContext
 
@@ -210,6 +210,15 @@ class OnlineTSM:
     """Any TSM file (routers included), computed on the fly by wrapping the layers.
 
     Args as :class:`ExpertSwitcher`. Call :meth:`set_timestep` before each denoiser call.
+
+    Why not :meth:`tsm_trainer.core.network.TSMNetwork.from_file`: that builder walks a whole
+    diffusers or sd-scripts model and names its layers by the model family; a UI hands over
+    ``{kohya name: layer}`` of its own layout instead (SGM names, Forge's Linear views, row slices of
+    fused qkv layers) with no family to detect, applies the text-encoder LoRA itself, may hold fp8
+    weights (the factors then compute in float32), sets t from its sigma rather than from a hook on
+    the denoiser, and may load a file holding only some experts (the UI names the missing one when
+    sampling reaches it). Both read the file the same way (``lora_math.module_ranks``, the same
+    module classes, ``check_state_dict``); only how layers are found and t is set differs.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -218,13 +227,16 @@ class OnlineTSM:
         self.context = TimestepContext(info["num_train_timesteps"])
         mixture = info["mixture"] if info["stage"] == "assemble" else None
         held = experts_in(tensors)
+        ranks = module_ranks(tensors)
         self.modules: dict[str, nn.Module] = {}
         for name in module_names(tensors):
             if name not in layers:
                 if name.startswith("lora_te"):
                     continue  # the UI applies the static text-encoder LoRA itself
                 raise TSMFileError(f"{path}: no layer given for module {name}")
-            rank = first_factor(tensors, name, "lora_down").shape[0]
+            if name not in ranks:
+                raise TSMFileError(f"{path}: module {name} has no lora_down weight")
+            rank = ranks[name]
             if name.startswith("lora_te"):
                 module = LoRAModule(name, layers[name], rank, None, multiplier=multiplier)
             else:
