@@ -100,6 +100,37 @@ def test_xformers_flag_without_xformers_is_a_clear_error(base, tmp_path):
         _trainer(base, tmp_path, xformers=True)
 
 
+def test_logging_dir_writes_tensorboard_scalars(base, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(base, tmp_path, tsm_scales="4", max_train_steps=3, logging_dir=str(tmp_path / "logs"),
+                       log_prefix="tsm4-")
+    trainer.run()
+    (run,) = (tmp_path / "logs").iterdir()
+    assert run.name.startswith("tsm4-")
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    tags = events.Tags()["scalars"]
+    assert "lr" in tags and any(t.startswith("interval_loss/") for t in tags)
+
+
+def test_logging_dir_without_tensorboard_is_a_clear_error(base, tmp_path, monkeypatch):
+    import importlib.util
+
+    from tsm_trainer.training import validate
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(validate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    config = TrainConfig(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=str(tmp_path),
+                         family="sd1", logging_dir=str(tmp_path / "logs"))
+    with pytest.raises(ValueError, match=r"^--logging_dir: TensorBoard logging needs the tensorboard package "
+                                         r"\(pip install tensorboard"):
+        validate.check_config(config)
+
+
 def test_sample_images_and_epoch_checkpoints(base, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red circle\na blue square\n")
