@@ -22,7 +22,8 @@ import pytest
 import torch
 
 COMFY = os.environ.get("TSM_COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout")
+pytestmark = [pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout"),
+              pytest.mark.usefixtures("one_torch_thread")]  # tiny models: see tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if COMFY:
@@ -54,14 +55,6 @@ UNET_CONFIG = {"context_dim": 16, "model_channels": 32, "use_linear_in_transform
                "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
                "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
                "use_checkpoint": False, "use_temporal_resblock": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model():

@@ -50,13 +50,7 @@ def same(model, snap):
     return all(torch.equal(model.state_dict()[k], v) for k, v in snap.items())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: per-op thread start-up dominates, and hurts badly on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------
