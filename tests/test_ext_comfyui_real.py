@@ -6,7 +6,7 @@ of ComfyUI's own classes (``comfy.supported_models.SD15`` -> ``BaseModel`` + ``U
 sampled by ``nodes.common_ksampler`` (``comfy.sample`` / ``comfy.samplers``), compared with ComfyUI's
 ``comfy.sd.load_lora_for_models`` (LoraLoader) on the exported expert; the workflow's keyframes run
 through ComfyUI's ``comfy_extras.nodes_hooks`` nodes and ``comfy.hooks``. No ComfyUI stub; torchvision is
-import-stubbed (tests/torchvision_stub.py). Run with the venv described in extensions/comfyui-tsm/README.md:
+import-stubbed (tests/fakes/torchvision_stub.py). Run with the venv described in extensions/comfyui-tsm/README.md:
 
     TSM_COMFYUI_DIR=/work/real/comfyui /work/venvs/comfy/bin/python -m pytest tests/test_ext_comfyui_real.py -q
 
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if COMFY:
     import transformers  # noqa: F401 - before the stub: its torchvision check must say "absent"
 
-    from tests import torchvision_stub
+    from tests.fakes import torchvision_stub
 
     torchvision_stub.install()
     sys.path.append(COMFY)  # appended: this repo's `tests` package keeps precedence over ComfyUI's

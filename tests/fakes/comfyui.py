@@ -33,7 +33,7 @@ import types
 
 import torch
 
-from tests.discrete_sigmas import DiscreteSigmas
+from tsm_trainer.runtime.discrete_sigmas import DiscreteSigmas
 
 
 class CallbacksMP:  # comfy/patcher_extension.py

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.discrete_sigmas import DiscreteSigmas
 from tests.tiny_models import tiny_clip, tiny_unet
+from tsm_trainer.runtime.discrete_sigmas import DiscreteSigmas
 
 
 class Prediction(DiscreteSigmas):
