@@ -88,3 +88,17 @@ def test_config_file_is_read_in_binary_mode_through_tomllib(tmp_path, monkeypatc
     assert modes == ["rb"]
     assert (config.pretrained_model_name_or_path, config.max_train_steps, config.output_name) == \
         ("./sd15", 7, "tsm8-é")
+
+
+def test_attribute_score_without_the_demo_world_says_so_before_loading(monkeypatch, capsys):
+    """demo_world/ is not in the wheel: an installed tsm-evaluate --attribute_score names it, at once."""
+    from tsm_trainer.cli import evaluate
+
+    real_find_spec = evaluate.importlib.util.find_spec
+    monkeypatch.setattr(evaluate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "demo_world" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--pretrained_model", "missing", "--dataset_config", "missing.toml",
+                       "--attribute_score", "heldout"])
+    assert e.value.code == 2
+    assert "--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone" in capsys.readouterr().err

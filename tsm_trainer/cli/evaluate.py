@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
     missing = [f for f in args.files if not os.path.isfile(f)]
     if missing:
         p.error(f"--files: not found: {', '.join(missing)}")
+    if args.attribute_score != "none" and importlib.util.find_spec("demo_world") is None:
+        # demo_world/ is in a clone, not in the installed package
+        p.error("--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone, which is not "
+                "installed with the package); run tools/evaluate.py from a clone")
 
     from tsm_trainer.evaluation import evaluate_files, labelled_grid, plot_loss_curves
     from tsm_trainer.evaluation.heldout import heldout_batches
@@ -77,11 +82,7 @@ def main(argv=None) -> int:
     size = batches[0]["pixels"].shape[-1]
     score = None
     if args.attribute_score != "none":
-        try:
-            from demo_world.attribute_score import all_combos, attribute_score, heldout_combos
-        except ModuleNotFoundError:  # demo_world/ is in a clone, not in the installed package
-            p.error("--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone, which is not "
-                    "installed with the package); run tools/evaluate.py from a clone")
+        from demo_world.attribute_score import all_combos, attribute_score, heldout_combos
 
         combos = heldout_combos() if args.attribute_score == "heldout" else all_combos()
         seeds = [args.sample_seed + 1000 * k for k in range(args.score_seeds)]
