@@ -6,12 +6,13 @@
         --output_dir output --output_name tsm8
 
 The options are sd-scripts train_network.py's (also in a kohya --config_file TOML; the command line
-wins); --help lists them.
+wins); --help lists them. Installed as the ``tsm-train`` command.
 """
 
 import sys
 
-from tsm_trainer.training.cli import main
+# the Python version check comes before the trainer is imported (tsm_trainer/cli/train.py)
+from tsm_trainer.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

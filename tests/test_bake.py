@@ -1,7 +1,6 @@
 """Baking a LoRA (one TSM expert) into a base model, and un-baking it: diffusers folders and
 original-layout single-file checkpoints."""
 
-import importlib.util
 import json
 import os
 
@@ -11,13 +10,13 @@ from safetensors.torch import save_file
 
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
+from tsm_trainer.cli import bake as bake_cli
 from tsm_trainer.files.bake import (BakeError, bake_diffusers_folder, bake_into_models, bake_single_file, expert_lora,
                               load_lora_for_bake, lora_deltas, stored_dtypes, unbake_from_models)
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.key_names import diffusers_unet_to_sgm
 from tsm_trainer.core.targets import layers_by_lora_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERT, SCALE = 3, 8  # expert 3 of 8: t in [375, 500)
 
 
@@ -321,15 +320,8 @@ def test_refusals_and_errors_name_key_and_file(base, tmp_path):
         load_lora_for_bake(base["tsm"], expert=9)
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("bake_cli", os.path.join(ROOT, "tools", "bake.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli(base, tmp_path, capsys):
-    cli = _cli()
+    cli = bake_cli
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["--help"])
     assert e.value.code == 0 and "--expert" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Training states: per-output-name folders and pruning, damaged state.json, optimizer and run checks."""
+"""Training states: per-output-name folders, damaged state.json, optimizer and run checks."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 
 from tsm_trainer.core.file_format import load_file, save_file_atomic
 from tsm_trainer.training.checkpoint import (
-    kept_checkpoint_note, latest_state, list_states, load_state, prune_states, save_state, state_folder)
+    kept_checkpoint_note, latest_state, list_states, load_state, save_state, state_folder)
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.run_record import run_record
 
@@ -54,25 +54,15 @@ def _trained_state(folder, config=None, steps=3, optimizer="adamw"):
     return net
 
 
-def test_states_carry_the_output_name_and_pruning_keeps_to_its_own(tmp_path):
+def test_states_carry_the_output_name(tmp_path):
     out = str(tmp_path)
     for name in ("f8", "f1"):  # the README's stage-1 layout: two runs, one folder
         for step in (1, 2, 3):
             os.makedirs(state_folder(out, name, step))
-    os.makedirs(os.path.join(out, "state-7"))  # the old layout: never pruned
-    assert prune_states(out, "f8", 1) == [state_folder(out, "f8", 1), state_folder(out, "f8", 2)]
-    assert list_states(out, "f8") == [state_folder(out, "f8", 3)]
+    os.makedirs(os.path.join(out, "state-7"))  # the old layout
+    assert list_states(out, "f8") == [state_folder(out, "f8", s) for s in (1, 2, 3)]
     assert list_states(out, "f1") == [state_folder(out, "f1", s) for s in (1, 2, 3)]
-    assert os.path.isdir(os.path.join(out, "state-7"))
     assert latest_state(out, "f1") == state_folder(out, "f1", 3)  # its own, not state-7 or f8's
-
-
-@pytest.mark.parametrize("keep", [0, -1])
-def test_save_last_n_zero_or_negative_keeps_every_state(tmp_path, keep):
-    for step in (1, 2, 3):
-        os.makedirs(state_folder(str(tmp_path), "tsm", step))
-    assert prune_states(str(tmp_path), "tsm", keep) == []
-    assert len(list_states(str(tmp_path), "tsm")) == 3
 
 
 def test_latest_falls_back_to_the_old_layout_and_notes_what_is_kept(tmp_path):

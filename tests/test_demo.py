@@ -1,15 +1,12 @@
 """tools/demo.py end to end on the committed base model, with tiny step counts."""
 
-import importlib.util
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.tool_scripts import tool_module
 
 
 def test_demo_runs_and_prints_both_methods_side_by_side(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "tools", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = tool_module("demo")
     assert demo.main(["--steps", "4", "--images", "40", "--sample_steps", "1", "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = out[out.index("Held-out denoising loss per timestep interval"):]

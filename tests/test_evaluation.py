@@ -1,9 +1,7 @@
 """tools/evaluate.py and tsm_trainer.evaluation: held-out loss per interval with one fixed draw,
 plain and native files, plots, and the demo world's attribute score."""
 
-import importlib.util
 import json
-import os
 import shutil
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 
 from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
+from tests.tool_scripts import tool_main
 from demo_world import shapes
 from demo_world.attribute_score import all_combos, attribute_score, heldout_combos, score_images
 from tsm_trainer.evaluation import evaluate_files
@@ -20,8 +19,6 @@ from tsm_trainer.files.export import expert_lora
 from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
 from tsm_trainer.training.cli import main as train_main
 from tsm_trainer.families import get_training_family
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +95,7 @@ def test_plain_kohya_lora_equals_its_native_file(world, tmp_path):
 
 
 def test_evaluate_cli_writes_table_plot_and_grid(world, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "tools", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = module.main
+    main = tool_main("evaluate")
     out = world["out"]
     dest = tmp_path / "eval"
     assert main(["--pretrained_model", world["base"], "--dataset_config", world["toml"], "--validation_split", "0.25",

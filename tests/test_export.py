@@ -5,7 +5,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.files.export import (expert_lora, fold_alpha, kohya_to_peft, lora_delta, merge_experts, merge_weights,
@@ -15,18 +14,13 @@ from tsm_trainer.core.intervals import interval_timestep_range
 from tsm_trainer.core.targets import lora_name_index
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline_folder(str(tmp_path_factory.mktemp("base")))
-
-
 def _pipe(folder):
     return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 
 
 @pytest.fixture(scope="module")
-def tsm_file(base, tmp_path_factory):
-    pipe = _pipe(base)
+def tsm_file(tiny_sd_base, tmp_path_factory):
+    pipe = _pipe(tiny_sd_base)
     net = TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0), pipe.unet, [pipe.text_encoder])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -45,8 +39,8 @@ def _unet_out(unet, t):
         return unet(x, torch.tensor([t, t]), c).sample
 
 
-def _tsm_out(base, tsm_file, t):
-    pipe = _pipe(base)
+def _tsm_out(tiny_sd_base, tsm_file, t):
+    pipe = _pipe(tiny_sd_base)
     net = TSMNetwork.from_file(tsm_file, pipe.unet, [pipe.text_encoder])
     net.apply()
     net.attach(pipe.unet)
@@ -60,7 +54,7 @@ def _lora_layers(model):
 
 
 @pytest.mark.parametrize("fold", [True, False])
-def test_each_exported_expert_loads_in_diffusers_and_matches_its_interval(base, tsm_file, tmp_path, fold):
+def test_each_exported_expert_loads_in_diffusers_and_matches_its_interval(tiny_sd_base, tsm_file, tmp_path, fold):
     written = write_expert_files(tsm_file, str(tmp_path), fold=fold)
     experts = [w for w in written if w["kind"] == "expert"]
     assert len(experts) == 8 and sum(w["kind"] == "text_encoder" for w in written) == 1
@@ -71,11 +65,11 @@ def test_each_exported_expert_loads_in_diffusers_and_matches_its_interval(base, 
         assert meta["modelspec.timestep_range"] == "{},{}".format(*interval_timestep_range(w["e"], 8))
         assert meta["tsm.expert"] == f"{w['e']}/8" and meta["sshs_model_hash"] == tensor_data_sha256(w["path"])
         assert not any(".tsm." in k or k.startswith("lora_te") for k in tensors)  # no mixed files
-        pipe = _pipe(base)
+        pipe = _pipe(tiny_sd_base)
         pipe.load_lora_weights(w["path"])
         assert _lora_layers(pipe.unet) == len(module_names(tensors))  # nothing skipped
         t = (w["lo"] + w["hi"] - 1) // 2
-        torch.testing.assert_close(_unet_out(pipe.unet, t), _tsm_out(base, tsm_file, t)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_unet_out(pipe.unet, t), _tsm_out(tiny_sd_base, tsm_file, t)[0], rtol=1e-5, atol=1e-5)
 
     # diffusers 0.42 cannot read a kohya text-encoder LoRA without out_proj (it takes it for
     # its old format): the static file is checked through the PEFT conversion below.
@@ -120,10 +114,10 @@ def test_svd_error_falls_as_rank_rises(tsm_file):
     torch.testing.assert_close((d - d4).norm(), s[4:].norm(), rtol=1e-4, atol=1e-6)  # Eckart-Young optimum
 
 
-def test_peft_conversion_round_trips_and_loads_in_diffusers(base, tsm_file, tmp_path):
+def test_peft_conversion_round_trips_and_loads_in_diffusers(tiny_sd_base, tsm_file, tmp_path):
     tensors, _ = load_file(tsm_file)
     lora = {**expert_lora(tensors, 8, 2), **{k: v for k, v in tensors.items() if k.startswith("lora_te")}}
-    denoiser_name, denoiser, encoders = load_components(base)  # meta device: names only
+    denoiser_name, denoiser, encoders = load_components(tiny_sd_base)  # meta device: names only
     assert next(denoiser.parameters()).device.type == "meta"
     index = lora_name_index(denoiser, [m for _, m in encoders])
     components = [denoiser_name] + [c for c, _ in encoders]
@@ -135,11 +129,11 @@ def test_peft_conversion_round_trips_and_loads_in_diffusers(base, tsm_file, tmp_
 
     path = str(tmp_path / "peft.safetensors")
     save_file(peft, path)
-    pipe = _pipe(base)
+    pipe = _pipe(tiny_sd_base)
     pipe.load_lora_weights(path)
     assert _lora_layers(pipe.unet) + _lora_layers(pipe.text_encoder) == len(module_names(lora))
     lo, hi = interval_timestep_range(2, 8)
-    unet_ref, te_ref = _tsm_out(base, tsm_file, lo)
+    unet_ref, te_ref = _tsm_out(tiny_sd_base, tsm_file, lo)
     torch.testing.assert_close(_unet_out(pipe.unet, lo), unet_ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(torch.tensor([[0, 5, 9, 13, 1]]))[0], te_ref, rtol=1e-5, atol=1e-5)

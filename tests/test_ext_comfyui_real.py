@@ -6,7 +6,7 @@ of ComfyUI's own classes (``comfy.supported_models.SD15`` -> ``BaseModel`` + ``U
 sampled by ``nodes.common_ksampler`` (``comfy.sample`` / ``comfy.samplers``), compared with ComfyUI's
 ``comfy.sd.load_lora_for_models`` (LoraLoader) on the exported expert; the workflow's keyframes run
 through ComfyUI's ``comfy_extras.nodes_hooks`` nodes and ``comfy.hooks``. No ComfyUI stub; torchvision is
-import-stubbed (tests/torchvision_stub.py). Run with the venv described in extensions/comfyui-tsm/README.md:
+import-stubbed (tests/fakes/torchvision_stub.py). Run with the venv described in extensions/comfyui-tsm/README.md:
 
     TSM_COMFYUI_DIR=/work/real/comfyui /work/venvs/comfy/bin/python -m pytest tests/test_ext_comfyui_real.py -q
 
@@ -22,13 +22,14 @@ import pytest
 import torch
 
 COMFY = os.environ.get("TSM_COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout")
+pytestmark = [pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout"),
+              pytest.mark.usefixtures("one_torch_thread")]  # tiny models: see tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if COMFY:
     import transformers  # noqa: F401 - before the stub: its torchvision check must say "absent"
 
-    from tests import torchvision_stub
+    from tests.fakes import torchvision_stub
 
     torchvision_stub.install()
     sys.path.append(COMFY)  # appended: this repo's `tests` package keeps precedence over ComfyUI's
@@ -54,14 +55,6 @@ UNET_CONFIG = {"context_dim": 16, "model_channels": 32, "use_linear_in_transform
                "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
                "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
                "use_checkpoint": False, "use_temporal_resblock": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model():

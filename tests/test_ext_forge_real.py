@@ -5,7 +5,7 @@ Skipped unless ``TSM_FORGE_DIR`` points at a checkout of that commit. Imports Fo
 the predictors, ``UnetPatcher``, ``sampling_function_inner``, ``backend.patcher.lora``), its
 ``k_diffusion`` sampler and the builtin MultiDiffusion extension; no stub. Needs Forge's Python
 dependencies (einops, torchsde, torchdiffeq, scipy, sentencepiece; see extensions/sd-forge-tsm/README.md);
-torchvision is import-stubbed (tests/torchvision_stub.py):
+torchvision is import-stubbed (tests/fakes/torchvision_stub.py):
 
     TSM_FORGE_DIR=/work/real/forge /work/venvs/comfy/bin/python -m pytest tests/test_ext_forge_real.py -q
 
@@ -41,7 +41,7 @@ if FORGE:
     from backend.patcher.unet import UnetPatcher
     from backend.sampling.condition import ConditionCrossAttn
     from backend.sampling.sampling_function import sampling_function_inner
-    from tests import torchvision_stub
+    from tests.fakes import torchvision_stub
 
     torchvision_stub.install()  # k_diffusion/utils.py imports it for image helpers only
     from k_diffusion.sampling import get_sigmas_karras, sample_euler

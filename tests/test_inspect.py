@@ -1,6 +1,5 @@
 """tools/inspect_lora.py and tsm_trainer.files.inspection: summaries of TSM / kohya / PEFT files, --check."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_clip, tiny_unet
+from tests.tool_scripts import tool_module, tool_path
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.base_models.loading import BaseModelError, load_base_model
@@ -19,19 +19,11 @@ from tsm_trainer.files.inspection import check_against_model, format_summary, su
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.core.targets import FAMILIES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tools", "inspect_lora.py")
+SCRIPT = tool_path("inspect_lora")
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 K2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
 TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("inspect_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _randomize(net, seed=0):
@@ -257,7 +249,7 @@ def test_load_base_model_errors_and_unet_only(tmp_path):
 
 
 def test_cli_in_process(files, bases, tmp_path, capsys):
-    cli = _cli()
+    cli = tool_module("inspect_lora")
     assert cli.main([files["foster8"], files["assembled"]]) == 0
     out = capsys.readouterr().out
     assert out.count("native TSM file") == 2 and "scale 1: 1 expert  0:[0,1000)" in out

@@ -5,20 +5,14 @@ import pytest
 import torch
 
 from tests.test_training_loop import _trainer, make_batches
-from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.loop import removal_step, timestep_range
 from tsm_trainer.training.sample_prompts import read_sample_prompts
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline_folder(str(tmp_path_factory.mktemp("base")))
-
-
-def test_adamw8bit_trains_only_the_experts_its_samples_used(base, tmp_path):
+def test_adamw8bit_trains_only_the_experts_its_samples_used(tiny_sd_base, tmp_path):
     pytest.importorskip("bitsandbytes")
-    trainer = _trainer(base, tmp_path, tsm_scales="4", tsm_interval=1, optimizer_type="AdamW8bit",
+    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", tsm_interval=1, optimizer_type="AdamW8bit",
                        network_train_unet_only=True, max_train_steps=3)
     assert type(trainer.optimizer).__name__ == "AdamW8bit"
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
@@ -32,12 +26,12 @@ def test_adamw8bit_trains_only_the_experts_its_samples_used(base, tmp_path):
     assert any(not torch.equal(after[k], v) for k, v in before.items() if ".tsm.4.1.lora_up" in k)
 
 
-def test_a_new_learning_rate_takes_effect_on_resume(base, tmp_path):
-    first = _trainer(base, tmp_path, tsm_scales="4", max_train_steps=2, save_state=True, learning_rate=1e-2,
+def test_a_new_learning_rate_takes_effect_on_resume(tiny_sd_base, tmp_path):
+    first = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=2, save_state=True, learning_rate=1e-2,
                      lr_scheduler="linear")
     first.run()
     logs = []
-    resumed = _trainer(base, tmp_path, tsm_scales="4", max_train_steps=4, learning_rate=1e-3, lr_scheduler="linear",
+    resumed = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=4, learning_rate=1e-3, lr_scheduler="linear",
                        resume=str(tmp_path / "tsm-state-2"))
     resumed.log = logs.append
     resumed.resume(str(tmp_path / "tsm-state-2"))
@@ -48,12 +42,12 @@ def test_a_new_learning_rate_takes_effect_on_resume(base, tmp_path):
     assert resumed.lr_scheduler.get_last_lr()[0] == pytest.approx(2.5e-4)
 
 
-def test_prior_loss_weight_scales_regularization_samples(base, tmp_path):
+def test_prior_loss_weight_scales_regularization_samples(tiny_sd_base, tmp_path):
     batch = {**next(make_batches(0)), "is_reg": torch.tensor([True, True])}
-    zero = _trainer(base, tmp_path, tsm_scales="4", prior_loss_weight=0.0)
+    zero = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", prior_loss_weight=0.0)
     assert zero.train_step([batch]) == 0.0
-    half = _trainer(base, tmp_path / "b", tsm_scales="4", prior_loss_weight=0.5)
-    full = _trainer(base, tmp_path / "c", tsm_scales="4")
+    half = _trainer(tiny_sd_base, tmp_path / "b", tsm_scales="4", prior_loss_weight=0.5)
+    full = _trainer(tiny_sd_base, tmp_path / "c", tsm_scales="4")
     assert half.train_step([batch]) == pytest.approx(0.5 * full.train_step([batch]), rel=1e-5)
 
 

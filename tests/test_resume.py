@@ -7,18 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.checkpoint import list_states
 from tsm_trainer.training.cli import main
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.families import get_training_family
 from tsm_trainer.training.loop import NonFiniteLossError, Trainer
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline_folder(str(tmp_path_factory.mktemp("base")))
 
 
 class CountingBatches(Sequence):
@@ -38,50 +32,50 @@ class CountingBatches(Sequence):
         return {"pixels": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "captions": ["a red circle", "a square"]}
 
 
-def _trainer(base, out, loads=None, log=None, **overrides):
+def _trainer(tiny_sd_base, out, loads=None, log=None, **overrides):
     loads = [] if loads is None else loads
-    options = dict(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=str(out), learning_rate=1e-2,
+    options = dict(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(out), learning_rate=1e-2,
                    max_train_steps=7, family="sd1", tsm_scales="8")
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
-    trainer = Trainer(config, family, family.load(base), lambda e: CountingBatches(e, loads), batch_size=2,
+    trainer = Trainer(config, family, family.load(tiny_sd_base), lambda e: CountingBatches(e, loads), batch_size=2,
                       log=log or (lambda s: None), batches_per_epoch=3)
     trainer.data_identity = {"dataset_fingerprint": "fp", "dataset_config_sha256": "cfg"}
     return trainer
 
 
-def test_mid_epoch_resume_loads_no_skipped_batch_and_is_exact(base, tmp_path):
-    straight = _trainer(base, tmp_path / "a")
+def test_mid_epoch_resume_loads_no_skipped_batch_and_is_exact(tiny_sd_base, tmp_path):
+    straight = _trainer(tiny_sd_base, tmp_path / "a")
     straight.run()
-    first = _trainer(base, tmp_path / "b", max_train_steps=4, save_every_n_steps=4, save_state=True)
+    first = _trainer(tiny_sd_base, tmp_path / "b", max_train_steps=4, save_every_n_steps=4, save_state=True)
     first.run()  # 3 batches per epoch: the state is at epoch 1, position 1
     loads = []
-    resumed = _trainer(base, tmp_path / "b", loads, resume=str(tmp_path / "b" / "tsm-state-4"))
+    resumed = _trainer(tiny_sd_base, tmp_path / "b", loads, resume=str(tmp_path / "b" / "tsm-state-4"))
     resumed.run()
     assert loads == [(1, 1), (1, 2), (2, 0)]  # batch (1, 0) was used before the state: not loaded again
     for key, value in straight.network.state_dict().items():
         assert torch.equal(resumed.network.state_dict()[key], value), key
 
 
-def test_resume_refuses_a_changed_seed_or_dataset_and_applies_a_new_learning_rate(base, tmp_path):
-    _trainer(base, tmp_path, max_train_steps=2, save_every_n_steps=2, save_state=True).run()
+def test_resume_refuses_a_changed_seed_or_dataset_and_applies_a_new_learning_rate(tiny_sd_base, tmp_path):
+    _trainer(tiny_sd_base, tmp_path, max_train_steps=2, save_every_n_steps=2, save_state=True).run()
     state = str(tmp_path / "tsm-state-2")
     with pytest.raises(ValueError, match=r"tsm-state-2/state.json: --seed was 42 when this state was saved, now 7"):
-        _trainer(base, tmp_path, resume=state, seed=7).run()
-    changed = _trainer(base, tmp_path, resume=state)
+        _trainer(tiny_sd_base, tmp_path, resume=state, seed=7).run()
+    changed = _trainer(tiny_sd_base, tmp_path, resume=state)
     changed.data_identity = {"dataset_fingerprint": "other", "dataset_config_sha256": "cfg"}
     with pytest.raises(ValueError, match=r"state.json: the dataset \(images, captions, repeats or buckets\) changed"):
         changed.run()
     lines = []
-    trainer = _trainer(base, tmp_path, log=lines.append, resume=state, learning_rate=3e-3, max_train_steps=3)
+    trainer = _trainer(tiny_sd_base, tmp_path, log=lines.append, resume=state, learning_rate=3e-3, max_train_steps=3)
     trainer.resume(state)
     assert trainer.optimizer.param_groups[0]["lr"] == 3e-3  # not the saved 1e-2
     assert "resume: --learning_rate changed from 0.01 to 0.003 (takes effect)" in lines
 
 
-def test_two_output_names_in_one_folder_keep_their_own_states(base, tmp_path):
-    f8 = _trainer(base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f8")
-    f1 = _trainer(base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f1",
+def test_two_output_names_in_one_folder_keep_their_own_states(tiny_sd_base, tmp_path):
+    f8 = _trainer(tiny_sd_base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f8")
+    f1 = _trainer(tiny_sd_base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f1",
                   tsm_stage="vanilla")
     f8.run()
     f1.run()
@@ -89,8 +83,8 @@ def test_two_output_names_in_one_folder_keep_their_own_states(base, tmp_path):
     assert [os.path.basename(p) for p in list_states(str(tmp_path), "f1")] == ["f1-state-2", "f1-state-3", "f1-state-4"]
 
 
-def test_non_finite_loss_says_truly_whether_a_checkpoint_is_kept(base, tmp_path):
-    trainer = _trainer(base, tmp_path)
+def test_non_finite_loss_says_truly_whether_a_checkpoint_is_kept(tiny_sd_base, tmp_path):
+    trainer = _trainer(tiny_sd_base, tmp_path)
     with torch.no_grad():
         for p in trainer.network.trainable_parameters():
             p.fill_(float("nan"))
@@ -116,10 +110,10 @@ def data(tmp_path_factory):
     return images, str(toml)
 
 
-def test_command_line_guards_the_final_file_and_checks_the_dataset_on_resume(base, data, tmp_path, capsys):
+def test_command_line_guards_the_final_file_and_checks_the_dataset_on_resume(tiny_sd_base, data, tmp_path, capsys):
     images, toml = data
     out = str(tmp_path / "out")
-    args = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--network_dim", "2",
+    args = ["--pretrained_model", tiny_sd_base, "--dataset_config", toml, "--output_dir", out, "--network_dim", "2",
             "--save_every_n_steps", "1", "--save_state"]
     assert main(args + ["--max_train_steps", "2"]) == 0
     final = os.path.join(out, "tsm.safetensors")

@@ -1,6 +1,5 @@
 """The command-line tools over tsm_trainer.files.export, run as a user runs them."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,19 +9,13 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_sd_pipeline_folder
+from tests.tool_scripts import tool_main as _tool
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.files.export import expert_lora, lora_delta, module_names
 from tsm_trainer.core.file_format import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from tests.tiny_models import tiny_sd_pipeline_folder
 from tsm_trainer.core.file_format import load_file
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.families import get_training_family
 from tsm_trainer.training.loop import NonFiniteLossError, Trainer, sample_timesteps
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline_folder(str(tmp_path_factory.mktemp("base")))
 
 
 def make_batches(epoch):
@@ -23,19 +17,19 @@ def make_batches(epoch):
         yield {"pixels": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, "captions": ["a red circle", "a blue square"]}
 
 
-def _trainer(base, tmp_path, **overrides):
-    options = dict(pretrained_model_name_or_path=base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
+def _trainer(tiny_sd_base, tmp_path, **overrides):
+    options = dict(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
                    max_train_steps=7, family="sd1")
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
-    components = family.load(base)
+    components = family.load(tiny_sd_base)
     validation = list(make_batches(99))[:1]
     return Trainer(config, family, components, make_batches, batch_size=2, validation=validation, log=lambda s: None,
                    batches_per_epoch=3)
 
 
-def test_training_reduces_validation_loss_and_saves(base, tmp_path):
-    trainer = _trainer(base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10,
+def test_training_reduces_validation_loss_and_saves(tiny_sd_base, tmp_path):
+    trainer = _trainer(tiny_sd_base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10,
                        save_last_n_steps=1, save_state=True)
     before = trainer.validate()
     path = trainer.run()
@@ -48,14 +42,14 @@ def test_training_reduces_validation_loss_and_saves(base, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*-step*")) == ["tsm-step00000020.safetensors"]
 
 
-def test_resume_continues_exactly(base, tmp_path):
-    straight = _trainer(base, tmp_path / "a", tsm_scales="8")
+def test_resume_continues_exactly(tiny_sd_base, tmp_path):
+    straight = _trainer(tiny_sd_base, tmp_path / "a", tsm_scales="8")
     straight.run()
     expected = straight.network.state_dict()
 
-    first = _trainer(base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_state=True)
+    first = _trainer(tiny_sd_base, tmp_path / "b", tsm_scales="8", max_train_steps=4, save_state=True)
     first.run()
-    resumed = _trainer(base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "tsm-state-4"))
+    resumed = _trainer(tiny_sd_base, tmp_path / "b", tsm_scales="8", resume=str(tmp_path / "b" / "tsm-state-4"))
     resumed.run()
     assert resumed.step == 7
     for key, value in expected.items():
@@ -73,8 +67,8 @@ def test_timestep_sampling_modes():
     assert t.min() >= 250 and t.max() < 375
 
 
-def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
-    trainer = _trainer(base, tmp_path, tsm_scales="8")
+def test_non_finite_loss_stops_with_a_clear_message(tiny_sd_base, tmp_path):
+    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="8")
     with torch.no_grad():
         for p in trainer.network.trainable_parameters():
             p.fill_(float("nan"))
@@ -82,8 +76,8 @@ def test_non_finite_loss_stops_with_a_clear_message(base, tmp_path):
         trainer.train_step([next(make_batches(0))])
 
 
-def test_frozen_text_encoder_outputs_are_cached_and_equal(base, tmp_path):
-    trainer = _trainer(base, tmp_path, tsm_scales="8", network_train_unet_only=True)
+def test_frozen_text_encoder_outputs_are_cached_and_equal(tiny_sd_base, tmp_path):
+    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="8", network_train_unet_only=True)
     captions = ["a red circle", "a blue square", "a red circle"]
     cached = trainer._encode_text(captions)["encoder_hidden_states"]
     direct = trainer.family.encode_text(trainer.c, captions, trainer.device)["encoder_hidden_states"]
@@ -91,19 +85,50 @@ def test_frozen_text_encoder_outputs_are_cached_and_equal(base, tmp_path):
     assert sorted(trainer._text_cache) == ["a blue square", "a red circle"]
 
 
-def test_xformers_flag_without_xformers_is_a_clear_error(base, tmp_path):
+def test_xformers_flag_without_xformers_is_a_clear_error(tiny_sd_base, tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers is installed here")
     with pytest.raises(ValueError, match="--xformers: xformers is not installed"):
-        _trainer(base, tmp_path, xformers=True)
+        _trainer(tiny_sd_base, tmp_path, xformers=True)
 
 
-def test_sample_images_and_epoch_checkpoints(base, tmp_path):
+def test_logging_dir_writes_tensorboard_scalars(tiny_sd_base, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=3, logging_dir=str(tmp_path / "logs"),
+                       log_prefix="tsm4-")
+    trainer.run()
+    (run,) = (tmp_path / "logs").iterdir()
+    assert run.name.startswith("tsm4-")
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    tags = events.Tags()["scalars"]
+    assert "lr" in tags and any(t.startswith("interval_loss/") for t in tags)
+
+
+def test_logging_dir_without_tensorboard_is_a_clear_error(tiny_sd_base, tmp_path, monkeypatch):
+    import importlib.util
+
+    from tsm_trainer.training import validate
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(validate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    config = TrainConfig(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(tmp_path),
+                         family="sd1", logging_dir=str(tmp_path / "logs"))
+    with pytest.raises(ValueError, match=r"^--logging_dir: TensorBoard logging needs the tensorboard package "
+                                         r"\(pip install tensorboard"):
+        validate.check_config(config)
+
+
+def test_sample_images_and_epoch_checkpoints(tiny_sd_base, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red circle\na blue square\n")
-    trainer = _trainer(base, tmp_path, tsm_scales="8", max_train_steps=4, sample_every_n_steps=2,
+    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="8", max_train_steps=4, sample_every_n_steps=2,
                        sample_prompts=str(prompts), sample_steps=2, sample_resolution=16, save_every_n_epochs=1,
                        save_state=True)
     trainer.run()
@@ -115,4 +140,4 @@ def test_sample_images_and_epoch_checkpoints(base, tmp_path):
     # 3 batches per epoch: epoch 1 ends after step 3
     assert (tmp_path / "tsm-state-3").is_dir()
     with pytest.raises(ValueError, match="--sample_every_n_steps needs --sample_prompts"):
-        _trainer(base, tmp_path / "b", sample_every_n_steps=1).run()
+        _trainer(tiny_sd_base, tmp_path / "b", sample_every_n_steps=1).run()

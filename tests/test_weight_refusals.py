@@ -12,21 +12,12 @@ from safetensors.torch import save_file
 
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_sd_pipeline_folder
+from tests.tool_scripts import tool_main as _tool, tool_path
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def _tool(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +187,7 @@ def test_unreadable_file_says_permission_denied(setup):
 
 def test_debug_shows_the_traceback(setup, tmp_path):
     _, path, _, _ = setup
-    argv = [sys.executable, os.path.join(ROOT, "tools", "merge_experts.py"), path, "--scale", "3", "--out",
+    argv = [sys.executable, tool_path("merge_experts"), path, "--scale", "3", "--out",
             str(tmp_path / "m.safetensors")]
     plain = subprocess.run(argv, capture_output=True, text=True)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and plain.stderr.startswith("error: ")

@@ -49,17 +49,6 @@ def latest_state(output_dir: str, output_name: str) -> str:
     return os.path.join(output_dir, max(legacy)[1]) if legacy else ""
 
 
-def prune_states(output_dir: str, output_name: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` states of this output name (other runs' states and the
-    old layout are never touched); ``keep`` <= 0 keeps every state. Returns the deleted folders."""
-    if keep <= 0:
-        return []
-    old = list_states(output_dir, output_name)[:-keep]
-    for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
-    return old
-
-
 def kept_checkpoint_note(output_dir: str, output_name: str) -> str:
     """What a failed run leaves: the newest state, else the newest network save (kohya's
     ``NAME-stepNNNNNNNN`` / ``NAME-NNNNNN`` files, written without ``--save_state``), or that there is none yet."""

@@ -219,6 +219,9 @@ def _check_unimplemented(c: TrainConfig) -> None:
         _fail(f"--sample_sampler {c.sample_sampler}: only ddim is implemented yet")
     if c.log_with not in (None, "tensorboard"):
         _fail(f"--log_with {c.log_with}: only tensorboard is implemented")
+    if c.logging_dir and importlib.util.find_spec("tensorboard") is None:
+        _fail("--logging_dir: TensorBoard logging needs the tensorboard package (pip install tensorboard, or "
+              "pip install 'tsm-trainer[train]'); without --logging_dir the loss goes to the console only")
     if c.xformers and importlib.util.find_spec("xformers") is None:
         _fail("--xformers: xformers is not installed (pip install xformers, CUDA only); without the flag PyTorch's "
               "SDPA attention is used")
