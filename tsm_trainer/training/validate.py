@@ -242,7 +242,7 @@ def _check_unimplemented(c: TrainConfig) -> None:
 
 
 def _check_task(c: TrainConfig) -> None:
-    from tsm_trainer.training.cli import DISTILL_UNSUPPORTED
+    from tsm_trainer.training.build import DISTILL_UNSUPPORTED
 
     if c.task == "distill":
         bad = [f"--{n}" for n in DISTILL_UNSUPPORTED if _given(c, n)]
