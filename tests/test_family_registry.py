@@ -236,3 +236,20 @@ def test_a_new_family_is_one_module(toy_module, monkeypatch, tmp_path):
     assert sorted(lora.lora_name for lora in net.denoiser_loras) == ["lora_unet_to_k", "lora_unet_to_v"]
     with torch.no_grad():
         assert toy.to_k(torch.ones(1, 4)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--family", "sd3", "--v_parameterization"], "--v_parameterization does not apply to --family sd3"),
+    (["--family", "flux", "--v_parameterization"], "--v_parameterization does not apply to --family flux"),
+    (["--v2", "--family", "sdxl"], "--v2 and --family sdxl disagree"),
+    (["--v2", "--family", "sd2"], "--pretrained_model_name_or_path"),  # accepted: fails later, on the missing model
+    (["--family", "sdxl", "--v_parameterization"], "--pretrained_model_name_or_path"),
+])
+def test_family_flags_are_checked_against_the_spec(flags, error, tmp_path):
+    from tsm_trainer.training.config import load_config
+    from tsm_trainer.training.validate import check_config
+
+    config = load_config(["--pretrained_model", str(tmp_path / "missing"), "--train_data_dir", str(tmp_path),
+                          "--resolution", "16", "--output_dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(ValueError, match=error):
+        check_config(config)
