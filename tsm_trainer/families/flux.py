@@ -16,6 +16,7 @@ FLUX = FamilySpec(
     sigma_input_classes=("FluxTransformer2DModel", "Flux"), forge_predictors=("PredictionFlux",),
     metadata_needles=("flux",), single_file_refusal=("Flux", "double_blocks.0.img_attn"))
 
+
 class FluxFamily(StableDiffusion3Family):
     """Flux.1: rectified flow like SD3, on 2x2-packed latent tokens with position ids; the
     transformer receives sigma (the network's hook maps it to t = sigma * T). Text: CLIP pooled

@@ -14,6 +14,7 @@ PIXART = FamilySpec(
     transformer_classes=("PixArtTransformer2DModel",),
     metadata_needles=("pixart",))
 
+
 class PixArtFamily(StableDiffusionFamily):
     """PixArt-alpha/sigma (DiT): one T5 encoder with its attention mask, DDPM noise, epsilon
     prediction; a transformer that also predicts the variance (2x channels) is trained on the

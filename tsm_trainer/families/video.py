@@ -12,6 +12,7 @@ VIDEO = FamilySpec(
     "video", {"*": ("to_k", "to_v")}, {"clip": ("out_proj",)}, "ddpm", "t2v_unet3d", "text-to-video-unet3d/lora",
     resolution=256, denoiser_classes=("UNet3DConditionModel",), metadata_needles=("video", "t2v"))
 
+
 class TextToVideoFamily(StableDiffusionFamily):
     """Text-to-video 3D UNet (diffusers ``UNet3DConditionModel``, ModelScope/VideoCrafter style):
     frames encoded by the image VAE one by one, one CLIP encoder, DDPM noise on (B, C, F, h, w)."""

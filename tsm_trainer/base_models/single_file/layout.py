@@ -24,7 +24,6 @@ VAE = "first_stage_model."
 FOLDER_HINT = "convert it to a diffusers folder (diffusers' from_single_file + save_pretrained) and pass the folder"
 
 
-
 def other_families() -> tuple[tuple[str, str], ...]:
     """(what, key fragment) of the families this trainer reads only from a diffusers folder (the family
     specs' ``single_file_refusal``)."""
