@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from demo_world.attribute_score import all_combos, score_images
     from demo_world.features import extract, frechet_distance, train_feature_net
     from tsm_trainer.evaluation import labelled_grid, load_lora_file
-    from tsm_trainer.training.cli import build
+    from tsm_trainer.training.build import build
     from tsm_trainer.training.config import TrainConfig
     from tsm_trainer.training.distill.sampler import sample_student
     from tsm_trainer.families import get_training_family

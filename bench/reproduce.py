@@ -110,7 +110,7 @@ def load_reused(path: str, config: dict, base_model: dict) -> dict:
 
 def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> tuple[str, float]:
     """Train one configuration unless its file exists; returns (path, seconds; 0 when the file existed)."""
-    from tsm_trainer.training.cli import build
+    from tsm_trainer.training.build import build
     from tsm_trainer.training.config import TrainConfig
 
     out = os.path.join(args.output_dir, f"seed{seed}")

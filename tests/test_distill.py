@@ -9,7 +9,8 @@ import torch
 from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
 from tsm_trainer import TSMNetwork
 from tsm_trainer.core.file_format import load_file
-from tsm_trainer.training.cli import build, main
+from tsm_trainer.training.build import build
+from tsm_trainer.training.cli import main
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.distill import parse_student_timesteps
 from tsm_trainer.training.distill.sampler import sample_student

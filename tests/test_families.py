@@ -12,7 +12,8 @@ from torch import nn
 from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.key_names import diffusers_unet_to_sgm
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
-from tsm_trainer.core.targets import CONV_TARGETS, compile_patterns, detect_family
+from tsm_trainer.core.targets import CONV_TARGETS, compile_patterns
+from tsm_trainer.families import detect_family
 
 from tiny_models import (tiny_clip, tiny_flux, tiny_pixart, tiny_sd3, tiny_sdxl_unet, tiny_t5, tiny_unet,
                          tiny_unet3d)
@@ -454,7 +455,7 @@ def test_sd_scripts_style_unet_without_config_and_inference_wrapper():
     import types
 
     from tsm_trainer import TSMConfig, TSMNetwork
-    from tsm_trainer.core.targets import detect_family
+    from tsm_trainer.families import detect_family
 
     class UNet2DConditionModel(nn.Module):  # sd-scripts' class name, holding no diffusers config
         def __init__(self, inner):

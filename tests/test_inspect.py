@@ -17,7 +17,7 @@ from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.base_models.loading import BaseModelError, load_base_model
 from tsm_trainer.files.inspection import check_against_model, format_summary, summarize
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
-from tsm_trainer.core.targets import FAMILIES
+from tsm_trainer.families import get_family
 
 SCRIPT = tool_path("inspect_lora")
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -56,7 +56,7 @@ def files(tmp_path_factory):
     """A fostered n=8 file, fostered n=1, and the assembled [8, 1] file (with text encoder)."""
     root = tmp_path_factory.mktemp("files")
     unet, te = tiny_unet(), tiny_clip()
-    family = FAMILIES["sd1"]
+    family = get_family("sd1")
     out = {}
     net8 = _randomize(TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0), unet, [te]))
     out["foster8"] = str(root / "foster8.safetensors")

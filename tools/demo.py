@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from tsm_trainer.evaluation import labelled_grid
     from tsm_trainer.core.intervals import interval_timestep_range
-    from tsm_trainer.training.cli import build
+    from tsm_trainer.training.build import build
     from tsm_trainer.training.config import TrainConfig
     from tsm_trainer.families import get_training_family
 

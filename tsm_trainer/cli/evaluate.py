@@ -64,13 +64,14 @@ def main(argv=None) -> int:
     from tsm_trainer.evaluation.heldout import heldout_batches
     from tsm_trainer.evaluation.report import loss_table, score_table
     from tsm_trainer.core.file_format import TSMFileError
-    from tsm_trainer.training.cli import detect_family_name
-    from tsm_trainer.families import get_training_family
+    from tsm_trainer.families import detect_folder_family, get_training_family
 
     try:
         batches = heldout_batches(args.dataset_config, args.validation_split, args.seed)
-        family = get_training_family(detect_family_name(args.pretrained_model))
+        spec = detect_folder_family(args.pretrained_model)
+        family = get_training_family(spec.name)
         components = family.load(args.pretrained_model)
+        components.family = spec
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

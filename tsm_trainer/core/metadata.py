@@ -9,7 +9,7 @@ import json
 from typing import Mapping, Sequence
 
 from tsm_trainer.core.file_format import FORMAT_VERSION
-from tsm_trainer.core.targets import Family
+from tsm_trainer.families.base import FamilySpec
 
 MODELSPEC_VERSION = "1.0.1"
 IMPLEMENTATION = "https://github.com/tsm-trainer/tsm-trainer"
@@ -30,7 +30,7 @@ def tsm_metadata(scales: list[int], stage: str, mixture: str, num_train_timestep
     return meta
 
 
-def kohya_metadata(family: Family, network_module: str, rank: int, alpha: float, network_args: Mapping[str, str],
+def kohya_metadata(family: FamilySpec, network_module: str, rank: int, alpha: float, network_args: Mapping[str, str],
                    output_name: str) -> dict[str, str]:
     """The ``ss_*`` keys sd-scripts writes and readers (A1111, Civitai, kohya tools) expect."""
     return {
@@ -44,7 +44,7 @@ def kohya_metadata(family: Family, network_module: str, rank: int, alpha: float,
     }
 
 
-def modelspec_metadata(family: Family, title: str, prediction_type: str | None = None,
+def modelspec_metadata(family: FamilySpec, title: str, prediction_type: str | None = None,
                        resolution: int | Sequence[int] | None = None,
                        timestep_range: tuple[int, int] | None = None) -> dict[str, str]:
     """``modelspec.*``. ``resolution``: the training resolution, one side or (width, height);

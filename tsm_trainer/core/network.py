@@ -21,10 +21,12 @@ from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
 from tsm_trainer.core.intervals import parse_scales
 from tsm_trainer.core.metadata import tsm_metadata
 from tsm_trainer.core.modules import MIXTURES, LoRAModule, TSMLoRAModule
-from tsm_trainer.core.targets import (CONV_TARGETS, all_layers, Family, compile_patterns, denoiser_naming, detect_family, find_targets,
+from tsm_trainer.core.targets import (CONV_TARGETS, all_layers, compile_patterns, denoiser_naming, find_targets,
                       lora_name, text_encoder_key_path, text_encoder_kind,
-                      text_encoder_prefixes, unwrap_denoiser)
+                      text_encoder_prefixes)
 from tsm_trainer.core.timestep import TimestepCapture, TimestepContext
+from tsm_trainer.families import detect_family, unwrap_denoiser
+from tsm_trainer.families.base import FamilySpec
 
 STAGES = ("foster", "assemble")
 logger = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class TSMNetwork(nn.Module):
     """
 
     def __init__(self, config: TSMConfig, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
-                 family: Family | None = None, multiplier: float = 1.0, module_ranks: Mapping[str, int] | None = None):
+                 family: FamilySpec | None = None, multiplier: float = 1.0, module_ranks: Mapping[str, int] | None = None):
         super().__init__()
         denoiser = unwrap_denoiser(denoiser)
         self.config = config
@@ -191,7 +193,7 @@ class TSMNetwork(nn.Module):
 
     @classmethod
     def from_file(cls, path: str, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
-                  multiplier: float = 1.0, family: Family | None = None,
+                  multiplier: float = 1.0, family: FamilySpec | None = None,
                   tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
                   load: bool = True) -> "TSMNetwork":
         """Build the network a native file describes (scales, stage, modules, ranks) and load it.

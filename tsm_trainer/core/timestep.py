@@ -16,13 +16,18 @@ import torch
 from torch import nn
 
 from tsm_trainer.core.intervals import expert_index
+from tsm_trainer.families import family_specs
 
 # Parameter names under which denoisers receive the timestep, in lookup order.
 TIMESTEP_ARG_NAMES = ("timestep", "timesteps", "t")
 # Parameter names of the main input, used to read the batch size for a 0-d timestep.
 SAMPLE_ARG_NAMES = ("sample", "hidden_states", "x", "img")
-# Denoisers that receive sigma in [0, 1] instead of t (Flux): t = sigma * T.
-SIGMA_INPUT_CLASSES = frozenset({"FluxTransformer2DModel", "Flux"})
+
+
+def sigma_input_classes() -> frozenset[str]:
+    """Denoiser classes that receive sigma in [0, 1] instead of t (Flux): t = sigma * T (the family specs'
+    ``sigma_input_classes``)."""
+    return frozenset(c for spec in family_specs() for c in spec.sigma_input_classes)
 
 
 @dataclass
@@ -138,7 +143,7 @@ class TimestepCapture:
         self.context = context
         cls = type(denoiser).__name__
         if timestep_scale is None:
-            timestep_scale = float(context.num_train_timesteps) if cls in SIGMA_INPUT_CLASSES else 1.0
+            timestep_scale = float(context.num_train_timesteps) if cls in sigma_input_classes() else 1.0
         self.timestep_scale = timestep_scale
         params = [p for p in inspect.signature(denoiser.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

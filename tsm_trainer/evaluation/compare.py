@@ -13,7 +13,7 @@ from tsm_trainer.files.export import plain_lora_as_tsm
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.metadata import tsm_metadata
 from tsm_trainer.core.network import TSMNetwork
-from tsm_trainer.core.targets import detect_family
+from tsm_trainer.families import detect_family
 from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, loss_by_interval
 
 
@@ -31,7 +31,7 @@ def load_lora_file(path: str, components, num_train_timesteps: int, multiplier: 
         except ValueError as e:
             raise TSMFileError(f"{path}: neither a TSM file nor a plain kohya LoRA: {e}") from None
         metadata = dict(metadata) | tsm_metadata([1], "foster", "asymmetric", num_train_timesteps,
-                                                 detect_family(components.denoiser).timestep_space)
+                                                 (getattr(components, "family", None) or detect_family(components.denoiser)).timestep_space)
     network = TSMNetwork.from_file(path, components.denoiser, components.text_encoders, multiplier=multiplier,
                                    tensors=tensors, metadata=metadata)
     network.apply()

@@ -9,7 +9,7 @@ def heldout_batches(dataset_config: str, validation_split: float = 0.0, seed: in
     """{"pixels", "captions"} batches of the images the trainer holds out with the same
     ``--validation_split`` and ``--seed`` (0: every image of the config, e.g. a held-out set of its own).
     Unreadable images and missing captions are reported and skipped."""
-    from tsm_trainer.training.cli import split_validation
+    from tsm_trainer.training.build import split_validation
 
     scan = scan_dataset(load_dataset_config(dataset_config), on_error="skip")
     for problem in scan.problems:

@@ -1,22 +1,129 @@
-"""What every training family returns when it loads a base model, and the loading rules they share."""
+"""The interface of a model family: :class:`FamilySpec` (what it is: names, targets, key naming,
+timestep space, metadata strings, how to recognise it) and :class:`TrainingFamily` (what the
+trainer does with it: load, encode, noise, predict, sample). One module per family declares both;
+``tsm_trainer.families`` registers them. This module imports only torch and the standard library,
+so the core can read specs without loading any model library.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+ConfigGetter = Callable[[str], Any]
+"""``get(key)``: a denoiser config value (diffusers config object, config.json dict), None if absent."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything about a model family that is data.
+
+    Attributes:
+        name: short id (``sd1``, ``sdxl``, ...): ``--family`` choice, registry key.
+        denoiser_targets: LoRA target patterns per denoiser class name; ``"*"`` is the fallback.
+        text_encoder_targets: patterns per text-encoder kind (``clip``, ``t5``).
+        timestep_space: ``ddpm`` or ``flow`` (docs/design.md section 1).
+        base_model_version: kohya's ``ss_base_model_version``.
+        modelspec_architecture: ``modelspec.architecture`` of a LoRA for this family.
+        v2: kohya's ``ss_v2``.
+        resolution: the family's native training resolution (``modelspec.resolution``).
+        denoiser_classes: denoiser class names (diffusers and sd-scripts) that are this family whatever
+            their config.
+        config_classes: class names shared with other families, claimed when ``accepts_config`` says so.
+        accepts_config: ``accepts_config(get, denoiser)`` -> bool for a ``config_classes`` denoiser;
+            ``denoiser`` is None when only a folder's config.json is read. Predicates of families that
+            share a class must be exclusive.
+        transformer_classes: diffusers classes whose keys go under ``lora_transformer`` (diffusers
+            layout); every other denoiser uses ``lora_unet``.
+        sgm_unet_names: a diffusers UNet of this family is saved under SGM module names (SDXL).
+        sigma_input_classes: denoiser classes that receive sigma in [0, 1] instead of t (t = sigma * T).
+        forge_predictors: Forge predictor classes of this family whose UNet receives sigma.
+        metadata_needles: lower-case fragments of a LoRA's ``modelspec.architecture`` /
+            ``ss_base_model_version`` that name this family (tried in registry order).
+        single_file_refusal: (what, key fragment) of a single-file checkpoint of this family that the
+            trainer refuses (read from a diffusers folder only); None if single files are read or unknown.
+        checkpoint_roots: bake: ((key root, LoRA prefix), ...) of the text encoders in an
+            original-layout single-file checkpoint; empty if bake does not serve the family.
+    """
+
+    name: str
+    denoiser_targets: dict[str, tuple[str, ...]]
+    text_encoder_targets: dict[str, tuple[str, ...]]
+    timestep_space: str
+    base_model_version: str
+    modelspec_architecture: str
+    v2: bool = False
+    resolution: int = 512
+    denoiser_classes: tuple[str, ...] = ()
+    config_classes: tuple[str, ...] = ()
+    accepts_config: Callable[[ConfigGetter, nn.Module | None], bool] | None = field(default=None, compare=False)
+    transformer_classes: tuple[str, ...] = ()
+    sgm_unet_names: bool = False
+    sigma_input_classes: tuple[str, ...] = ()
+    forge_predictors: tuple[str, ...] = ()
+    metadata_needles: tuple[str, ...] = ()
+    single_file_refusal: tuple[str, str] | None = None
+    checkpoint_roots: tuple[tuple[str, str], ...] = ()
+
+    def denoiser_patterns(self, denoiser: nn.Module) -> tuple[str, ...]:
+        return self.denoiser_targets.get(type(denoiser).__name__, self.denoiser_targets["*"])
+
+    def claims(self, class_name: str, get: ConfigGetter, denoiser: nn.Module | None = None) -> bool:
+        """Whether a denoiser of this class and config is this family."""
+        if class_name in self.denoiser_classes:
+            return True
+        return class_name in self.config_classes and self.accepts_config is not None and \
+            bool(self.accepts_config(get, denoiser))
+
 
 @dataclass
 class Components:
-    """A loaded base model. ``denoiser`` is the UNet/transformer the network is applied to."""
+    """A loaded base model. ``denoiser`` is the UNet/transformer the network is applied to; ``family``
+    the spec the folder or file was recognised as (set by :meth:`TrainingFamily.load`)."""
 
     denoiser: nn.Module
     text_encoders: list[nn.Module]
     tokenizers: list
     vae: nn.Module
     noise_scheduler: object
+    family: FamilySpec | None = None
+
+
+class TrainingFamily(Protocol):
+    """What the trainer does with a family. ``B`` batch, ``C/h/w`` latent channels and size,
+    ``L/D`` text tokens and width. Instantiated with ``prediction_type`` (``auto`` reads the model)."""
+
+    specs: ClassVar[tuple[FamilySpec, ...]]
+    """The families this class trains (sd.py: SD 1.x and SD 2.x)."""
+    prediction_type: str
+    num_train_timesteps: int
+
+    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             tokenizer_cache_dir: str | None = None) -> Components:
+        """The base model of a diffusers folder (or a single file where the family reads one)."""
+
+    def encode_text(self, c: Components, captions: list[str], device) -> dict:
+        """Keyword conditioning of :meth:`predict` (e.g. ``encoder_hidden_states`` (B, L, D))."""
+
+    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) as the denoiser reads them."""
+
+    def noisy_input_and_target(self, c: Components, latents: torch.Tensor, noise: torch.Tensor,
+                               timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, regression target), both shaped like ``latents``; ``timesteps`` (B,)."""
+
+    def predict(self, c: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's prediction, shaped like ``noisy``."""
+
+    def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
+        """PIL images of ``prompts``."""
+
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample loss weights (B,), or None."""
 
 
 def load_kwargs(weight_dtype: torch.dtype | None) -> dict:

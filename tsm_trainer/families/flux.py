@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
-from tsm_trainer.families.sd3 import StableDiffusion3Family
+from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.sd import ATTENTION, CLIP_QV
+from tsm_trainer.families.sd3 import T5_QV, StableDiffusion3Family
+
+FLUX = FamilySpec(
+    "flux", {"Flux": (r"(img|txt)_attn\.(qkv|proj)", r"single_blocks\.\d+\.linear[12]"),
+             "*": ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
+    {"clip": CLIP_QV, "t5": T5_QV}, "flow", "flux1", "flux-1-dev/lora", resolution=1024,
+    denoiser_classes=("FluxTransformer2DModel", "Flux"), transformer_classes=("FluxTransformer2DModel",),
+    sigma_input_classes=("FluxTransformer2DModel", "Flux"), forge_predictors=("PredictionFlux",),
+    metadata_needles=("flux",), single_file_refusal=("Flux", "double_blocks.0.img_attn"))
+
 
 class FluxFamily(StableDiffusion3Family):
     """Flux.1: rectified flow like SD3, on 2x2-packed latent tokens with position ids; the
     transformer receives sigma (the network's hook maps it to t = sigma * T). Text: CLIP pooled
     output + T5 tokens. Guidance-distilled models get the guidance embedding at 1.0 in training."""
 
+    specs = (FLUX,)
     names = ("flux",)
     guidance = 1.0
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
-from tsm_trainer.families.sd import StableDiffusionFamily
+from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.sd import ATTENTION, StableDiffusionFamily
+from tsm_trainer.families.sd3 import T5_QV
+
+PIXART = FamilySpec(
+    "pixart", {"*": ATTENTION}, {"t5": T5_QV}, "ddpm", "pixart_alpha", "pixart-alpha/lora", resolution=512,
+    denoiser_classes=("PixArtTransformer2DModel", "PixArtMS", "PixArt"),
+    transformer_classes=("PixArtTransformer2DModel",),
+    metadata_needles=("pixart",))
+
 
 class PixArtFamily(StableDiffusionFamily):
     """PixArt-alpha/sigma (DiT): one T5 encoder with its attention mask, DDPM noise, epsilon
     prediction; a transformer that also predicts the variance (2x channels) is trained on the
     epsilon half, as its pipelines read it."""
 
+    specs = (PIXART,)
     names = ("pixart",)
 
     def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,

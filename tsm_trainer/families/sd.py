@@ -6,11 +6,50 @@ import os
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, single_file_components
+from torch import nn
+
+from tsm_trainer.families.base import (Components, ConfigGetter, FamilySpec, load_kwargs, note_folder_tokenizer,
+                                       single_file_components)
+
+ATTENTION = ("to_q", "to_k", "to_v", r"to_out\.0")
+CLIP_QV = ("q_proj", "v_proj")
+SD_UNET_CLASS = "UNet2DConditionModel"  # diffusers' and sd-scripts' class name alike
+
+
+def is_sdxl_config(get: ConfigGetter) -> bool:
+    """A diffusers SDXL UNet has the size/crop ``text_time`` embedding."""
+    return get("addition_embed_type") == "text_time"
+
+
+def cross_attention_dim(get: ConfigGetter, denoiser: nn.Module | None) -> int | None:
+    """From the config, else the in_features of the first cross-attention key projection
+    (sd-scripts' UNet keeps no config)."""
+    value = get("cross_attention_dim")
+    if value or denoiser is None:
+        return value
+    for path, module in denoiser.named_modules():
+        if path.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+            return module.in_features
+    return None
+
+
+SD1 = FamilySpec(
+    "sd1", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sd_v1", "stable-diffusion-v1/lora",
+    config_classes=(SD_UNET_CLASS,),
+    accepts_config=lambda get, denoiser: not is_sdxl_config(get) and cross_attention_dim(get, denoiser) != 1024,
+    metadata_needles=("v1", "sd_1"),
+    checkpoint_roots=(("cond_stage_model.transformer.", "lora_te"),))  # transformers CLIPTextModel
+SD2 = FamilySpec(
+    "sd2", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sd_v2", "stable-diffusion-v2-768-v/lora", v2=True,
+    resolution=768, config_classes=(SD_UNET_CLASS,),
+    accepts_config=lambda get, denoiser: not is_sdxl_config(get) and cross_attention_dim(get, denoiser) == 1024,
+    metadata_needles=("v2", "sd_2"), checkpoint_roots=(("cond_stage_model.model.", "lora_te"),))  # OpenCLIP
+
 
 class StableDiffusionFamily:
     """SD 1.x / 2.x: VAE latents, one CLIP text encoder, DDPM noise, epsilon or v-prediction."""
 
+    specs = (SD2, SD1)  # SD2 first: its metadata needles are tried before SD1's
     names = ("sd1", "sd2")
 
     def __init__(self, prediction_type: str = "auto"):

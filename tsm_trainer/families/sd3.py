@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.sd import ATTENTION
+
+CLIP_QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
+T5_QV = (r"SelfAttention\.q", r"SelfAttention\.v")
+
+SD3 = FamilySpec(
+    "sd3", {"MMDiT": (r"attn\.qkv", r"attn\.proj"), "*": ATTENTION}, {"clip": CLIP_QKVO, "t5": T5_QV}, "flow", "sd3",
+    "stable-diffusion-3-medium/lora", resolution=1024, denoiser_classes=("SD3Transformer2DModel", "MMDiT"),
+    transformer_classes=("SD3Transformer2DModel",), metadata_needles=("sd3", "stable-diffusion-3"),
+    single_file_refusal=("SD3 / SD3.5 (MM-DiT)", "joint_blocks.0."))
+
 
 class StableDiffusion3Family:
     """SD3 / SD3.5 (MM-DiT): rectified flow. ``x_s = (1 - s) x + s n``, target ``n - x``, the
@@ -12,6 +23,7 @@ class StableDiffusion3Family:
     training, restricted to the step's interval by inverse-CDF sampling. Text: two CLIP encoders
     (penultimate states, zero-padded to T5's width) followed by T5 tokens; pooled CLIP projections."""
 
+    specs = (SD3,)
     names = ("sd3",)
     num_train_timesteps = 1000
     prediction_type = "flow"

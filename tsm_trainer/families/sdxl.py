@@ -6,13 +6,22 @@ import os
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, single_file_components
-from tsm_trainer.families.sd import StableDiffusionFamily
+from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, single_file_components
+from tsm_trainer.families.sd import ATTENTION, CLIP_QV, SD_UNET_CLASS, StableDiffusionFamily, is_sdxl_config
+
+SDXL = FamilySpec(
+    "sdxl", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
+    resolution=1024, denoiser_classes=("SdxlUNet2DConditionModel",), config_classes=(SD_UNET_CLASS,),
+    accepts_config=lambda get, denoiser: is_sdxl_config(get), sgm_unet_names=True, metadata_needles=("xl",),
+    checkpoint_roots=(("conditioner.embedders.0.transformer.", "lora_te1"),  # CLIP-L
+                      ("conditioner.embedders.1.model.", "lora_te2")))  # OpenCLIP bigG
+
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL: two CLIP encoders (penultimate hidden states concatenated; pooled projection of the
     second), size/crop conditioning ``time_ids``, DDPM noise, epsilon or v-prediction."""
 
+    specs = (SDXL,)
     names = ("sdxl",)
 
     def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
 from tsm_trainer.families.sd import StableDiffusionFamily
+
+# VideoCrafter2 in the paper: k and v of spatial and temporal attention, OpenCLIP out_proj.
+VIDEO = FamilySpec(
+    "video", {"*": ("to_k", "to_v")}, {"clip": ("out_proj",)}, "ddpm", "t2v_unet3d", "text-to-video-unet3d/lora",
+    resolution=256, denoiser_classes=("UNet3DConditionModel",), metadata_needles=("video", "t2v"))
+
 
 class TextToVideoFamily(StableDiffusionFamily):
     """Text-to-video 3D UNet (diffusers ``UNet3DConditionModel``, ModelScope/VideoCrafter style):
     frames encoded by the image VAE one by one, one CLIP encoder, DDPM noise on (B, C, F, h, w)."""
 
+    specs = (VIDEO,)
     names = ("video",)
 
     def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,

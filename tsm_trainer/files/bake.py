@@ -30,6 +30,8 @@ from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
 from tsm_trainer.core.lora_math import PLAIN_KEY, pair_delta
 from tsm_trainer.core.targets import layers_by_lora_name
+from tsm_trainer.families import family_specs
+from tsm_trainer.families.base import FamilySpec
 
 
 class BakeError(ValueError):
@@ -261,9 +263,6 @@ def _check_output(out: str, base: str, overwrite: bool, folder: bool) -> None:
 
 # -- single-file (original layout) checkpoints ------------------------------------------------
 UNET_ROOT = "model.diffusion_model."
-SD_TEXT_ENCODER_ROOT = "cond_stage_model.transformer."  # SD1: transformers CLIPTextModel
-SD2_TEXT_ENCODER_ROOT = "cond_stage_model.model."  # SD2: OpenCLIP
-SDXL_TEXT_ENCODER_ROOTS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 _OPENCLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
                              r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
 _OPENCLIP_NAMES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
@@ -271,6 +270,14 @@ _OPENCLIP_NAMES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weigh
 
 # (checkpoint key, which third of a fused q/k/v weight (0, 1, 2) or None for the whole weight)
 Target = tuple[str, "int | None"]
+
+
+def checkpoint_family(keys: Sequence[str]) -> FamilySpec:
+    """The family whose text-encoder roots (spec ``checkpoint_roots``) the keys use, in registry order; a
+    checkpoint with none of them (UNet only) is taken as the last, most general, such family (SD 1.x)."""
+    specs = [spec for spec in family_specs() if spec.checkpoint_roots]
+    return next((spec for spec in specs if any(k.startswith(root) for root, _ in spec.checkpoint_roots for k in keys)),
+                specs[-1])
 
 
 def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
@@ -282,12 +289,8 @@ def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
     transformers CLIP it is converted to, with q/k/v as thirds of the fused ``in_proj_weight``.
     """
     keys = list(keys)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        family, roots = "sdxl", [(SDXL_TEXT_ENCODER_ROOTS[0], "lora_te1"), (SDXL_TEXT_ENCODER_ROOTS[1], "lora_te2")]
-    elif any(k.startswith(SD2_TEXT_ENCODER_ROOT) for k in keys):
-        family, roots = "sd2", [(SD2_TEXT_ENCODER_ROOT, "lora_te")]
-    else:
-        family, roots = "sd1", [(SD_TEXT_ENCODER_ROOT, "lora_te")]
+    spec = checkpoint_family(keys)
+    family, roots = spec.name, spec.checkpoint_roots
     index: dict[str, Target] = {}
     ambiguous: set[str] = set()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tsm_trainer.core.targets import FAMILIES
+from tsm_trainer.families import family_specs
 
 
 def guess_family(metadata: dict[str, str], modules: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
@@ -30,16 +30,13 @@ def guess_family(metadata: dict[str, str], modules: dict[str, dict[str, Any]] | 
 
 
 def _family_from_text(value: str, attribute: str) -> str | None:
-    for f in FAMILIES.values():
+    """Exact match of a spec's string, else the first spec (registry order) with a needle in ``value``."""
+    specs = family_specs()
+    for f in specs:
         if getattr(f, attribute) == value:
             return f.name
     v = value.lower()
-    for needle, name in (("xl", "sdxl"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"), ("flux", "flux"),
-                         ("pixart", "pixart"), ("video", "video"), ("t2v", "video"), ("v2", "sd2"), ("sd_2", "sd2"),
-                         ("v1", "sd1"), ("sd_1", "sd1")):
-        if needle in v:
-            return name
-    return None
+    return next((f.name for f in specs for needle in f.metadata_needles if needle in v), None)
 
 
 def _family_from_keys(modules: dict[str, dict[str, Any]]) -> tuple[str, str]:

@@ -18,6 +18,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from tsm_trainer.families import family_names
 from tsm_trainer.training.kohya_flags import REFUSED
 
 # Groups in --help, in sd-scripts' order (the add_*_arguments functions of train_util.py, then
@@ -33,8 +34,19 @@ GROUPS = {
 }
 
 
-def _opt(default, help: str, group: str, choices: tuple | None = None):
+def family_choices() -> tuple[str, ...]:
+    """``--family``: auto or a registered family (read when the parser is built)."""
+    return ("auto", *family_names())
+
+
+def _opt(default, help: str, group: str, choices: tuple | typing.Callable[[], tuple] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's choices; a callable (``--family``) is read now, so the registry decides."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit",
@@ -155,7 +167,7 @@ class TrainConfig:
     # -- TimeStep Master and this trainer ---------------------------------------------------------
     task: str = _opt("train", "train: fine-tune (fostering / assembling); distill: a few-step student with one expert "
                      "per step (DMD2, paper section 4.3)", "tsm", ("train", "distill"))
-    family: str = _opt("auto", "model family", "tsm", ("auto", "sd1", "sd2", "sdxl", "sd3", "flux", "pixart", "video"))
+    family: str = _opt("auto", "model family", "tsm", family_choices)
     tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
                            "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume. 2.5x the steps of "
                            "one run; on the demo world it did not beat vanilla LoRA trained max_train_steps (README, "
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["nargs"] = "*"
         if name == "optimizer_type":
             arg_type = str  # case-insensitive, checked later
-        group.add_argument(f"--{name}", type=arg_type, choices=f.metadata.get("choices"), **kwargs)
+        group.add_argument(f"--{name}", type=arg_type, choices=_choices(f), **kwargs)
     parser.add_argument("--pretrained_model", dest="pretrained_model_name_or_path", default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", dest="optimizer_type", default=None, help=argparse.SUPPRESS)

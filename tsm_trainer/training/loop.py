@@ -300,7 +300,7 @@ class Trainer:
             family = self.network.family
             meta["tsm.trainer_stage"] = config.tsm_stage
         else:
-            from tsm_trainer.core.targets import detect_family
+            from tsm_trainer.families import detect_family
 
             family = detect_family(self.c.denoiser)
             dim = getattr(self.network, "lora_dim", config.network_dim)

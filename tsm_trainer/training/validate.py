@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 
+from tsm_trainer.families import get_family
 from tsm_trainer.training.config import FIELDS, OptionError, TrainConfig
 from tsm_trainer.training.network_plugin import TSM_MODULE, TSM_OPTIONS, parse_network_args
 
@@ -203,9 +204,10 @@ def _check_combinations(c: TrainConfig) -> None:
         _fail("--lr_warmup_steps has no effect with --lr_scheduler constant; use constant_with_warmup")
     if c.lr_warmup_steps and c.lr_warmup_steps >= c.max_train_steps and c.max_train_epochs is None:
         _fail(f"--lr_warmup_steps {c.lr_warmup_steps} must be < --max_train_steps {c.max_train_steps}")
-    if c.v2 and c.family not in ("auto", "sd2"):
+    family = None if c.family == "auto" else get_family(c.family)
+    if c.v2 and family is not None and not family.v2:
         _fail(f"--v2 and --family {c.family} disagree")
-    if c.v_parameterization and c.family in ("sd3", "flux"):
+    if c.v_parameterization and family is not None and family.timestep_space == "flow":
         _fail(f"--v_parameterization does not apply to --family {c.family} (rectified flow)")
 
 
@@ -245,7 +247,7 @@ def _check_unimplemented(c: TrainConfig) -> None:
 
 
 def _check_task(c: TrainConfig) -> None:
-    from tsm_trainer.training.cli import DISTILL_UNSUPPORTED
+    from tsm_trainer.training.build import DISTILL_UNSUPPORTED
 
     if c.task == "distill":
         bad = [f"--{n}" for n in DISTILL_UNSUPPORTED if _given(c, n)]

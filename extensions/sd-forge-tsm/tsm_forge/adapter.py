@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from tsm_trainer.families import family_specs
 from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file
 from tsm_trainer.core.lora_math import first_factor, module_names
@@ -43,7 +44,8 @@ from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 from tsm_trainer.runtime.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
 # Predictors whose UNet receives sigma in [0, 1] (Flux, Chroma): t = sigma * T (DESIGN.md section 1).
-SIGMA_INPUT_PREDICTORS = frozenset({"PredictionFlux"})
+# Forge's class names live in the family specs (``forge_predictors``).
+SIGMA_INPUT_PREDICTORS = frozenset(p for spec in family_specs() for p in spec.forge_predictors)
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -16,17 +16,18 @@ import re
 
 from tsm_trainer.base_models.loading import BaseModelError
 from tsm_trainer.base_models.single_file.reader import CheckpointFile
+from tsm_trainer.families import family_specs
 
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 FOLDER_HINT = "convert it to a diffusers folder (diffusers' from_single_file + save_pretrained) and pass the folder"
 
-# (what, key fragment): families this trainer reads only from a diffusers folder.
-OTHER_FAMILIES = (
-    ("SD3 / SD3.5 (MM-DiT)", "joint_blocks.0."),
-    ("Flux", "double_blocks.0.img_attn"),
-)
+
+def other_families() -> tuple[tuple[str, str], ...]:
+    """(what, key fragment) of the families this trainer reads only from a diffusers folder (the family
+    specs' ``single_file_refusal``)."""
+    return tuple(spec.single_file_refusal for spec in family_specs() if spec.single_file_refusal)
 
 
 def _find(ckpt: CheckpointFile, fragment: str) -> str | None:
@@ -40,7 +41,7 @@ def identify(ckpt: CheckpointFile) -> str:
     if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
         raise BaseModelError(f"{path}: this is a LoRA (keys like '{next(k for k in keys if k.startswith('lora_'))}'),"
                              " not a base model")
-    for what, fragment in OTHER_FAMILIES:
+    for what, fragment in other_families():
         key = _find(ckpt, fragment)
         if key is not None:
             raise BaseModelError(f"{path}: a {what} single-file checkpoint (key '{key}'); single files are read for "
