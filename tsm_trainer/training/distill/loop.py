@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
 from tsm_trainer.training.config import TrainConfig
@@ -63,7 +64,7 @@ class DistillTrainer:
         self.student = TSMNetwork(TSMConfig(scales=[n], rank=config.network_dim, alpha=config.network_alpha,
                                             num_train_timesteps=self.T), denoiser, [])
         if not vanilla:
-            experts = [int(t * n // self.T) for t in self.timesteps]
+            experts = [expert_index(t, n, self.T) for t in self.timesteps]
             if len(set(experts)) != k:
                 raise ValueError(f"--distill_timesteps {self.timesteps}: with n = {k} experts two student steps share "
                                  f"an expert ({experts}); space them one per interval of T/{k}")
