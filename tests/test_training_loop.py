@@ -116,3 +116,19 @@ def test_sample_images_and_epoch_checkpoints(base, tmp_path):
     assert (tmp_path / "tsm-state-3").is_dir()
     with pytest.raises(ValueError, match="--sample_every_n_steps needs --sample_prompts"):
         _trainer(base, tmp_path / "b", sample_every_n_steps=1).run()
+
+
+def test_prodigy_gets_the_given_learning_rate_and_a_warning_when_low(monkeypatch, caplog):
+    from tsm_trainer.training import optimizers
+
+    # prodigyopt is optional: a stand-in class shows what build_optimizer passes to it
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "prodigy", ("torch.optim", "SGD", {}, "prodigyopt"))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with caplog.at_level("WARNING", logger=optimizers.__name__):
+        low = optimizers.build_optimizer("Prodigy", params, 1e-4, {}, 0.0)
+    assert low.param_groups[0]["lr"] == 1e-4
+    assert "--learning_rate 0.0001 is low for Prodigy" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=optimizers.__name__):
+        usual = optimizers.build_optimizer("prodigy", params, 1.0, {}, 0.0)
+    assert usual.param_groups[0]["lr"] == 1.0 and not caplog.text
