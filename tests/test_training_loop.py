@@ -132,3 +132,24 @@ def test_prodigy_gets_the_given_learning_rate_and_a_warning_when_low(monkeypatch
     with caplog.at_level("WARNING", logger=optimizers.__name__):
         usual = optimizers.build_optimizer("prodigy", params, 1.0, {}, 0.0)
     assert usual.param_groups[0]["lr"] == 1.0 and not caplog.text
+
+
+def test_dataset_network_multiplier_scales_the_network_for_its_batches(base, tmp_path):
+    batch = next(make_batches(0))
+    options = dict(tsm_scales="2", optimizer_type="SGDNesterov", max_train_steps=1)
+    scaled = _trainer(base, tmp_path / "a", **options)
+    seen = []
+    loss = scaled._loss
+    scaled._loss = lambda *args: seen.append(scaled.network.multiplier) or loss(*args)
+    scaled.train_step([{**batch, "network_multiplier": 0.5}])
+    assert seen == [0.5]
+    assert {lora.multiplier for lora in scaled.network.all_loras} == {1.0}  # validation and saves see 1.0
+
+    by_hand = _trainer(base, tmp_path / "b", **options)
+    by_hand.network.set_multiplier(0.5)
+    by_hand.train_step([batch])
+    plain = _trainer(base, tmp_path / "c", **options)
+    plain.train_step([{**batch, "network_multiplier": 1.0}])
+    for key, value in scaled.network.state_dict().items():
+        assert torch.equal(by_hand.network.state_dict()[key], value), key
+    assert any(not torch.equal(plain.network.state_dict()[k], v) for k, v in scaled.network.state_dict().items())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -199,7 +200,8 @@ class Trainer:
             g = self._generator(micro)
             timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family,
                                          self.is_tsm)
-            per_sample = self._loss(batch, timesteps, g)
+            with self._dataset_multiplier(batch):
+                per_sample = self._loss(batch, timesteps, g)
             weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma or 0.0)
             weighted = per_sample * weights if weights is not None else per_sample
             if "is_reg" in batch and self.config.prior_loss_weight != 1.0:
@@ -231,6 +233,24 @@ class Trainer:
                                                                                 self.device)
         self.step += 1
         return total
+
+    @contextmanager
+    def _dataset_multiplier(self, batch: dict):
+        """The batch's dataset ``network_multiplier`` applied to the network for its forward pass, as
+        sd-scripts' train_network.py sets it per batch; 1.0 again afterwards (validation, sampling, saves)."""
+        multiplier = float(batch.get("network_multiplier", 1.0))
+        if multiplier == 1.0:
+            yield
+            return
+        if not hasattr(self.network, "set_multiplier"):
+            raise ValueError(f"dataset config key 'network_multiplier' = {multiplier}: --network_module "
+                             f"{self.config.network_module} has no set_multiplier; remove the key or use a network "
+                             "module that has one")
+        self.network.set_multiplier(multiplier)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(1.0)
 
     def _generator(self, micro: int) -> torch.Generator:
         """Noise and timesteps of (step, process, micro-batch) come from their own seed, so a

@@ -40,6 +40,21 @@ PAPER_GAN_START_VANILLA = 40 / 45
 PAPER_STEP_WEIGHTS_4 = (25.0, 25.0, 25.0, 45.0)
 
 
+def refuse_unused_dataset_keys(batches) -> None:
+    """ValueError naming the file and key for what distillation would ignore: a dataset's
+    ``network_multiplier`` (the student trains at 1.0) and ``is_reg`` subsets (no prior loss; they
+    would serve as real images). ``batches``: one epoch of a TrainDataset (others are not checked)."""
+    config = getattr(getattr(batches, "dataset", None), "config", None)
+    for dataset in config.datasets if config is not None else ():
+        if dataset.network_multiplier != 1.0:
+            raise ValueError(f"{dataset.where}: key 'network_multiplier' = {dataset.network_multiplier} is not "
+                             "applied by --task distill (the student trains at 1.0); remove the key")
+        for subset in dataset.subsets:
+            if subset.is_reg:
+                raise ValueError(f"{subset.where}: key 'is_reg' = true: --task distill has no prior loss, the "
+                                 "regularisation images would serve as real images; remove the subset")
+
+
 class DistillTrainer:
     """Student, fake score and discriminator on one base model; ``run()`` trains and saves the student."""
 
@@ -48,6 +63,7 @@ class DistillTrainer:
         if not hasattr(components.noise_scheduler, "alphas_cumprod") or family.num_train_timesteps != 1000:
             raise ValueError("--task distill supports the DDPM families (sd1, sd2, sdxl)")
         self.config, self.family, self.c, self.log = config, family, components, log
+        refuse_unused_dataset_keys(make_batches(0))
         self.make_batches = make_batches
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.T = family.num_train_timesteps
