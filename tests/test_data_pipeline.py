@@ -241,6 +241,13 @@ def test_text_encoder_cache(tmp_path):
     assert out["hidden"].shape == (2, 4, 2) and out["pooled"][:, 0].tolist() == [11.0, 10.0]
     with pytest.raises(ValueError, match="cannot be cached"):
         TrainDataset(scan_dataset(cfg_for(d, shuffle_caption=True))).static_captions()
+    in_memory = TextEncoderCache(encode)
+    in_memory.encode(["a", "b", "a"])
+    assert calls[-1] == 2 and "a" in in_memory  # each distinct caption once
+    in_memory.clear()
+    assert "a" not in in_memory
+    with pytest.raises(ValueError, match="on disk is not cleared"):
+        cache.clear()
 
 
 def test_video_frame_folders(tmp_path):

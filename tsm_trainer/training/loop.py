@@ -27,7 +27,7 @@ from tsm_trainer.training.output_dir import check_final_file
 from tsm_trainer.training.run_record import run_record
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.network_plugin import build_network
-from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
+from tsm_trainer.training.objective import denoising_loss, draw_timesteps, frozen_text_cache, loss_by_interval
 from tsm_trainer.training.optimizers import build_optimizer, parse_optimizer_args
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,7 +150,7 @@ class Trainer:
         self.network = built.network.to(self.device)
         self.network_args = built.network_args
         self.is_tsm = isinstance(self.network, TSMNetwork)
-        self._text_cache = None if built.train_text_encoder else FrozenTextCache(family, components, self.device)
+        self._text_cache = None if built.train_text_encoder else frozen_text_cache(family, components, self.device)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
         groups = built.param_groups
         self.optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate,

@@ -28,7 +28,7 @@ from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
 from tsm_trainer.training.config import TrainConfig
-from tsm_trainer.training.objective import FrozenTextCache
+from tsm_trainer.training.objective import frozen_text_cache
 from tsm_trainer.training.distill.dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from tsm_trainer.training.distill.student import parse_student_timesteps, predict_x0, renoise, simulate_to
 
@@ -121,7 +121,7 @@ class DistillTrainer:
                                           weight_decay=config.weight_decay)
         self.gen_params, self.fake_params = gen_params, fake_params
         self.step = 0
-        self.text = FrozenTextCache(family, components, self.device)
+        self.text = frozen_text_cache(family, components, self.device)
         self.history: list[dict] = []
 
     # -- views of the base model ------------------------------------------------------------
