@@ -96,6 +96,9 @@ def test_defaults_act_like_kohya_argparse(tmp_path):
     ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nvideo_frames = 4\n'
      '[[datasets.subsets]]\nimage_dir = "y"\n', ["'video_frames'", "differs"]),
     ('[general\nresolution = 512\n', ["not valid TOML", "ds.toml"]),
+    # accepted by kohya, not implemented here: refused rather than ignored
+    ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = true\n',
+     ["ds.toml", "subsets]] #1", "key 'cache_info' = True", "not implemented"]),
 ])
 def test_errors_name_key_file_and_choices(tmp_path, body, needles):
     with pytest.raises(DatasetConfigError) as ei:

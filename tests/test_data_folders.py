@@ -43,7 +43,7 @@ def test_repeats_captions_and_is_reg(tmp_path):
 
     ds = TrainDataset(scan_dataset(cfg), seed=3)
     uses, reg_flags, captions = Counter(), {}, {}
-    for batch in ds:
+    for batch in ds.epoch_batches(0):
         assert batch["is_reg"].dtype == torch.bool and batch["is_reg"].shape == (len(batch["keys"]),)
         for key, reg, caption in zip(batch["keys"], batch["is_reg"].tolist(), batch["captions"]):
             uses[key] += 1

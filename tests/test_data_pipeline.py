@@ -13,6 +13,7 @@ from tsm_trainer.data import (
     parse_dataset_config, process_caption, scan_dataset,
 )
 from tsm_trainer.data.config import SubsetConfig
+from tsm_trainer.data.dataset import indexed_batches
 from tsm_trainer.data.errors import DatasetConfigError
 
 
@@ -144,7 +145,7 @@ def test_batches_shapes_repeats_and_flip(tmp_path):
     (d / "wide.txt").write_text("wide")
     ds = TrainDataset(scan_dataset(cfg_for(d, flip_aug=True, num_repeats=3, batch_size=2)), seed=1)
     seen, flips = [], []
-    for batch in ds:
+    for batch in ds.epoch_batches(0):
         h, w = batch["bucket"]
         assert batch["pixels"].shape == (len(batch["keys"]), 3, h, w) and len(batch["keys"]) <= 2
         assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
@@ -158,29 +159,24 @@ def test_batches_shapes_repeats_and_flip(tmp_path):
             assert red_left == (not f)
     assert sorted(seen) == sorted(str(p) for p in d.glob("*.png") for _ in range(3))
     assert any(flips) and not all(flips)
-    assert ds.epoch == 1 and ds.num_samples == 15 and len(ds) == 8  # 12 squares / 2 + ceil(3 / 2)
+    assert ds.num_samples == 15 and len(ds) == 8  # 12 squares / 2 + ceil(3 / 2)
 
 
-def test_resume_reproduces_remaining_batches(tmp_path):
+def test_batches_are_a_pure_function_of_seed_epoch_and_index(tmp_path):
+    """What makes a resume exact: a fresh dataset (a new process) gives batch (epoch, i) bit for bit,
+    without the batches before it; another seed or epoch gives another order."""
     d = make_image_dir(tmp_path)
     cfg = cfg_for(d, shuffle_caption=True, flip_aug=True, random_crop=True, batch_size=1, num_repeats=2)
     scan = scan_dataset(cfg)
-    ref = TrainDataset(scan, seed=7)
-    full = list(ref)
-    part = TrainDataset(scan, seed=7)
-    it = iter(part)
-    for _ in range(2):
-        next(it)
-    state = part.state_dict()
-    resumed = TrainDataset(scan, seed=0)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
+    full = list(TrainDataset(scan, seed=7).epoch_batches(1))
+    rest = [b for _, b in indexed_batches(TrainDataset(scan, seed=7).epoch_batches(1), start=2)]
     assert len(rest) == len(full) - 2
     for a, b in zip(full[2:], rest):
         assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and a["flipped"] == b["flipped"]
         assert torch.equal(a["pixels"], b["pixels"])
+    ref = TrainDataset(scan, seed=7)
     assert [pb.entries for pb in ref.plan(0)] != [pb.entries for pb in ref.plan(1)]  # new order per epoch
-    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 0
+    assert [pb.entries for pb in TrainDataset(scan, seed=8).plan(1)] != [pb.entries for pb in ref.plan(1)]
 
 
 def fake_vae(calls):
@@ -200,7 +196,7 @@ def test_latent_cache_memory_and_disk(tmp_path):
     ds = TrainDataset(scan, seed=0, latent_cache=cache)
     assert ds.cache_latents() == 6 and sum(calls) == 6  # 3 images x 2 flips
     calls.clear()
-    for batch in ds:
+    for batch in ds.epoch_batches(0):
         h, w = batch["bucket"]
         assert "pixels" not in batch and batch["latents"].shape[1:] == (3, h // 8, w // 8)
     assert calls == [] and cache.misses == 6 and cache.hits == 3
@@ -213,7 +209,7 @@ def test_latent_cache_memory_and_disk(tmp_path):
     c2 = LatentCache(None, cache_dir=disk, namespace="vae-a")  # VAE freed: must hit everything
     ds2 = TrainDataset(scan, latent_cache=c2)
     assert ds2.cache_latents() == 0
-    batch = next(iter(ds2))
+    batch = ds2.batch(0, 0)
     ref = TrainDataset(scan)
     assert torch.allclose(batch["latents"], fake_vae([])(ref.batch(0, 0)["pixels"]))
     # a touched file or another VAE misses
@@ -241,6 +237,13 @@ def test_text_encoder_cache(tmp_path):
     assert out["hidden"].shape == (2, 4, 2) and out["pooled"][:, 0].tolist() == [11.0, 10.0]
     with pytest.raises(ValueError, match="cannot be cached"):
         TrainDataset(scan_dataset(cfg_for(d, shuffle_caption=True))).static_captions()
+    in_memory = TextEncoderCache(encode)
+    in_memory.encode(["a", "b", "a"])
+    assert calls[-1] == 2 and "a" in in_memory  # each distinct caption once
+    in_memory.clear()
+    assert "a" not in in_memory
+    with pytest.raises(ValueError, match="on disk is not cleared"):
+        cache.clear()
 
 
 def test_video_frame_folders(tmp_path):
@@ -259,7 +262,7 @@ def test_video_frame_folders(tmp_path):
     scan = scan_dataset(cfg_for(root, video_frames=2, batch_size=2))
     assert [Path(p.path).name for p in scan.problems] == ["short"]
     ds = TrainDataset(scan)
-    batches = list(ds)
+    batches = list(ds.epoch_batches(0))
     assert sorted(len(b["keys"]) for b in batches) == [1, 2]
     for b in batches:
         h, w = b["bucket"]

@@ -170,3 +170,16 @@ def test_options_the_task_would_ignore_are_refused(data):
     assert main(common + ["--distill_fake_updates", "2"]) == 2  # a distill option without --task distill
     assert not os.path.exists(root / "refused")
 
+
+
+def test_dataset_keys_distillation_would_ignore_are_refused(data, tmp_path):
+    root, base, toml = data
+    text = open(toml).read()
+    for edit, key in [(text.replace("batch_size =", "network_multiplier = 0.5\nbatch_size ="), "network_multiplier"),
+                      (text + text[text.index("  [[datasets.subsets]]"):] + "  is_reg = true\n", "is_reg")]:
+        changed = tmp_path / f"{key}.toml"
+        changed.write_text(edit)
+        config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=str(changed),
+                             output_dir=str(tmp_path / "out"), network_dim=2, distill_fake_rank=2, max_train_steps=1)
+        with pytest.raises(ValueError, match=f"{changed}: .*key '{key}'.*--task distill"):
+            build(config, log=lambda m: None)

@@ -140,3 +140,41 @@ def test_command_line_guards_the_final_file_and_checks_the_dataset_on_resume(tin
         os.remove(images / "9.txt")
     err = capsys.readouterr().err
     assert "tsm-state-2/state.json: the dataset (images, captions, repeats or buckets) changed" in err
+
+
+def test_resume_on_the_real_dataset_uses_the_next_batch_bit_for_bit_and_refuses_a_changed_one(tiny_sd_base, tmp_path):
+    from tsm_trainer.training.build import build
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a, {colour}, square")
+    toml = tmp_path / "data.toml"  # caption shuffle and flips: the batch depends on (seed, epoch, index)
+    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\nshuffle_caption = true\nflip_aug = true\n'
+                    f'\n[[datasets]]\nbatch_size = 1\n\n  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+
+    def run(out, steps, **options):
+        trainer = build(TrainConfig(pretrained_model_name_or_path=str(tiny_sd_base), dataset_config=str(toml),
+                                    output_dir=str(out), network_dim=2, max_train_steps=steps, **options),
+                        log=lambda m: None)
+        dataset, used = trainer.make_batches.__self__, []
+        load = dataset.batch
+        dataset.batch = lambda epoch, index: used.append(load(epoch, index)) or used[-1]
+        trainer.run()
+        return trainer, used
+
+    straight, expected = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2, save_state=True)  # 4 batches per epoch: the state is mid-epoch
+    resumed, used = run(tmp_path / "b", 3, resume=str(tmp_path / "b" / "tsm-state-2"))
+    assert len(used) == 1
+    for key in ("keys", "captions", "flipped"):
+        assert used[0][key] == expected[2][key]
+    assert torch.equal(used[0]["pixels"], expected[2]["pixels"])
+    for key, value in straight.network.state_dict().items():
+        assert torch.equal(resumed.network.state_dict()[key], value), key
+
+    (images / "3.txt").write_text("a, yellow, circle")
+    with pytest.raises(ValueError, match=r"tsm-state-2/state.json: the dataset \(images, captions, repeats or "
+                                         r"buckets\) changed since this state was saved"):
+        run(tmp_path / "b", 3, resume=str(tmp_path / "b" / "tsm-state-2"))

@@ -78,11 +78,15 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_sd_base, tmp_path):
 
 def test_frozen_text_encoder_outputs_are_cached_and_equal(tiny_sd_base, tmp_path):
     trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="8", network_train_unet_only=True)
+    cache, calls = trainer._text_cache, []
+    encode = cache.encode_fn
+    cache.encode_fn = lambda captions: calls.append(captions) or encode(captions)
     captions = ["a red circle", "a blue square", "a red circle"]
     cached = trainer._encode_text(captions)["encoder_hidden_states"]
     direct = trainer.family.encode_text(trainer.c, captions, trainer.device)["encoder_hidden_states"]
     torch.testing.assert_close(cached, direct)
-    assert sorted(trainer._text_cache) == ["a blue square", "a red circle"]
+    torch.testing.assert_close(trainer._encode_text(captions[:2])["encoder_hidden_states"], direct[:2])
+    assert calls == [["a blue square", "a red circle"]]  # each distinct caption encoded once
 
 
 def test_xformers_flag_without_xformers_is_a_clear_error(tiny_sd_base, tmp_path):
@@ -141,3 +145,40 @@ def test_sample_images_and_epoch_checkpoints(tiny_sd_base, tmp_path):
     assert (tmp_path / "tsm-state-3").is_dir()
     with pytest.raises(ValueError, match="--sample_every_n_steps needs --sample_prompts"):
         _trainer(tiny_sd_base, tmp_path / "b", sample_every_n_steps=1).run()
+
+
+def test_prodigy_gets_the_given_learning_rate_and_a_warning_when_low(monkeypatch, caplog):
+    from tsm_trainer.training import optimizers
+
+    # prodigyopt is optional: a stand-in class shows what build_optimizer passes to it
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "prodigy", ("torch.optim", "SGD", {}, "prodigyopt"))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with caplog.at_level("WARNING", logger=optimizers.__name__):
+        low = optimizers.build_optimizer("Prodigy", params, 1e-4, {}, 0.0)
+    assert low.param_groups[0]["lr"] == 1e-4
+    assert "--learning_rate 0.0001 is low for Prodigy" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=optimizers.__name__):
+        usual = optimizers.build_optimizer("prodigy", params, 1.0, {}, 0.0)
+    assert usual.param_groups[0]["lr"] == 1.0 and not caplog.text
+
+
+def test_dataset_network_multiplier_scales_the_network_for_its_batches(tiny_sd_base, tmp_path):
+    batch = next(make_batches(0))
+    options = dict(tsm_scales="2", optimizer_type="SGDNesterov", max_train_steps=1)
+    scaled = _trainer(tiny_sd_base, tmp_path / "a", **options)
+    seen = []
+    loss = scaled._loss
+    scaled._loss = lambda *args: seen.append(scaled.network.multiplier) or loss(*args)
+    scaled.train_step([{**batch, "network_multiplier": 0.5}])
+    assert seen == [0.5]
+    assert {lora.multiplier for lora in scaled.network.all_loras} == {1.0}  # validation and saves see 1.0
+
+    by_hand = _trainer(tiny_sd_base, tmp_path / "b", **options)
+    by_hand.network.set_multiplier(0.5)
+    by_hand.train_step([batch])
+    plain = _trainer(tiny_sd_base, tmp_path / "c", **options)
+    plain.train_step([{**batch, "network_multiplier": 1.0}])
+    for key, value in scaled.network.state_dict().items():
+        assert torch.equal(by_hand.network.state_dict()[key], value), key
+    assert any(not torch.equal(plain.network.state_dict()[k], v) for k, v in scaled.network.state_dict().items())

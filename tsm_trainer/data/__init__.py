@@ -1,4 +1,4 @@
-"""Data layer of the standalone trainer: kohya dataset TOML -> scanned items -> resumable batches.
+"""Data layer of the standalone trainer: kohya dataset TOML -> scanned items -> batches by (epoch, index).
 
 Typical use::
 
@@ -7,7 +7,7 @@ Typical use::
     scan = scan_dataset(cfg, on_error="skip")        # decodes every file now; raises DatasetError if empty
     ds = TrainDataset(scan, seed=42, latent_cache=LatentCache(vae_encode, cache_dir=None, namespace=vae_id))
     ds.cache_latents()                               # optional pre-pass, then the VAE may be freed
-    for batch in ds: ...                             # one epoch; ds.state_dict() for exact resume
+    for batch in ds.epoch_batches(epoch): ...       # lazy; batch i depends only on (seed, epoch, i)
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ No model is imported here: the caller passes the encode functions.
   Value: one sample's latents, e.g. (C, h, w) for an image or (F, C, h, w) / (C, F, h, w) for a clip.
 - TextEncoderCache: key = hash(namespace, caption string). Value: a dict of tensors of one caption
   (e.g. {"hidden": (L, D), "pooled": (D,)}); `encode` returns them stacked with a batch dim.
-  Valid only while the text encoder is frozen and captions are static (DataConfig.captions_static).
+  Valid only while the text encoder is frozen; with static captions (DataConfig.captions_static)
+  `prepare` can encode every caption before training.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def _digest(*parts: object) -> str:
 
 
 class _TensorStore:
-    """key -> dict[str, Tensor], in a dict (cache_dir None) or as `<cache_dir>/<key>.safetensors`."""
+    """key -> dict[str, Tensor], in a dict (cache_dir None) or as `<cache_dir>/<key>.safetensors`.
+    In memory, tensors move to the CPU unless ``keep_device``."""
 
-    def __init__(self, cache_dir: str | Path | None):
+    def __init__(self, cache_dir: str | Path | None, keep_device: bool = False):
         self.dir = Path(cache_dir) if cache_dir is not None else None
+        self.keep_device = keep_device
         self.mem: dict[str, dict[str, torch.Tensor]] = {}
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -48,13 +51,19 @@ class _TensorStore:
         p = self.path(key)
         return load_file(p) if p.is_file() else None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Store ``tensors`` under ``key``; returns them as stored (detached; on the CPU but in memory
+        with ``keep_device``)."""
+        if self.dir is None and self.keep_device:
+            self.mem[key] = {k: v.detach() for k, v in tensors.items()}
+            return self.mem[key]
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if self.dir is None:
             self.mem[key] = tensors
-            return
+            return tensors
         with atomic_file(self.path(key), suffix=".tmp", fsync=False) as tmp:  # readers never see a half-written file
             save_file(tensors, tmp, metadata={"key": key})
+        return tensors
 
 
 class LatentCache:
@@ -102,20 +111,36 @@ class LatentCache:
 
 
 class TextEncoderCache:
-    """encode_fn: list[str] (B captions) -> dict[str, Tensor] each (B, ...)."""
+    """Outputs of a frozen text encoder, one entry per caption string (the trainer, distillation and
+    evaluation all encode through it, so each distinct caption is encoded once).
+
+    encode_fn: list[str] (B captions) -> dict[str, Tensor] each (B, ...), e.g. ``family.encode_text``.
+    In memory (``cache_dir`` None) entries stay on the device encode_fn returned them on; on disk
+    they are read back on the CPU.
+    """
 
     def __init__(self, encode_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None,
                  cache_dir: str | Path | None = None, namespace: str = ""):
         self.encode_fn = encode_fn
         self.namespace = namespace
-        self.store = _TensorStore(cache_dir)
+        self.store = _TensorStore(cache_dir, keep_device=True)
 
     def key(self, caption: str) -> str:
         return _digest("text", self.namespace, caption)
 
+    def __contains__(self, caption: str) -> bool:
+        return self.key(caption) in self.store
+
+    def clear(self) -> None:
+        """Forget every entry held in memory (the text encoder changed, e.g. another LoRA file)."""
+        if self.store.dir is not None:
+            raise ValueError(f"{self.store.dir}: a text-encoder cache on disk is not cleared; use another "
+                             "namespace or delete the folder")
+        self.store.mem.clear()
+
     def prepare(self, captions: list[str], batch_size: int = 16) -> int:
         """Encode every caption not cached yet, in batches. Returns the number encoded."""
-        todo = sorted({c for c in captions if self.key(c) not in self.store})
+        todo = sorted({c for c in captions if c not in self})
         for k in range(0, len(todo), batch_size):
             self._encode_and_store(todo[k:k + batch_size])
         return len(todo)
@@ -125,16 +150,14 @@ class TextEncoderCache:
             raise RuntimeError(f"text-encoder cache miss for {captions[0]!r} and no encode function")
         with torch.no_grad():
             out = self.encode_fn(captions)
-        rows = [{n: t[i].detach().cpu() for n, t in out.items()} for i in range(len(captions))]
-        for c, r in zip(captions, rows):
-            self.store.put(self.key(c), r)
-        return rows
+        return [self.store.put(self.key(c), {n: t[i] for n, t in out.items()}) for i, c in enumerate(captions)]
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Stacked outputs (B, ...) for `captions`, from the cache or encoded (and stored) on a miss."""
+        """Stacked outputs (B, ...) for ``captions``: the missing ones are encoded together (each once,
+        in sorted order) and stored."""
         rows = [self.store.get(self.key(c)) for c in captions]
-        miss = [i for i, r in enumerate(rows) if r is None]
-        if miss:
-            for i, r in zip(miss, self._encode_and_store([captions[i] for i in miss])):
-                rows[i] = r
+        missing = sorted({c for c, r in zip(captions, rows) if r is None})
+        if missing:
+            encoded = dict(zip(missing, self._encode_and_store(missing)))
+            rows = [encoded[c] if r is None else r for c, r in zip(captions, rows)]
         return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}

@@ -40,6 +40,13 @@ def _int(lo=None):
     return check
 
 
+def _false(v):
+    """A kohya key whose feature is not implemented: only its default (false) is accepted."""
+    if v is not False:
+        raise ValueError
+    return v
+
+
 def _float01(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
         raise ValueError
@@ -103,7 +110,8 @@ SUBSET_KEYS: dict[str, Spec] = {  # valid at every level, inherited downward
     "caption_tag_dropout_rate": (_float01, "a number in [0, 1]"),
     "flip_aug": (_bool, "true or false"),
     "random_crop": (_bool, "true or false"),
-    "cache_info": (_bool, "true or false (accepted, has no effect)"),
+    "cache_info": (_false, "false: kohya's image-size cache is not implemented (sizes are read at each scan); "
+                           "remove the key"),
 }
 SUBSET_ONLY_KEYS: dict[str, Spec] = {
     "image_dir": (_str, "a folder path"),

@@ -1,4 +1,4 @@
-"""TrainDataset: batches of a scanned kohya dataset config, resumable to the exact batch.
+"""TrainDataset: batches of a scanned kohya dataset config, by (epoch, index).
 
 A batch is a dict:
   "pixels":  (B, 3, H, W) float32 in [-1, 1], or (B, F, 3, H, W) for video datasets
@@ -11,7 +11,9 @@ A batch is a dict:
   "network_multiplier": float of the dataset, "dataset": int index, "flipped": list[bool]
 
 Randomness (bucket shuffles, batch order, caption shuffle/dropout, flip, random crop) is a pure
-function of (seed, epoch, position), so `load_state_dict(state_dict())` continues identically.
+function of (seed, epoch, index), so the dataset holds no position: a training state saves the
+trainer's (epoch, position) and :func:`fingerprint` (checked on resume by training/run_record.py),
+and a resume continues with exactly the batch the uninterrupted run would have used.
 """
 from __future__ import annotations
 
@@ -81,11 +83,9 @@ class TrainDataset:
         self._batch_sizes = [d.batch_size for d in self.config.datasets]
         self._repeats = [item_repeats(ds_items, d.subsets, d.where)
                          for ds_items, d in zip(self.items, self.config.datasets)]
-        self.epoch = 0
-        self.position = 0
         self._plan_cache: tuple[int, list[PlannedBatch]] | None = None
 
-    # ----- plan and resume state -------------------------------------------------------------
+    # ----- plan and identity -------------------------------------------------------------------
     def plan(self, epoch: int) -> list[PlannedBatch]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             self._plan_cache = (epoch, plan_epoch(self.items, self._batch_sizes, self._repeats,
@@ -103,8 +103,8 @@ class TrainDataset:
 
     def fingerprint(self) -> str:
         """sha256 of what decides the batches, seed aside: every item (files relative to their
-        image_dir, their stamps, caption, bucket, subset), batch sizes, repeats and shuffling. Equal fingerprints and seeds give equal
-        batches, so a resume checks it."""
+        image_dir, their stamps, caption, bucket, subset), batch sizes, repeats and shuffling. Equal
+        fingerprints and seeds give equal batches, so a resume checks it (run_record.data_identity)."""
         h = hashlib.sha256(repr((self._batch_sizes, self._repeats, self.shuffle)).encode())
         for d, ds_items in enumerate(self.items):
             for it in ds_items:
@@ -113,39 +113,17 @@ class TrainDataset:
                 h.update(repr((names, it.stamp, it.caption, it.choice, it.dataset, it.subset)).encode())
         return h.hexdigest()
 
-    def state_dict(self) -> dict:
-        """{"epoch", "position" (next batch index in the epoch), "seed", "fingerprint"}."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "fingerprint": self.fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        if state.get("fingerprint") not in (None, self.fingerprint()):
-            raise ValueError("the dataset changed since this state was saved (images, captions, repeats or "
-                             "buckets); an exact resume is impossible")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
     def epoch_batches(self, epoch: int) -> "EpochBatches":
         """The batches of `epoch` as a lazy sequence: a batch is loaded only when indexed, so a
         resumed run skips to its position without loading the batches before it."""
         return EpochBatches(self, epoch)
-
-    def __iter__(self) -> Iterator[dict]:
-        """The remaining batches of the current epoch; afterwards epoch += 1 and position = 0."""
-        plan = self.plan(self.epoch)
-        while self.position < len(plan):
-            batch = self.batch(self.epoch, self.position)
-            self.position += 1
-            yield batch
-        self.epoch += 1
-        self.position = 0
 
     # ----- assembling one batch ----------------------------------------------------------------
     def _sample_rng(self, epoch: int, index: int, j: int) -> np.random.Generator:
         return epoch_rng(self.seed, epoch, 3, index, j)
 
     def batch(self, epoch: int, index: int) -> dict:
-        """Batch `index` of `epoch` (random access; does not move the iterator)."""
+        """Batch `index` of `epoch` (random access)."""
         pb = self.plan(epoch)[index]
         dcfg = self.config.datasets[pb.dataset]
         video = dcfg.video_frames is not None

@@ -14,7 +14,7 @@ from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.metadata import tsm_metadata
 from tsm_trainer.core.network import TSMNetwork
 from tsm_trainer.families import detect_family
-from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, loss_by_interval
+from tsm_trainer.training.objective import denoising_loss, frozen_text_cache, loss_by_interval
 
 
 def load_lora_file(path: str, components, num_train_timesteps: int, multiplier: float = 1.0) -> TSMNetwork:
@@ -90,7 +90,7 @@ def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[
         taken.add(label)
         runs.append((label, path))
 
-    text_cache = FrozenTextCache(family, components, device)  # cleared per model: a file's TE LoRA changes it
+    text_cache = frozen_text_cache(family, components, device)  # cleared per model: a file's TE LoRA changes it
 
     def loss_fn(batch, t, generator):
         return denoising_loss(family, components, batch, t, generator, text_cache.encode, device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 _LOGGING = "logging goes to the console and TensorBoard (--logging_dir)"
 _METADATA = "the file's modelspec.* metadata is written by the trainer; custom fields are not supported yet"
-_IN_TOML = "not implemented as a flag; set it per dataset/subset in the --dataset_config TOML"
 _NOT_DATA = "this dataset feature is not implemented"
 _OFFLINE = "this trainer works offline (no Hugging Face uploads or downloads)"
 _SAVE = "use --save_last_n_steps / --save_last_n_epochs (states follow them)"
@@ -30,7 +29,7 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(("metadata_title", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
                      "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from", "metadata_trigger_phrase",
                      "metadata_preprocessor", "metadata_is_negative_embedding"), _METADATA),
-    "cache_info": _IN_TOML,
+    "cache_info": "kohya's image-size cache is not implemented (image sizes are read at each scan)",
     **dict.fromkeys(("color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "alpha_mask",
                      "resize_interpolation", "dataset_class", "conditioning_data_dir", "masked_loss",
                      "weighted_captions", "debug_dataset", "vae_batch_size", "skip_cache_check"), _NOT_DATA),

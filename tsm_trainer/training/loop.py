@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -27,7 +28,7 @@ from tsm_trainer.training.output_dir import check_final_file
 from tsm_trainer.training.run_record import run_record
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.network_plugin import build_network
-from tsm_trainer.training.objective import FrozenTextCache, denoising_loss, draw_timesteps, loss_by_interval
+from tsm_trainer.training.objective import denoising_loss, draw_timesteps, frozen_text_cache, loss_by_interval
 from tsm_trainer.training.optimizers import build_optimizer, parse_optimizer_args
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -150,7 +151,7 @@ class Trainer:
         self.network = built.network.to(self.device)
         self.network_args = built.network_args
         self.is_tsm = isinstance(self.network, TSMNetwork)
-        self._text_cache = None if built.train_text_encoder else FrozenTextCache(family, components, self.device)
+        self._text_cache = None if built.train_text_encoder else frozen_text_cache(family, components, self.device)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
         groups = built.param_groups
         self.optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate,
@@ -200,7 +201,8 @@ class Trainer:
             g = self._generator(micro)
             timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family,
                                          self.is_tsm)
-            per_sample = self._loss(batch, timesteps, g)
+            with self._dataset_multiplier(batch):
+                per_sample = self._loss(batch, timesteps, g)
             weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma or 0.0)
             weighted = per_sample * weights if weights is not None else per_sample
             if "is_reg" in batch and self.config.prior_loss_weight != 1.0:
@@ -232,6 +234,24 @@ class Trainer:
                                                                                 self.device)
         self.step += 1
         return total
+
+    @contextmanager
+    def _dataset_multiplier(self, batch: dict):
+        """The batch's dataset ``network_multiplier`` applied to the network for its forward pass, as
+        sd-scripts' train_network.py sets it per batch; 1.0 again afterwards (validation, sampling, saves)."""
+        multiplier = float(batch.get("network_multiplier", 1.0))
+        if multiplier == 1.0:
+            yield
+            return
+        if not hasattr(self.network, "set_multiplier"):
+            raise ValueError(f"dataset config key 'network_multiplier' = {multiplier}: --network_module "
+                             f"{self.config.network_module} has no set_multiplier; remove the key or use a network "
+                             "module that has one")
+        self.network.set_multiplier(multiplier)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(1.0)
 
     def _generator(self, micro: int) -> torch.Generator:
         """Noise and timesteps of (step, process, micro-batch) come from their own seed, so a

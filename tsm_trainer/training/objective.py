@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.data.cache import TextEncoderCache
 
 
 def denoising_loss(family, components, batch: dict, timesteps: torch.Tensor, generator: torch.Generator,
@@ -34,22 +35,9 @@ def denoising_loss(family, components, batch: dict, timesteps: torch.Tensor, gen
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
 
 
-class FrozenTextCache(dict):
-    """Text conditioning of a text encoder that doesn't change: each caption is encoded once.
-    ``{caption: {key: tensor}}``; ``encode(captions)`` returns ``{key: (B, ...)}`` as ``family.encode_text``."""
-
-    def __init__(self, family, components, device):
-        super().__init__()
-        self.family, self.components, self.device = family, components, device
-
-    def encode(self, captions: list[str]) -> dict:
-        missing = sorted({cap for cap in captions if cap not in self})
-        if missing:
-            with torch.no_grad():
-                encoded = self.family.encode_text(self.components, missing, self.device)
-            for i, cap in enumerate(missing):
-                self[cap] = {k: v[i] for k, v in encoded.items()}
-        return {k: torch.stack([self[cap][k] for cap in captions]) for k in self[captions[0]]}
+def frozen_text_cache(family, components, device) -> TextEncoderCache:
+    """An in-memory cache of ``family.encode_text`` for a frozen text encoder (on ``device``)."""
+    return TextEncoderCache(lambda captions: family.encode_text(components, captions, device))
 
 
 def draw_timesteps(family, lo: int, hi: int, n: int, generator: torch.Generator) -> torch.Tensor:

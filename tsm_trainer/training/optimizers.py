@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
 
 # lower-case name -> (package to import, attribute path, fixed keyword arguments, pip hint)
 _BNB = "bitsandbytes"
@@ -84,6 +87,10 @@ def build_optimizer(optimizer_type: str, groups, learning_rate: float, optimizer
     if key == "adafactor":
         # kohya defaults to Adafactor's own relative-step schedule; here the given --learning_rate is used
         kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
+    if key == "prodigy" and learning_rate <= 0.1:
+        # Passed through as sd-scripts does (Prodigy's lr multiplies its adapted step size), with its warning.
+        logger.warning("--learning_rate %g is low for Prodigy, which adapts the step size itself and expects a "
+                       "learning rate around 1.0; it is used as given", learning_rate)
     if key == "sgdnesterov":
         kwargs["momentum"] = 0.9  # kohya's default
     if key in ("adamw", "adamw8bit", "pagedadamw", "pagedadamw8bit", "pagedadamw32bit", "adafactor", "prodigy"):

@@ -24,10 +24,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
 from tsm_trainer.training.config import TrainConfig
-from tsm_trainer.training.objective import FrozenTextCache
+from tsm_trainer.training.objective import frozen_text_cache
 from tsm_trainer.training.distill.dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
 from tsm_trainer.training.distill.student import parse_student_timesteps, predict_x0, renoise, simulate_to
 
@@ -39,6 +40,21 @@ PAPER_GAN_START_VANILLA = 40 / 45
 PAPER_STEP_WEIGHTS_4 = (25.0, 25.0, 25.0, 45.0)
 
 
+def refuse_unused_dataset_keys(batches) -> None:
+    """ValueError naming the file and key for what distillation would ignore: a dataset's
+    ``network_multiplier`` (the student trains at 1.0) and ``is_reg`` subsets (no prior loss; they
+    would serve as real images). ``batches``: one epoch of a TrainDataset (others are not checked)."""
+    config = getattr(getattr(batches, "dataset", None), "config", None)
+    for dataset in config.datasets if config is not None else ():
+        if dataset.network_multiplier != 1.0:
+            raise ValueError(f"{dataset.where}: key 'network_multiplier' = {dataset.network_multiplier} is not "
+                             "applied by --task distill (the student trains at 1.0); remove the key")
+        for subset in dataset.subsets:
+            if subset.is_reg:
+                raise ValueError(f"{subset.where}: key 'is_reg' = true: --task distill has no prior loss, the "
+                                 "regularisation images would serve as real images; remove the subset")
+
+
 class DistillTrainer:
     """Student, fake score and discriminator on one base model; ``run()`` trains and saves the student."""
 
@@ -47,6 +63,7 @@ class DistillTrainer:
         if not hasattr(components.noise_scheduler, "alphas_cumprod") or family.num_train_timesteps != 1000:
             raise ValueError("--task distill supports the DDPM families (sd1, sd2, sdxl)")
         self.config, self.family, self.c, self.log = config, family, components, log
+        refuse_unused_dataset_keys(make_batches(0))
         self.make_batches = make_batches
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.T = family.num_train_timesteps
@@ -63,7 +80,7 @@ class DistillTrainer:
         self.student = TSMNetwork(TSMConfig(scales=[n], rank=config.network_dim, alpha=config.network_alpha,
                                             num_train_timesteps=self.T), denoiser, [])
         if not vanilla:
-            experts = [int(t * n // self.T) for t in self.timesteps]
+            experts = [expert_index(t, n, self.T) for t in self.timesteps]
             if len(set(experts)) != k:
                 raise ValueError(f"--distill_timesteps {self.timesteps}: with n = {k} experts two student steps share "
                                  f"an expert ({experts}); space them one per interval of T/{k}")
@@ -104,7 +121,7 @@ class DistillTrainer:
                                           weight_decay=config.weight_decay)
         self.gen_params, self.fake_params = gen_params, fake_params
         self.step = 0
-        self.text = FrozenTextCache(family, components, self.device)
+        self.text = frozen_text_cache(family, components, self.device)
         self.history: list[dict] = []
 
     # -- views of the base model ------------------------------------------------------------
