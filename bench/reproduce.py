@@ -12,7 +12,7 @@ timestep draws. The rows of each suite are in bench/reproduce_rows.py:
 
 * ``tables``: Table 8 (stage 1) at equal total optimizer steps: vanilla LoRA (n = 1) at rank r and 8r,
   TSM fostering with n = 2, 4, 8, 16 at rank r (per-sample routing, so expert i of n sees about 1/n of
-  the samples: DESIGN.md section 7); Table 11 (stage 2): the assembled asymmetric [8, 1] and the
+  the samples: docs/design.md section 7); Table 11 (stage 2): the assembled asymmetric [8, 1] and the
   symmetric baseline, routers trained on the n = 8 and n = 1 files.
 * ``budgets``: equal total steps and equal steps per expert (TSM n trained n x S, next to vanilla LoRA
   trained as long), stage 2 on both, and the remedies at equal total steps (stratified batches, the

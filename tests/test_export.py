@@ -1,4 +1,4 @@
-"""Exports for plain LoRA loaders (DESIGN.md section 5), checked against diffusers itself."""
+"""Exports for plain LoRA loaders (docs/design.md section 5), checked against diffusers itself."""
 
 import pytest
 import torch

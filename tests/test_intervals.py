@@ -5,7 +5,7 @@ from tsm_trainer.core.intervals import expert_index, interval_bounds, interval_t
 
 
 def test_expert_index_matches_design_examples():
-    # DESIGN.md: T=1000, n=8: expert 0 is [0, 125), expert 7 is [875, 1000).
+    # docs/design.md: T=1000, n=8: expert 0 is [0, 125), expert 7 is [875, 1000).
     assert expert_index(0, 8) == 0
     assert expert_index(124, 8) == 0
     assert expert_index(125, 8) == 1

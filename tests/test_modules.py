@@ -130,7 +130,7 @@ def test_assemble_starts_at_core_only_and_trains_only_routers():
 
 
 def _gated_reference(m, x, t, mixture):
-    """Hand computation of DESIGN.md section 2 for one sample (x: (1, k))."""
+    """Hand computation of docs/design.md section 2 for one sample (x: (1, k))."""
     W, bias = m.org_module.weight, m.org_module.bias
     pooled = x.mean(0, keepdim=True) if x.dim() == 2 else x
     g = m.router.fc(pooled)[0] + m.router.embedding[int(t)]

@@ -1,4 +1,4 @@
-"""How t reaches the modules (DESIGN.md section 3)."""
+"""How t reaches the modules (docs/design.md section 3)."""
 
 import pytest
 import torch

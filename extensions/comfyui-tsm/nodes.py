@@ -1,4 +1,4 @@
-"""`Load TSM LoRA` (MODEL, CLIP -> MODEL, CLIP): a TSM file in ComfyUI (DESIGN.md section 6).
+"""`Load TSM LoRA` (MODEL, CLIP -> MODEL, CLIP): a TSM file in ComfyUI (docs/design.md section 6).
 
 Thin adapter; the expert arithmetic and the weight handling are ``tsm_trainer.runtime.online``'s.
 
@@ -67,7 +67,7 @@ class TSMSampling:
 
     # -- sigma -> t -------------------------------------------------------------------------
     def timestep(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
-        """t on the 0..T axis, as the denoiser receives it (DESIGN.md sections 1 and 6)."""
+        """t on the 0..T axis, as the denoiser receives it (docs/design.md sections 1 and 6)."""
         if self.info["timestep_space"] == "flow":
             # Flow models: t = sigma * T (ComfyUI's SD3 passes sigma*1000, Flux passes sigma).
             return sigma.detach().float() * self.info["num_train_timesteps"]

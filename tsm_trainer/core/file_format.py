@@ -1,4 +1,4 @@
-"""The native ``.safetensors`` file (DESIGN.md section 4): atomic writes, sd-scripts hashes,
+"""The native ``.safetensors`` file (docs/design.md section 4): atomic writes, sd-scripts hashes,
 strict validation. Only safetensors is ever read; nothing here unpickles.
 """
 

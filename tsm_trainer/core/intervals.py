@@ -1,4 +1,4 @@
-"""Timestep intervals (DESIGN.md section 1): the one place that maps a timestep to an expert.
+"""Timestep intervals (docs/design.md section 1): the one place that maps a timestep to an expert.
 
 ``t`` is 0-based on the ``[0, T)`` axis the denoiser receives; it may be fractional (a UI
 converting sigma to t) or come from a flow-matching model mapped with ``t = sigma * T``.

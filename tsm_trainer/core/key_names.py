@@ -1,4 +1,4 @@
-"""kohya LoRA names (DESIGN.md section 4): ``prefix + "_" + module_path.replace(".", "_")``.
+"""kohya LoRA names (docs/design.md section 4): ``prefix + "_" + module_path.replace(".", "_")``.
 
 SDXL files use the SGM (original LDM) module names that A1111, ComfyUI and sd-scripts'
 ``sdxl_original_unet`` use, so a diffusers SDXL UNet's paths are translated first.

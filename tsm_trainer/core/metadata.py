@@ -1,4 +1,4 @@
-"""Metadata written into every file: ``tsm.*`` (DESIGN.md section 4), kohya's ``ss_*`` and
+"""Metadata written into every file: ``tsm.*`` (docs/design.md section 4), kohya's ``ss_*`` and
 ``modelspec.*`` (Stability's sai_model_spec 1.0.1), so UIs and sd-scripts tools read it.
 """
 

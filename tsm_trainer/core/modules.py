@@ -1,4 +1,4 @@
-"""LoRA wrappers of one Linear or Conv2d (DESIGN.md section 2).
+"""LoRA wrappers of one Linear or Conv2d (docs/design.md section 2).
 
 Like kohya's lora.py, a wrapper replaces ``org_module.forward`` and keeps the base module
 untouched, so the model's own state dict never changes. Two kinds:

@@ -1,4 +1,4 @@
-"""The assembling-stage router (DESIGN.md section 2, paper eq. 5-6).
+"""The assembling-stage router (docs/design.md section 2, paper eq. 5-6).
 
 ``g = FC(pool(x)) + E[floor(t)]``: a linear map of the pooled module input plus a learned
 per-timestep row. Both start at zero and no activation is applied, so assembling starts

@@ -1,4 +1,4 @@
-"""How the timestep reaches the LoRA modules (DESIGN.md section 3).
+"""How the timestep reaches the LoRA modules (docs/design.md section 3).
 
 A :class:`TimestepContext` belongs to one network (never global, so two networks in a
 process don't see each other's t). :class:`TimestepCapture` fills it from a forward

@@ -7,7 +7,7 @@ exactly while the timestep the UNet receives lies in ``[lo, hi)``.
 
 Why hooks and not step ranges
 -----------------------------
-DESIGN.md section 6: the expert is chosen by the *noise level* (the sigma the sampler hands the
+docs/design.md section 6: the expert is chosen by the *noise level* (the sigma the sampler hands the
 denoiser, converted to ``t`` as the UNet receives it), never by the step counter. Chaining
 ``KSamplerAdvanced`` over ``start_at_step/end_at_step`` ties the switch to step indices, whose
 noise levels depend on the scheduler, the step count and ``denoise``; a workflow built that way

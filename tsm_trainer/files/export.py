@@ -1,4 +1,4 @@
-"""Plain-LoRA views of a native TSM file (DESIGN.md section 5): one standard kohya LoRA per
+"""Plain-LoRA views of a native TSM file (docs/design.md section 5): one standard kohya LoRA per
 expert, the static text-encoder LoRA, and exact or SVD-truncated merges of experts
 (DeMe-style: decouple by timestep, then merge in parameter space).
 

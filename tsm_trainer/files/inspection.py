@@ -1,6 +1,6 @@
 """Inspect any LoRA or TSM ``.safetensors`` file, and check it against a base model.
 
-Reads native TSM files (DESIGN.md section 4), plain kohya LoRAs and the per-expert exports
+Reads native TSM files (docs/design.md section 4), plain kohya LoRAs and the per-expert exports
 (section 5), and diffusers/PEFT LoRAs (``unet....to_q.lora_A.weight``). No UI or trainer is
 imported. Base models come from :mod:`tsm_trainer.base_models.loading` (the meta-device skeleton is
 enough for :func:`check_against_model`: it compares names and shapes, never values).

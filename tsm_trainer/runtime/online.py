@@ -1,4 +1,4 @@
-"""Applying a native TSM file while a UI samples (DESIGN.md section 6), without any UI import.
+"""Applying a native TSM file while a UI samples (docs/design.md section 6), without any UI import.
 
 UI adapters hand over the model's layers by kohya name and, at every denoiser call, the
 timestep the UNet receives (on the 0..T axis). Two paths:

@@ -69,7 +69,7 @@ def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torc
 
 
 def describe_budget(config: TrainConfig, batch_size: int, batches_per_epoch: int | None = None) -> str:
-    """DESIGN.md section 7: what the step budget buys each expert, and whether that was enough on the
+    """docs/design.md section 7: what the step budget buys each expert, and whether that was enough on the
     demo world (README, Which to train: TSM beat vanilla LoRA at equal steps from ~10 epochs per expert)."""
     n = config.scales[0]
     samples = config.max_train_steps * batch_size * config.gradient_accumulation_steps

@@ -43,7 +43,7 @@ from tsm_trainer.core.lora_math import first_factor, module_names
 from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 from tsm_trainer.runtime.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
-# Predictors whose UNet receives sigma in [0, 1] (Flux, Chroma): t = sigma * T (DESIGN.md section 1).
+# Predictors whose UNet receives sigma in [0, 1] (Flux, Chroma): t = sigma * T (docs/design.md section 1).
 # Forge's class names live in the family specs (``forge_predictors``).
 SIGMA_INPUT_PREDICTORS = frozenset(p for spec in family_specs() for p in spec.forge_predictors)
 FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16)

@@ -159,7 +159,7 @@ def text_encoder_layer_index(sd_model) -> dict[str, tuple[nn.Module, str | None]
 # -- sigma -> t -------------------------------------------------------------------------------------
 def timestep_from_sigma(sigma: torch.Tensor, denoiser, timestep_space: str = "ddpm",
                         num_train_timesteps: int = 1000) -> torch.Tensor:
-    """The t the UNet receives for ``CFGDenoiserParams.sigma`` (DESIGN.md section 6).
+    """The t the UNet receives for ``CFGDenoiserParams.sigma`` (docs/design.md section 6).
 
     k-diffusion: ``denoiser.inner_model.sigma_to_t(sigma)`` (the same call, with the wrapper's own
     ``quantize`` setting, that ``DiscreteEpsDDPMDenoiser.forward`` makes); DDIM/PLMS/UniPC: the
