@@ -48,7 +48,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-
 from measure import interleaved_samples, peak_rss_increase  # noqa: E402
 
 BATCH = 4
@@ -76,10 +75,16 @@ def build_unet(size: str):
     elif size == "mid":
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 256),
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(64, 128, 256),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=256,
+            attention_head_dim=8,
+            norm_num_groups=32,
         )
         spec = dict(sample=32, channels=4, seq=77, ctx_dim=256)
     else:
@@ -137,15 +142,23 @@ def build(size: str, config: str, device: torch.device):
 
 # ---------------------------------------------------------------------------------------
 # time
-def time_size(size: str, device: torch.device, warmup: int, repeats: int, inner: int,
-              budget_s: float = float("inf"), min_repeats: int = 3) -> dict[str, dict]:
+def time_size(
+    size: str,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    inner: int,
+    budget_s: float = float("inf"),
+    min_repeats: int = 3,
+) -> dict[str, dict]:
     """Median step time per config; stops early (after ``min_repeats``) once ``budget_s`` is spent."""
     built = {c: build(size, c, device) for c in CONFIGS}
     info = {}
-    for c, (unet, net, step, params) in built.items():
+    for c, (_unet, net, _step, params) in built.items():
         info[c] = dict(loras=len(net.denoiser_loras), trainable=sum(p.numel() for p in params))
-    samples = interleaved_samples({c: built[c][2] for c in CONFIGS}, device, warmup, repeats, inner, budget_s,
-                                  min_repeats)
+    samples = interleaved_samples(
+        {c: built[c][2] for c in CONFIGS}, device, warmup, repeats, inner, budget_s, min_repeats
+    )
     samples = {c: [v * 1e3 for v in vs] for c, vs in samples.items()}
     for c in CONFIGS:
         info[c]["ms"] = statistics.median(samples[c])
@@ -166,7 +179,7 @@ def saved_bytes(unet, step) -> int:
         try:
             st = t.untyped_storage()
             seen[(t.device.type, st.data_ptr())] = st.nbytes()
-        except Exception:  # noqa: BLE001  (e.g. tensor subclasses without storage)
+        except Exception:
             pass
         return t
 
@@ -185,7 +198,7 @@ def mem_child(size: str, config: str, steps: int, threads: int, queue) -> None:
         gc.collect()
         delta, how = peak_rss_increase(step, steps)
         queue.put((size, config, delta, how))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         queue.put((size, config, None, repr(exc)))
 
 
@@ -253,13 +266,20 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma list of tiny,mid")
     ap.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for mid (default: torch's default)")
-    ap.add_argument("--tiny-threads", type=int, default=1,
-                    help="CPU threads for tiny (default 1: its ops are too small to parallelise, and OpenMP "
-                         "barriers on a busy machine would dominate the timing)")
+    ap.add_argument(
+        "--tiny-threads",
+        type=int,
+        default=1,
+        help="CPU threads for tiny (default 1: its ops are too small to parallelise, and OpenMP "
+        "barriers on a busy machine would dominate the timing)",
+    )
     args = ap.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     sizes = [s for s in args.sizes.split(",") if s]
     # (warmup rounds, repeats, steps per sample, time budget of the repeats in s) per size
     if args.quick:
@@ -272,8 +292,10 @@ def main() -> None:
 
     import diffusers
 
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
-          f"device {device}, cpus {os.cpu_count()}, batch {BATCH}")
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
+        f"device {device}, cpus {os.cpu_count()}, batch {BATCH}"
+    )
     t_start = time.time()
     timing: dict[str, dict] = {}
     default_threads = args.threads or torch.get_num_threads()
@@ -285,12 +307,15 @@ def main() -> None:
         timing[s] = time_size(s, device, w, r, i, budget)
         v = timing[s]["vanilla"]["ms"]
         r = timing[s]["vanilla"]["repeats"]
-        print(f"\n[{s}] {threads} thread(s), warmup {w}, {r} interleaved repeats x {i} step(s), "
-              f"{time.time() - t0:.1f}s")
+        print(
+            f"\n[{s}] {threads} thread(s), warmup {w}, {r} interleaved repeats x {i} step(s), {time.time() - t0:.1f}s"
+        )
         for c in CONFIGS:
             d = timing[s][c]
-            print(f"  {c:11s} {d['ms']:9.2f} ms (min {d['min_ms']:8.2f}, max {d['max_ms']:8.2f})  {d['ms'] / v:6.3f}x  "
-                  f"loras {d['loras']:3d}  trainable {d['trainable']:8d}  saved-for-backward {d['saved_mb']:8.2f} MiB")
+            print(
+                f"  {c:11s} {d['ms']:9.2f} ms (min {d['min_ms']:8.2f}, max {d['max_ms']:8.2f})  {d['ms'] / v:6.3f}x  "
+                f"loras {d['loras']:3d}  trainable {d['trainable']:8d}  saved-for-backward {d['saved_mb']:8.2f} MiB"
+            )
 
     mem: dict = {}
     if not args.no_mem:
@@ -310,9 +335,15 @@ def main() -> None:
                     print(f"  [{s}] {c:11s} {delta / 2**20:9.1f} MiB  ({how})")
 
     # Markdown table
-    print("\n| config | " + " | ".join(f"{s} ms | ratio" for s in sizes) + " | "
-          + " | ".join(f"{s} peak mem ratio" for s in sizes) + " | "
-          + " | ".join(f"{s} saved ratio" for s in sizes) + " | target |")
+    print(
+        "\n| config | "
+        + " | ".join(f"{s} ms | ratio" for s in sizes)
+        + " | "
+        + " | ".join(f"{s} peak mem ratio" for s in sizes)
+        + " | "
+        + " | ".join(f"{s} saved ratio" for s in sizes)
+        + " | target |"
+    )
     print("|---|" + "---:|---:|" * len(sizes) + "---:|" * (2 * len(sizes)) + "---:|")
     for c in CONFIGS:
         cells = []

@@ -48,7 +48,6 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import torch  # noqa: E402
-
 from measure import interleaved_samples, peak_rss_increase  # noqa: E402
 
 BATCH = 4
@@ -72,10 +71,16 @@ def write_folder(size: str, root: str) -> str:
 
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 256),
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(64, 128, 256),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=256,
+            attention_head_dim=8,
+            norm_num_groups=32,
         )
         unet.save_pretrained(os.path.join(folder, "unet"))
         tiny_clip(hidden_size=256, seed=SEED).save_pretrained(os.path.join(folder, "text_encoder"))
@@ -97,12 +102,12 @@ def make_batches(folder: str) -> list[dict]:
     size = pixel_size(folder)
     letters = "abcdefghijklmnopqrstuvwxyz"
     batches = []
-    for b in range(N_BATCHES):
+    for _b in range(N_BATCHES):
         pixels = torch.rand(BATCH, 3, size, size, generator=g) * 2 - 1
         captions = []
         for _ in range(BATCH):
             idx = torch.randint(0, len(letters), (12,), generator=g).tolist()
-            captions.append(" ".join("".join(letters[i] for i in idx[k:k + 4]) for k in range(0, 12, 4)))
+            captions.append(" ".join("".join(letters[i] for i in idx[k : k + 4]) for k in range(0, 12, 4)))
         batches.append({"pixels": pixels, "captions": captions})
     return batches
 
@@ -133,8 +138,13 @@ def build(size: str, config: str, folder: str, device: torch.device):
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         lr_scheduler = get_scheduler("constant", optimizer)
         for b in batches:  # the example tokenizes in the dataset transform, not in the step
-            b["input_ids"] = tok(b["captions"], max_length=tok.model_max_length, padding="max_length",
-                                 truncation=True, return_tensors="pt").input_ids
+            b["input_ids"] = tok(
+                b["captions"],
+                max_length=tok.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
         unet.train()
 
         def step():
@@ -143,8 +153,9 @@ def build(size: str, config: str, folder: str, device: torch.device):
             latents = vae.encode(batch["pixels"].to(device)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=device).long()
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+            ).long()
             noisy = scheduler.add_noise(latents, noise, timesteps)
             encoder_hidden_states = te(batch["input_ids"].to(device), return_dict=False)[0]
             target = noise  # epsilon
@@ -164,15 +175,37 @@ def build(size: str, config: str, folder: str, device: torch.device):
 
     out = tempfile.mkdtemp(prefix="bench_trainer_out_")
     if config == "vanilla":
-        cfg = TrainConfig(pretrained_model_name_or_path=folder, tsm_stage="vanilla", network_dim=4, network_alpha=4.0,
-                          network_train_unet_only=True, output_dir=out, seed=SEED)
+        cfg = TrainConfig(
+            pretrained_model_name_or_path=folder,
+            tsm_stage="vanilla",
+            network_dim=4,
+            network_alpha=4.0,
+            network_train_unet_only=True,
+            output_dir=out,
+            seed=SEED,
+        )
     elif config == "tsm8":
-        cfg = TrainConfig(pretrained_model_name_or_path=folder, tsm_stage="foster", tsm_scales="8", network_dim=4,
-                          network_alpha=4.0, network_train_unet_only=True, output_dir=out, seed=SEED)
+        cfg = TrainConfig(
+            pretrained_model_name_or_path=folder,
+            tsm_stage="foster",
+            tsm_scales="8",
+            network_dim=4,
+            network_alpha=4.0,
+            network_train_unet_only=True,
+            output_dir=out,
+            seed=SEED,
+        )
     else:
         raise ValueError(config)
-    trainer = Trainer(cfg, family, c, make_batches=lambda epoch: batches, batch_size=BATCH, log=lambda *a: None,
-                      batches_per_epoch=len(batches))
+    trainer = Trainer(
+        cfg,
+        family,
+        c,
+        make_batches=lambda epoch: batches,
+        batch_size=BATCH,
+        log=lambda *a: None,
+        batches_per_epoch=len(batches),
+    )
 
     def step():
         batch = batches[counter[0] % len(batches)]
@@ -195,11 +228,20 @@ def quiet() -> None:
 
 # ---------------------------------------------------------------------------------------
 # time
-def time_size(size: str, folder: str, device: torch.device, warmup: int, repeats: int, inner: int,
-              budget_s: float, min_repeats: int = 3) -> dict[str, dict]:
+def time_size(
+    size: str,
+    folder: str,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    inner: int,
+    budget_s: float,
+    min_repeats: int = 3,
+) -> dict[str, dict]:
     built = {c: build(size, c, folder, device) for c in CONFIGS}
-    samples = interleaved_samples({c: built[c][0] for c in CONFIGS}, device, warmup, repeats, inner, budget_s,
-                                  min_repeats)
+    samples = interleaved_samples(
+        {c: built[c][0] for c in CONFIGS}, device, warmup, repeats, inner, budget_s, min_repeats
+    )
     info = {c: dict(s=statistics.median(v), min_s=min(v), max_s=max(v), repeats=len(v)) for c, v in samples.items()}
     del built
     gc.collect()
@@ -217,7 +259,7 @@ def mem_child(size: str, config: str, folder: str, steps: int, queue) -> None:
         gc.collect()
         delta, how = peak_rss_increase(step, steps)
         queue.put((delta, how))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         queue.put((None, repr(exc)))
 
 
@@ -240,7 +282,9 @@ def mem_cpu(folders: dict[str, str], steps: int) -> dict[tuple[str, str], tuple[
     return results
 
 
-def mem_cuda(folders: dict[str, str], steps: int, device: torch.device) -> dict[tuple[str, str], tuple[int | None, str]]:
+def mem_cuda(
+    folders: dict[str, str], steps: int, device: torch.device
+) -> dict[tuple[str, str], tuple[int | None, str]]:
     results = {}
     for s, folder in folders.items():
         for c in CONFIGS:
@@ -284,8 +328,10 @@ def main() -> None:
     import diffusers
     import peft
 
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
-          f"python {platform.python_version()}, device {device}, threads {args.threads}, batch {BATCH}")
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+        f"python {platform.python_version()}, device {device}, threads {args.threads}, batch {BATCH}"
+    )
     t_start = time.time()
     root = tempfile.mkdtemp(prefix="bench_trainer_")
     folders = {s: write_folder(s, root) for s in sizes}
@@ -296,12 +342,16 @@ def main() -> None:
         timing[s] = time_size(s, folders[s], device, w, r, i, budget)
         base = timing[s]["peft"]["s"]
         px = pixel_size(folders[s])
-        print(f"\n[{s}] {px}x{px} pixels, warmup {w}, {timing[s]['peft']['repeats']} interleaved repeats x {i} "
-              f"step(s), {time.time() - t0:.1f}s")
+        print(
+            f"\n[{s}] {px}x{px} pixels, warmup {w}, {timing[s]['peft']['repeats']} interleaved repeats x {i} "
+            f"step(s), {time.time() - t0:.1f}s"
+        )
         for c in CONFIGS:
             d = timing[s][c]
-            print(f"  {c:8s} {d['s'] * 1e3:9.2f} ms/step (min {d['min_s'] * 1e3:8.2f}, max {d['max_s'] * 1e3:8.2f})  "
-                  f"{1 / d['s']:7.2f} steps/s  {base / d['s']:6.3f}x peft")
+            print(
+                f"  {c:8s} {d['s'] * 1e3:9.2f} ms/step (min {d['min_s'] * 1e3:8.2f}, max {d['max_s'] * 1e3:8.2f})  "
+                f"{1 / d['s']:7.2f} steps/s  {base / d['s']:6.3f}x peft"
+            )
 
     mem: dict = {}
     if not args.no_mem:
@@ -312,14 +362,21 @@ def main() -> None:
         for s in mem_folders:
             for c in CONFIGS:
                 delta, how = mem[(s, c)]
-                print(f"  [{s}] {c:8s} " + (f"failed: {how}" if delta is None else f"{delta / 2**20:9.1f} MiB  ({how})"))
+                print(
+                    f"  [{s}] {c:8s} " + (f"failed: {how}" if delta is None else f"{delta / 2**20:9.1f} MiB  ({how})")
+                )
 
     def mem_cell(s: str, c: str) -> str:
         base, cur = mem.get((s, "peft"), (None, ""))[0], mem.get((s, c), (None, ""))[0]
         return f"{cur / base:.3f}x ({cur / 2**20:.0f} MiB)" if base and cur is not None else "n/a"
 
-    print("\n| config | " + " | ".join(f"{s} steps/s | ratio" for s in sizes) + " | "
-          + " | ".join(f"{s} peak mem ratio" for s in sizes) + " |")
+    print(
+        "\n| config | "
+        + " | ".join(f"{s} steps/s | ratio" for s in sizes)
+        + " | "
+        + " | ".join(f"{s} peak mem ratio" for s in sizes)
+        + " |"
+    )
     print("|---|" + "---:|---:|" * len(sizes) + "---:|" * len(sizes))
     for c in CONFIGS:
         cells = []
@@ -328,8 +385,10 @@ def main() -> None:
             cells += [f"{1 / d['s']:.2f}", f"{timing[s]['peft']['s'] / d['s']:.3f}x"]
         cells += [mem_cell(s, c) for s in sizes]
         print(f"| {c} | " + " | ".join(cells) + " |")
-    print("\nratio: steps/s relative to peft (> 1 is faster); peak mem ratio: peak RSS increase relative to peft "
-          "(< 1 is less)")
+    print(
+        "\nratio: steps/s relative to peft (> 1 is faster); peak mem ratio: peak RSS increase relative to peft "
+        "(< 1 is less)"
+    )
     print(f"\ntotal {time.time() - t_start:.1f}s")
 
 

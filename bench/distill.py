@@ -32,8 +32,8 @@ STUDENT_STEPS = [999, 749, 499, 249]
 
 
 def write_data(folder: str, n: int) -> str:
-    from tsm_trainer.data import write_dataset_config
     from demo_world import shapes
+    from tsm_trainer.data import write_dataset_config
 
     images = os.path.join(folder, "images")
     if not os.path.isfile(os.path.join(images, "attributes.jsonl")):
@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     from demo_world.attribute_score import all_combos, score_images
     from demo_world.features import extract, frechet_distance, train_feature_net
     from tsm_trainer.evaluation import labelled_grid, load_lora_file
+    from tsm_trainer.families import get_training_family
     from tsm_trainer.training.build import build
     from tsm_trainer.training.config import TrainConfig
     from tsm_trainer.training.distill.sampler import sample_student
-    from tsm_trainer.families import get_training_family
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -80,18 +80,31 @@ def main(argv=None) -> int:
         name = "lora" if stage == "vanilla" else "tsm4"
         path = os.path.join(args.output_dir, f"{name}.safetensors")
         if not os.path.isfile(path):
-            config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml,
-                                 output_dir=args.output_dir, output_name=name, tsm_stage=stage,
-                                 network_dim=args.rank, network_alpha=args.rank, max_train_steps=steps,
-                                 learning_rate=args.learning_rate, distill_fake_updates=args.fake_updates,
-                                 distill_fake_rank=2 * args.rank, distill_real_guidance=args.real_guidance,
-                                 cache_latents=True, seed=args.seed)
+            config = TrainConfig(
+                task="distill",
+                pretrained_model_name_or_path=base,
+                dataset_config=toml,
+                output_dir=args.output_dir,
+                output_name=name,
+                tsm_stage=stage,
+                network_dim=args.rank,
+                network_alpha=args.rank,
+                max_train_steps=steps,
+                learning_rate=args.learning_rate,
+                distill_fake_updates=args.fake_updates,
+                distill_fake_rank=2 * args.rank,
+                distill_real_guidance=args.real_guidance,
+                cache_latents=True,
+                seed=args.seed,
+            )
             t = time.time()
             with contextlib.redirect_stderr(io.StringIO()):
                 build(config, log=lambda m: None).run()
             minutes[label] = (time.time() - t) / 60
-            log(f"distilled {label}: {steps} student updates x {args.fake_updates} fake updates in "
-                f"{minutes[label]:.1f} min")
+            log(
+                f"distilled {label}: {steps} student updates x {args.fake_updates} fake updates in "
+                f"{minutes[label]:.1f} min"
+            )
         files[label] = path
 
     log("evaluating")
@@ -107,32 +120,37 @@ def main(argv=None) -> int:
         "teacher, 4 DDIM steps": lambda s: family.sample(c, prompts, 4, args.real_guidance, 64, s),
     }
     for label, path in files.items():
-        samplers[f"{label} student, 4 steps"] = (
-            lambda s, path=path: _with(path, c, family, lambda: sample_student(family, c, prompts, STUDENT_STEPS,
-                                                                                  64, s), load_lora_file))
+        samplers[f"{label} student, 4 steps"] = lambda s, path=path: _with(
+            path, c, family, lambda: sample_student(family, c, prompts, STUDENT_STEPS, 64, s), load_lora_file
+        )
     rows, grid = {}, []
     for label, sample in samplers.items():
         t = time.time()
         images = [im for s in seeds for im in sample(s)]
         score = score_images(images, combos * len(seeds))
-        rows[label] = {"fd": frechet_distance(extract(net, images), real), **score,
-                       "sample_seconds": time.time() - t}
+        rows[label] = {"fd": frechet_distance(extract(net, images), real), **score, "sample_seconds": time.time() - t}
         grid.append((label, images[:12]))
         log(f"  {label}: FD {rows[label]['fd']:.2f}, attributes {score}")
     renders, render_attrs, _ = shapes.make_arrays(len(prompts) * len(seeds), "base", seed=99)
     real_fd = frechet_distance(extract(net, renders), real)
     real_score = score_images(list(renders), render_attrs)
 
-    lines = [f"Distilled for {steps} student updates ({args.fake_updates} fake-score updates each, batch 8, rank "
-             f"{args.rank}, teacher guidance {args.real_guidance}); scored on all {len(combos)} base-domain "
-             f"combinations x {len(seeds)} seed(s) against {preset['real']} real renders.", "",
-             "| sampler | FD to real (lower is better) | colour % | shape % | background % | all % |",
-             "|---|---|---|---|---|---|",
-             f"| real renders (floor: as many fresh renders) | {real_fd:.2f} | "
-             + " | ".join(f"{100 * real_score[k]:.1f}" for k in ("colour", "shape", "background", "all")) + " |"]
+    lines = [
+        f"Distilled for {steps} student updates ({args.fake_updates} fake-score updates each, batch 8, rank "
+        f"{args.rank}, teacher guidance {args.real_guidance}); scored on all {len(combos)} base-domain "
+        f"combinations x {len(seeds)} seed(s) against {preset['real']} real renders.",
+        "",
+        "| sampler | FD to real (lower is better) | colour % | shape % | background % | all % |",
+        "|---|---|---|---|---|---|",
+        f"| real renders (floor: as many fresh renders) | {real_fd:.2f} | "
+        + " | ".join(f"{100 * real_score[k]:.1f}" for k in ("colour", "shape", "background", "all"))
+        + " |",
+    ]
     for label, r in rows.items():
-        lines.append(f"| {label} | {r['fd']:.2f} | {100 * r['colour']:.1f} | {100 * r['shape']:.1f} | "
-                     f"{100 * r['background']:.1f} | {100 * r['all']:.1f} |")
+        lines.append(
+            f"| {label} | {r['fd']:.2f} | {100 * r['colour']:.1f} | {100 * r['shape']:.1f} | "
+            f"{100 * r['background']:.1f} | {100 * r['all']:.1f} |"
+        )
     cost = ", ".join(f"{k} {v:.1f} CPU min" for k, v in minutes.items()) or "students reused"
     lines += ["", f"Training cost on this machine: {cost}; total {(time.time() - start) / 60:.1f} min."]
     md = "\n".join(lines) + "\n"

@@ -47,7 +47,6 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import torch  # noqa: E402
-
 from measure import interleaved_samples, sync  # noqa: E402
 
 CONFIGS = ("vanilla", "tsm8", "stage2", "peft")
@@ -55,20 +54,47 @@ RANK = 4
 SEED = 0
 GIB = 2**30
 
-_SD15_UNET = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                  attention_head_dim=8)
-_SDXL_UNET = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816)
-_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-               hidden_act="quick_gelu", projection_dim=768)
-_CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+_SD15_UNET = dict(
+    sample_size=64,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+_SDXL_UNET = dict(
+    sample_size=128,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+_CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+_CLIP_BIGG = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 _TINY_CLIP = dict(vocab_size=100, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 
 # name -> UNet config, text encoders (CLIPTextConfig kwargs), latent side, pixel side, SDXL conditioning
@@ -76,27 +102,53 @@ MODELS = {
     "sd15": dict(unet=_SD15_UNET, text=[_CLIP_L], latent=64, pixels=512, xl=False),
     "sdxl": dict(unet=_SDXL_UNET, text=[_CLIP_L, _CLIP_BIGG], latent=128, pixels=1024, xl=True),
     # --quick: the same structure at toy widths
-    "sd15-tiny": dict(unet=dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=2, norm_num_groups=4),
-                      text=[dict(_TINY_CLIP, hidden_size=16, projection_dim=16)], latent=8, pixels=64, xl=False),
-    "sdxl-tiny": dict(unet=dict(sample_size=8, layers_per_block=2, block_out_channels=(8, 16, 16),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
-                                projection_class_embeddings_input_dim=4 * 6 + 8),
-                      text=[dict(_TINY_CLIP, hidden_size=8, projection_dim=8)] * 2, latent=8, pixels=64, xl=True),
+    "sd15-tiny": dict(
+        unet=dict(
+            sample_size=8,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=4,
+        ),
+        text=[dict(_TINY_CLIP, hidden_size=16, projection_dim=16)],
+        latent=8,
+        pixels=64,
+        xl=False,
+    ),
+    "sdxl-tiny": dict(
+        unet=dict(
+            sample_size=8,
+            layers_per_block=2,
+            block_out_channels=(8, 16, 16),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=4,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=4 * 6 + 8,
+        ),
+        text=[dict(_TINY_CLIP, hidden_size=8, projection_dim=8)] * 2,
+        latent=8,
+        pixels=64,
+        xl=True,
+    ),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The issue's targets: (name, limit). Ratios are to vanilla of the same setting.
-TARGETS = (("TSM stage 1 (n=8, mixed t) step time vs vanilla", 1.05),
-           ("TSM stage 1 (n=8, mixed t) peak VRAM vs vanilla", 1.10),
-           ("TSM stage 2 [8,1] step time vs vanilla", 1.25),
-           ("SD1.5 512 px batch 1, AdamW8bit + checkpointing: peak reserved GiB", 8.0),
-           ("SDXL 1024 px batch 1, AdamW8bit + checkpointing: peak reserved GiB", 12.0))
+TARGETS = (
+    ("TSM stage 1 (n=8, mixed t) step time vs vanilla", 1.05),
+    ("TSM stage 1 (n=8, mixed t) peak VRAM vs vanilla", 1.10),
+    ("TSM stage 2 [8,1] step time vs vanilla", 1.25),
+    ("SD1.5 512 px batch 1, AdamW8bit + checkpointing: peak reserved GiB", 8.0),
+    ("SDXL 1024 px batch 1, AdamW8bit + checkpointing: peak reserved GiB", 12.0),
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,8 +165,9 @@ def build_models(name: str, device: torch.device):
         encoders = []
         for i, cfg in enumerate(spec["text"]):
             cls = CLIPTextModelWithProjection if spec["xl"] and i == 1 else CLIPTextModel
-            encoders.append(cls(CLIPTextConfig(max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                                               pad_token_id=1, **cfg)))
+            encoders.append(
+                cls(CLIPTextConfig(max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, **cfg))
+            )
     for m in (unet, *encoders):
         m.requires_grad_(False)
     for m in encoders:
@@ -129,12 +182,15 @@ def make_inputs(name: str, batch: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(SEED + 2)
     side = spec["latent"]
     vocab = spec["text"][0]["vocab_size"]
-    return dict(latents=torch.randn(batch, 4, side, side, generator=g).to(device),
-                noise=torch.randn(batch, 4, side, side, generator=g).to(device),
-                input_ids=torch.randint(3, vocab, (batch, 77), generator=g).to(device),
-                timesteps=torch.tensor([(k * 8 // batch) * 125 + 60 for k in range(batch)], device=device),
-                time_ids=torch.tensor([[spec["pixels"]] * 2 + [0, 0] + [spec["pixels"]] * 2] * batch,
-                                      dtype=torch.float32, device=device))
+    return dict(
+        latents=torch.randn(batch, 4, side, side, generator=g).to(device),
+        noise=torch.randn(batch, 4, side, side, generator=g).to(device),
+        input_ids=torch.randint(3, vocab, (batch, 77), generator=g).to(device),
+        timesteps=torch.tensor([(k * 8 // batch) * 125 + 60 for k in range(batch)], device=device),
+        time_ids=torch.tensor(
+            [[spec["pixels"]] * 2 + [0, 0] + [spec["pixels"]] * 2] * batch, dtype=torch.float32, device=device
+        ),
+    )
 
 
 def encode_text(name: str, encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -156,8 +212,15 @@ def wrap(config: str, unet, device: torch.device):
         from peft import LoraConfig
 
         torch.manual_seed(SEED + 1)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="bench")
+        unet.add_adapter(
+            LoraConfig(
+                r=RANK,
+                lora_alpha=RANK,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            ),
+            adapter_name="bench",
+        )
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:  # fp32 LoRA weights on half base weights (diffusers' cast_training_params)
             p.data = p.data.float()
@@ -206,8 +269,9 @@ def make_step(name: str, unet, encoders, inputs: dict, params, optimizer, precis
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
 
@@ -252,11 +316,17 @@ def measure(setting: dict, config: str, unet, encoders, device: torch.device, wa
             torch.cuda.reset_peak_memory_stats(device)
         row["first_loss"] = float(step())  # the LoRA starts at zero (stage 2: nonzero experts)
         samples = interleaved_samples({config: step}, device, max(warmup - 1, 0), steps, 1)[config]
-        row.update(step_s=statistics.median(samples), it_s=1 / statistics.median(samples), steps=len(samples),
-                   trainable=sum(p.numel() for p in params))
+        row.update(
+            step_s=statistics.median(samples),
+            it_s=1 / statistics.median(samples),
+            steps=len(samples),
+            trainable=sum(p.numel() for p in params),
+        )
         if device.type == "cuda":
-            row.update(peak_alloc_gib=torch.cuda.max_memory_allocated(device) / GIB,
-                       peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
+            row.update(
+                peak_alloc_gib=torch.cuda.max_memory_allocated(device) / GIB,
+                peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB,
+            )
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = f"out of memory: {str(e).splitlines()[0]}"
     finally:
@@ -288,6 +358,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets against the measured CUDA rows: worst case of each, 'pass', 'FAIL' or 'not
     measured' (CPU timings of tiny models say nothing about a GPU)."""
     rows = [r for r in rows if r["device"].startswith("cuda")]
+
     def worst(values):
         values = [(v, where) for v, where in values if v is not None]
         return max(values, key=lambda x: x[0]) if values else (None, "")
@@ -297,14 +368,23 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
     def fit(model):
         # every configuration that trains must fit; an out-of-memory row counts as not fitting
-        return [(float("inf") if "error" in r else r.get("peak_reserved_gib"), where(r) + " " + r["config"])
-                for r in rows if r["model"] == model and r["batch"] == 1 and r["optimizer"] == "adamw8bit"
-                and r["checkpointing"] and r["config"] != "peft"]
+        return [
+            (float("inf") if "error" in r else r.get("peak_reserved_gib"), where(r) + " " + r["config"])
+            for r in rows
+            if r["model"] == model
+            and r["batch"] == 1
+            and r["optimizer"] == "adamw8bit"
+            and r["checkpointing"]
+            and r["config"] != "peft"
+        ]
 
-    checks = [[(r.get("time_ratio"), where(r)) for r in rows if r["config"] == "tsm8"],
-              [(r.get("vram_ratio"), where(r)) for r in rows if r["config"] == "tsm8"],
-              [(r.get("time_ratio"), where(r)) for r in rows if r["config"] == "stage2"],
-              fit("sd15"), fit("sdxl")]
+    checks = [
+        [(r.get("time_ratio"), where(r)) for r in rows if r["config"] == "tsm8"],
+        [(r.get("vram_ratio"), where(r)) for r in rows if r["config"] == "tsm8"],
+        [(r.get("time_ratio"), where(r)) for r in rows if r["config"] == "stage2"],
+        fit("sd15"),
+        fit("sdxl"),
+    ]
     out = []
     for (name, limit), values in zip(TARGETS, checks):
         value, at = worst(values)
@@ -320,19 +400,24 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
         s = tuple(r[k] for k in SETTING_KEYS)
         if s not in settings:
             settings.append(s)
-    head = ("| model | batch | autocast | optimizer | ckpt | attention | base | vanilla it/s | tsm8 time | stage2 time "
-            "| peft time | vanilla peak GiB (reserved) | tsm8 VRAM | stage2 VRAM | peft VRAM |")
+    head = (
+        "| model | batch | autocast | optimizer | ckpt | attention | base | vanilla it/s | tsm8 time | stage2 time "
+        "| peft time | vanilla peak GiB (reserved) | tsm8 VRAM | stage2 VRAM | peft VRAM |"
+    )
     lines = [head, "|---" * 15 + "|"]
     for s in settings:
         by = {r["config"]: r for r in rows if tuple(r[k] for k in SETTING_KEYS) == s}
         v = by.get("vanilla", {})
 
         def ratio(c, field):
-            r = by.get(c, {})
+            r = by.get(c, {})  # noqa: B023 (used in this iteration only)
             return "OOM" if "error" in r else (f"{r[field]:.3f}x" if field in r else "-")
 
-        peak = "OOM" if "error" in v else (f"{v['peak_alloc_gib']:.2f} ({v['peak_reserved_gib']:.2f})"
-                                          if "peak_alloc_gib" in v else "n/a (CPU)")
+        peak = (
+            "OOM"
+            if "error" in v
+            else (f"{v['peak_alloc_gib']:.2f} ({v['peak_reserved_gib']:.2f})" if "peak_alloc_gib" in v else "n/a (CPU)")
+        )
         cells = [("on" if x else "off") if isinstance(x, bool) else str(x) for x in s]
         cells.append("OOM" if "error" in v else (f"{v['it_s']:.2f}" if "it_s" in v else "-"))
         cells += [ratio(c, "time_ratio") for c in CONFIGS[1:]] + [peak] + [ratio(c, "vram_ratio") for c in CONFIGS[1:]]
@@ -346,31 +431,58 @@ def markdown(rows: list[dict], targets: list[dict]) -> str:
 
 def settings_for(args) -> list[dict]:
     """The grid, batch-1 AdamW8bit + checkpointing first (the memory targets), then the rest."""
-    grid = [dict(zip(SETTING_KEYS, values)) for values in itertools.product(
-        args.models, args.batch, args.precision, args.optimizer, args.checkpointing, args.attention, args.base_dtype)]
-    return sorted(grid, key=lambda s: (args.models.index(s["model"]),
-                                       not (s["batch"] == 1 and s["optimizer"] == "adamw8bit" and s["checkpointing"])))
+    grid = [
+        dict(zip(SETTING_KEYS, values))
+        for values in itertools.product(
+            args.models, args.batch, args.precision, args.optimizer, args.checkpointing, args.attention, args.base_dtype
+        )
+    ]
+    return sorted(
+        grid,
+        key=lambda s: (
+            args.models.index(s["model"]),
+            not (s["batch"] == 1 and s["optimizer"] == "adamw8bit" and s["checkpointing"]),
+        ),
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="CPU smoke run: sd15-tiny and sdxl-tiny, batch 2, bf16, AdamW, checkpointing off and on, 1 step")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU smoke run: sd15-tiny and sdxl-tiny, batch 2, bf16, AdamW, checkpointing off and on, 1 step",
+    )
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default sd15 sdxl")
     ap.add_argument("--batch", nargs="+", type=int, help="default 1 2 4")
     ap.add_argument("--precision", nargs="+", choices=sorted(DTYPES), help="autocast dtypes (default fp16 bf16)")
-    ap.add_argument("--optimizer", nargs="+", choices=("adamw", "adamw8bit"),
-                    help="default adamw adamw8bit (adamw8bit needs bitsandbytes)")
+    ap.add_argument(
+        "--optimizer",
+        nargs="+",
+        choices=("adamw", "adamw8bit"),
+        help="default adamw adamw8bit (adamw8bit needs bitsandbytes)",
+    )
     ap.add_argument("--checkpointing", nargs="+", choices=("off", "on"), help="gradient checkpointing (default off on)")
-    ap.add_argument("--attention", nargs="+", choices=("sdpa", "xformers"),
-                    help="default sdpa, and xformers when it is installed")
-    ap.add_argument("--base_dtype", nargs="+", choices=("half", "fp32"),
-                    help="frozen weights in the autocast dtype (default) or fp32")
-    ap.add_argument("--warmup", type=int, help="warm-up steps per configuration, the first included (default 3; quick 1)")
+    ap.add_argument(
+        "--attention", nargs="+", choices=("sdpa", "xformers"), help="default sdpa, and xformers when it is installed"
+    )
+    ap.add_argument(
+        "--base_dtype",
+        nargs="+",
+        choices=("half", "fp32"),
+        help="frozen weights in the autocast dtype (default) or fp32",
+    )
+    ap.add_argument(
+        "--warmup", type=int, help="warm-up steps per configuration, the first included (default 3; quick 1)"
+    )
     ap.add_argument("--steps", type=int, help="timed steps per configuration (default 10; quick 1)")
-    ap.add_argument("--budget_s", type=float, default=float("inf"),
-                    help="stop starting new settings after this many seconds (what was measured is kept)")
+    ap.add_argument(
+        "--budget_s",
+        type=float,
+        default=float("inf"),
+        help="stop starting new settings after this many seconds (what was measured is kept)",
+    )
     ap.add_argument("--out", default="bench_gpu.json", help="JSON output (rewritten after every setting)")
     args = ap.parse_args(argv)
 
@@ -378,15 +490,32 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
-        defaults = dict(models=["sd15-tiny", "sdxl-tiny"], batch=[2], precision=["bf16"], optimizer=["adamw"],
-                        checkpointing=["off", "on"], attention=["sdpa"], base_dtype=["half"], warmup=1, steps=1)
+        defaults = dict(
+            models=["sd15-tiny", "sdxl-tiny"],
+            batch=[2],
+            precision=["bf16"],
+            optimizer=["adamw"],
+            checkpointing=["off", "on"],
+            attention=["sdpa"],
+            base_dtype=["half"],
+            warmup=1,
+            steps=1,
+        )
     else:
         if device.type != "cuda":
             ap.error("full-size models need a CUDA GPU (--device cuda); on CPU use --quick")
         xformers = importlib.util.find_spec("xformers") is not None
-        defaults = dict(models=["sd15", "sdxl"], batch=[1, 2, 4], precision=["fp16", "bf16"],
-                        optimizer=["adamw", "adamw8bit"], checkpointing=["off", "on"],
-                        attention=["sdpa"] + (["xformers"] if xformers else []), base_dtype=["half"], warmup=3, steps=10)
+        defaults = dict(
+            models=["sd15", "sdxl"],
+            batch=[1, 2, 4],
+            precision=["fp16", "bf16"],
+            optimizer=["adamw", "adamw8bit"],
+            checkpointing=["off", "on"],
+            attention=["sdpa"] + (["xformers"] if xformers else []),
+            base_dtype=["half"],
+            warmup=3,
+            steps=10,
+        )
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -399,8 +528,13 @@ def main(argv=None) -> int:
     import diffusers
     import peft
 
-    info = dict(torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__, device=str(device),
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    info = dict(
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        peft=peft.__version__,
+        device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    )
     print(", ".join(f"{k} {v}" for k, v in info.items() if v))
     start = time.time()
     rows: list[dict] = []
@@ -428,8 +562,12 @@ def main(argv=None) -> int:
             rows.append(measure(setting, config, unet, encoders, device, args.warmup, args.steps))
         add_ratios(rows)
         line = rows[-4:]
-        print(" ".join(f"{k}={setting[k]}" for k in SETTING_KEYS) + ": " + ", ".join(
-            f"{r['config']} {r['error'] if 'error' in r else '%.2f it/s' % r['it_s']}" for r in line), flush=True)
+        print(
+            " ".join(f"{k}={setting[k]}" for k in SETTING_KEYS)
+            + ": "
+            + ", ".join(f"{r['config']} " + (r["error"] if "error" in r else f"{r['it_s']:.2f} it/s") for r in line),
+            flush=True,
+        )
         targets = check_targets(rows)
         with open(args.out + ".tmp", "w") as f:
             json.dump(dict(info=info, rows=rows, targets=targets, seconds=time.time() - start), f, indent=2)

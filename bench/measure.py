@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -15,8 +15,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_samples(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                        inner: int, budget_s: float = float("inf"), min_repeats: int = 3) -> dict[str, list[float]]:
+def interleaved_samples(
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    inner: int,
+    budget_s: float = float("inf"),
+    min_repeats: int = 3,
+) -> dict[str, list[float]]:
     """Seconds per step of each config, measured round-robin (alternating order each round, so no
     config keeps a fixed position); stops early, after ``min_repeats``, once ``budget_s`` is spent."""
     for _ in range(warmup):

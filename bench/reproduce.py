@@ -49,26 +49,49 @@ PRESETS = {  # (suite, quick) -> defaults
     ("tables", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4),
     ("tables", True): dict(seeds=[0], steps=400, score_seeds=2),
     # S = 1500 as the tables suite, whose committed scores it reuses for the rows they share
-    ("budgets", False): dict(seeds=[0, 1, 2], steps=1500, score_seeds=4,
-                             reuse=os.path.join(ROOT, "docs", "results", "reproduce_results.json")),
+    ("budgets", False): dict(
+        seeds=[0, 1, 2],
+        steps=1500,
+        score_seeds=4,
+        reuse=os.path.join(ROOT, "docs", "results", "reproduce_results.json"),
+    ),
     ("budgets", True): dict(seeds=[0], steps=400, score_seeds=2),
 }
-CONFIG_KEYS = ("suite", "steps", "stage2_steps", "rank", "learning_rate", "images", "heldout_images", "score_seeds",
-               "sample_steps")
-PROMPTS = [f"a {c} {s} on a {b} background" for s, c, b in
-           (("circle", "pink", "white"), ("star", "cyan", "black"), ("square", "brown", "gray"),
-            ("triangle", "pink", "striped"), ("cross", "cyan", "checkered"), ("star", "brown", "white"))]
+CONFIG_KEYS = (
+    "suite",
+    "steps",
+    "stage2_steps",
+    "rank",
+    "learning_rate",
+    "images",
+    "heldout_images",
+    "score_seeds",
+    "sample_steps",
+)
+PROMPTS = [
+    f"a {c} {s} on a {b} background"
+    for s, c, b in (
+        ("circle", "pink", "white"),
+        ("star", "cyan", "black"),
+        ("square", "brown", "gray"),
+        ("triangle", "pink", "striped"),
+        ("cross", "cyan", "checkered"),
+        ("star", "brown", "white"),
+    )
+]
 
 
 def write_data(folder: str, n_train: int, n_heldout: int) -> tuple[str, str]:
     """Training images of the target domain without its held-out combinations, and fresh held-out renders."""
-    from tsm_trainer.data import write_dataset_config
     from demo_world import shapes
     from demo_world.attribute_score import heldout_combos
+    from tsm_trainer.data import write_dataset_config
 
     tomls = []
-    for name, n, seed, exclude in (("train", n_train, 1, {shapes.combo(a) for a in heldout_combos()}),
-                                   ("heldout", n_heldout, 99, set())):
+    for name, n, seed, exclude in (
+        ("train", n_train, 1, {shapes.combo(a) for a in heldout_combos()}),
+        ("heldout", n_heldout, 99, set()),
+    ):
         images = os.path.join(folder, name)
         if not os.path.isfile(os.path.join(images, "attributes.jsonl")):
             shapes.write_dataset(images, n, "target", seed, exclude=exclude)
@@ -84,8 +107,10 @@ def check_config(output_dir: str, config: dict) -> None:
             old = json.load(f)
         for k in CONFIG_KEYS:
             if k in old and old[k] != config[k]:
-                raise SystemExit(f"{path}: the runs in this folder used {k}={old[k]!r}, not {config[k]!r}; "
-                                 f"pass --{k} {old[k]} to continue them, or another --output_dir")
+                raise SystemExit(
+                    f"{path}: the runs in this folder used {k}={old[k]!r}, not {config[k]!r}; "
+                    f"pass --{k} {old[k]} to continue them, or another --output_dir"
+                )
     with open(path, "w") as f:
         json.dump({k: config[k] for k in CONFIG_KEYS}, f, indent=2)
 
@@ -97,14 +122,20 @@ def load_reused(path: str, config: dict, base_model: dict) -> dict:
         old = json.load(f)
     for k in ("steps", "rank", "learning_rate", "images", "heldout_images"):
         if old["config"].get(k) != config[k]:
-            raise SystemExit(f"--reuse {path}: its runs used {k}={old['config'].get(k)!r}, not {config[k]!r}; "
-                             f"pass the same settings or --reuse ''")
+            raise SystemExit(
+                f"--reuse {path}: its runs used {k}={old['config'].get(k)!r}, not {config[k]!r}; "
+                f"pass the same settings or --reuse ''"
+            )
     if old["config"].get("score_images_per_model") != config["score_images_per_model"]:
-        raise SystemExit(f"--reuse {path}: its attribute scores used {old['config'].get('score_images_per_model')} "
-                         f"samples per model, this run {config['score_images_per_model']}: pass the same --score_seeds")
+        raise SystemExit(
+            f"--reuse {path}: its attribute scores used {old['config'].get('score_images_per_model')} "
+            f"samples per model, this run {config['score_images_per_model']}: pass the same --score_seeds"
+        )
     if abs(old["base_model"]["mean_loss"] / base_model["mean_loss"] - 1) > 1e-6:
-        raise SystemExit(f"--reuse {path}: its base-model held-out loss {old['base_model']['mean_loss']:.6f} differs from "
-                         f"this run's {base_model['mean_loss']:.6f}: another evaluation draw; rerun without --reuse")
+        raise SystemExit(
+            f"--reuse {path}: its base-model held-out loss {old['base_model']['mean_loss']:.6f} differs from "
+            f"this run's {base_model['mean_loss']:.6f}: another evaluation draw; rerun without --reuse"
+        )
     return old["per_seed"]
 
 
@@ -118,9 +149,19 @@ def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> 
     if os.path.isfile(path):
         return path, 0.0
     rank = overrides.pop("network_dim", args.rank)
-    options = dict(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=out, output_name=key,
-                   learning_rate=args.learning_rate, network_dim=rank, network_alpha=rank, network_train_unet_only=True,
-                   cache_latents_to_disk=True, cache_dir=os.path.join(args.output_dir, "latents"), seed=seed)
+    options = dict(
+        pretrained_model_name_or_path=base,
+        dataset_config=toml,
+        output_dir=out,
+        output_name=key,
+        learning_rate=args.learning_rate,
+        network_dim=rank,
+        network_alpha=rank,
+        network_train_unet_only=True,
+        cache_latents_to_disk=True,
+        cache_dir=os.path.join(args.output_dir, "latents"),
+        seed=seed,
+    )
     config = TrainConfig(**{**options, **overrides})  # a row may turn the text-encoder LoRA on
     start = time.time()
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars and library warnings of many runs
@@ -133,8 +174,13 @@ def train(args, base: str, toml: str, seed: int, key: str, log, **overrides) -> 
 def run_overrides(row: dict, steps: int, stage2_steps: int, files: dict[str, str]) -> dict:
     """TrainConfig fields of one row (stage-2 rows name the files of their experts)."""
     if is_stage2(row):
-        return dict(max_train_steps=stage2_steps, tsm_stage="assemble", tsm_scales="8,1", tsm_mixture=row["mixture"],
-                    tsm_experts=f"{files[row['core']]},{files[row['context']]}")
+        return dict(
+            max_train_steps=stage2_steps,
+            tsm_stage="assemble",
+            tsm_scales="8,1",
+            tsm_mixture=row["mixture"],
+            tsm_experts=f"{files[row['core']]},{files[row['context']]}",
+        )
     extra = {k: v for k, v in row.items() if k not in ("key", "n", "rank", "mult", "what", "budget")}
     stage = dict(tsm_stage="vanilla") if row["n"] == 1 else dict(tsm_stage="foster", tsm_scales=str(row["n"]))
     return dict(max_train_steps=int(row["mult"] * steps), network_dim=row["rank"], **stage, **extra)
@@ -168,19 +214,36 @@ class Scorer:
         from tsm_trainer.evaluation import evaluate_files
 
         cache, strip = stem + ".eval.json", stem + ".samples.png"
-        if os.path.isfile(cache) and (not samples or os.path.isfile(strip)) and \
-                (path is None or os.path.getmtime(cache) >= os.path.getmtime(path)):
+        if (
+            os.path.isfile(cache)
+            and (not samples or os.path.isfile(strip))
+            and (path is None or os.path.getmtime(cache) >= os.path.getmtime(path))
+        ):
             with open(cache) as f:
                 return json.load(f)
         family, components, batches = self._load()
         combos = heldout_combos()
-        ev = evaluate_files(family, components, batches, [path] if path else [], ["row"] if path else None,
-                            include_base=path is None, bins=16, prompts=PROMPTS if samples else (),
-                            sample_steps=self.args.sample_steps,
-                            score=lambda generate: attribute_score(generate, combos, self.score_seeds), log=lambda m: None)
+        ev = evaluate_files(
+            family,
+            components,
+            batches,
+            [path] if path else [],
+            ["row"] if path else None,
+            include_base=path is None,
+            bins=16,
+            prompts=PROMPTS if samples else (),
+            sample_steps=self.args.sample_steps,
+            score=lambda generate: attribute_score(generate, combos, self.score_seeds),
+            log=lambda m: None,
+        )
         label = "row" if path else "base model"
-        result = {"mean_loss": ev.mean_loss(label), "interval_loss": ev.interval_losses(label),
-                  "losses": ev.losses[label], "attribute_score": ev.scores[label], "train_seconds": train_seconds}
+        result = {
+            "mean_loss": ev.mean_loss(label),
+            "interval_loss": ev.interval_losses(label),
+            "losses": ev.losses[label],
+            "attribute_score": ev.scores[label],
+            "train_seconds": train_seconds,
+        }
         if samples:
             images = ev.samples[label]
             row = Image.new("RGB", (sum(i.width for i in images), images[0].height))
@@ -209,18 +272,28 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
     ref = reference(args.rank)
     seeds = sorted(results["per_seed"], key=int)
     present = [r["key"] for r in rows if any(r["key"] in results["per_seed"][s] for s in seeds)]
-    md = (f"Base steps S = {steps} (batch 8), stage 2: {stage2_steps} router steps; mean ± sd over the seeds in "
-          f"the 'seeds' column ({', '.join(seeds)}); Δ columns are paired by seed against {ref}."
-          + (f" Rows marked \\* take their scores from {results['config']['reused_from']}." if "reused_from" in
-             results["config"] else "") + "\n\n"
-          + summary_table(results, rows, ref, steps, stage2_steps)
-          + "\n\n**Per timestep interval.** Held-out loss change against " + ref
-          + ", paired by seed (mean over seeds, %; negative = better).\n\n" + interval_table(results, present, ref))
+    md = (
+        f"Base steps S = {steps} (batch 8), stage 2: {stage2_steps} router steps; mean ± sd over the seeds in "
+        f"the 'seeds' column ({', '.join(seeds)}); Δ columns are paired by seed against {ref}."
+        + (
+            f" Rows marked \\* take their scores from {results['config']['reused_from']}."
+            if "reused_from" in results["config"]
+            else ""
+        )
+        + "\n\n"
+        + summary_table(results, rows, ref, steps, stage2_steps)
+        + "\n\n**Per timestep interval.** Held-out loss change against "
+        + ref
+        + ", paired by seed (mean over seeds, %; negative = better).\n\n"
+        + interval_table(results, present, ref)
+    )
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in results["train_seconds"].items() if v)
-    md += (f"\n\nHeld-out set: {args.heldout_images} fresh target-domain renders; one draw of noise and timesteps "
-           f"(16 t-bins) for every file. Attribute score: {results['config']['heldout_combos']} held-out combinations x "
-           f"{len(results['config']['score_seeds'])} sampling seeds, DDIM {args.sample_steps} steps, guidance 5. "
-           f"Mean training seconds per run: {timing or 'files reused'}.\n")
+    md += (
+        f"\n\nHeld-out set: {args.heldout_images} fresh target-domain renders; one draw of noise and timesteps "
+        f"(16 t-bins) for every file. Attribute score: {results['config']['heldout_combos']} held-out combinations x "
+        f"{len(results['config']['score_seeds'])} sampling seeds, DDIM {args.sample_steps} steps, guidance 5. "
+        f"Mean training seconds per run: {timing or 'files reused'}.\n"
+    )
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
@@ -232,9 +305,14 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
     curves = {k: [statistics.fmean(v) for v in zip(*b)] for k, b in per_bin.items() if b}
     spread = {k: [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*b)] for k, b in per_bin.items() if b}
     if ref in curves and len(curves) > 1:
-        plot_loss_curves(curves, 1000, os.path.join(args.output_dir, "loss_vs_t.png"), reference=ref,
-                         spread=spread,
-                         title=f"held-out loss, mean of {len(seeds)} seed(s), S = {steps} steps")
+        plot_loss_curves(
+            curves,
+            1000,
+            os.path.join(args.output_dir, "loss_vs_t.png"),
+            reference=ref,
+            spread=spread,
+            title=f"held-out loss, mean of {len(seeds)} seed(s), S = {steps} steps",
+        )
     if samples:
         labelled_grid(list(samples.items())).save(os.path.join(args.output_dir, "samples.png"))
     return md
@@ -242,9 +320,13 @@ def write_outputs(args, results: dict, rows: list[dict], steps: int, stage2_step
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=sorted(SUITES), default="tables",
-                   help="tables: the paper's Tables 8 and 11 at equal total steps; budgets: both budgets and the "
-                        "remedies (issue 13)")
+    p.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="tables",
+        help="tables: the paper's Tables 8 and 11 at equal total steps; budgets: both budgets and the "
+        "remedies (issue 13)",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, fewer steps (tables: 400, about 4 min)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
     p.add_argument("--steps", type=int, help="base optimizer steps S (tables: 1500, budgets: 250; quick 400 / 100)")
@@ -255,14 +337,24 @@ def main(argv=None) -> int:
     p.add_argument("--heldout_images", type=int, default=80)
     p.add_argument("--score_seeds", type=int, help="sampling seeds of the attribute score (default 4; quick 2)")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps of the attribute score's samples")
-    p.add_argument("--only", nargs="+", metavar="KEY",
-                   help="run only these rows (e.g. tsm_n2 tsm_n8); the reference lora_r<r> always runs, and a "
-                        "stage-2 row brings the rows it is built on")
-    p.add_argument("--reuse", help="a results.json of this script with the same settings: rows without a file in "
-                        "--output_dir take their scores from it (budgets: the committed docs/results/reproduce_results.json; "
-                        "'' for none)")
-    p.add_argument("--no_train", action="store_true",
-                   help="train nothing: write the outputs from the files and scores already in --output_dir")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KEY",
+        help="run only these rows (e.g. tsm_n2 tsm_n8); the reference lora_r<r> always runs, and a "
+        "stage-2 row brings the rows it is built on",
+    )
+    p.add_argument(
+        "--reuse",
+        help="a results.json of this script with the same settings: rows without a file in "
+        "--output_dir take their scores from it (budgets: the committed docs/results/reproduce_results.json; "
+        "'' for none)",
+    )
+    p.add_argument(
+        "--no_train",
+        action="store_true",
+        help="train nothing: write the outputs from the files and scores already in --output_dir",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output_dir", help="default outputs/reproduce (tables) or outputs/reproduce-budgets")
     args = p.parse_args(argv)
@@ -272,7 +364,9 @@ def main(argv=None) -> int:
     args.stage2_steps = stage2_steps = args.stage2_steps or steps // 2
     args.score_seeds = args.score_seeds or preset["score_seeds"]
     args.reuse = preset.get("reuse") if args.reuse is None else args.reuse
-    args.output_dir = args.output_dir or os.path.join("outputs", "reproduce" + ("" if args.suite == "tables" else "-budgets"))
+    args.output_dir = args.output_dir or os.path.join(
+        "outputs", "reproduce" + ("" if args.suite == "tables" else "-budgets")
+    )
     rows = SUITES[args.suite](args.rank)
     by_key = {r["key"]: r for r in rows}
     wanted = set(args.only or by_key) | {reference(args.rank)}
@@ -294,15 +388,28 @@ def main(argv=None) -> int:
     check_config(args.output_dir, vars(args))
     train_toml, heldout_toml = write_data(os.path.join(args.output_dir, "data"), args.images, args.heldout_images)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    log(f"suite {args.suite}: seeds {seeds}, S = {steps} base steps, {stage2_steps} router steps per stage-2 run; "
-        f"rows {', '.join(r['key'] for r in rows)}")
+    log(
+        f"suite {args.suite}: seeds {seeds}, S = {steps} base steps, {stage2_steps} router steps per stage-2 run; "
+        f"rows {', '.join(r['key'] for r in rows)}"
+    )
     scorer = Scorer(args, base, heldout_toml, args.score_seeds, log)
-    results: dict = {"config": {"suite": args.suite, "seeds": seeds, "steps": steps, "stage2_steps": stage2_steps,
-                                "rank": args.rank, "learning_rate": args.learning_rate, "images": args.images,
-                                "heldout_images": args.heldout_images, "heldout_combos": len(heldout_combos()),
-                                "score_seeds": scorer.score_seeds, "sample_steps": args.sample_steps,
-                                "score_images_per_model": len(heldout_combos()) * len(scorer.score_seeds)},
-                     "per_seed": {}}
+    results: dict = {
+        "config": {
+            "suite": args.suite,
+            "seeds": seeds,
+            "steps": steps,
+            "stage2_steps": stage2_steps,
+            "rank": args.rank,
+            "learning_rate": args.learning_rate,
+            "images": args.images,
+            "heldout_images": args.heldout_images,
+            "heldout_combos": len(heldout_combos()),
+            "score_seeds": scorer.score_seeds,
+            "sample_steps": args.sample_steps,
+            "score_images_per_model": len(heldout_combos()) * len(scorer.score_seeds),
+        },
+        "per_seed": {},
+    }
     results["base_model"] = scorer.score(None, os.path.join(args.output_dir, "base_model"), samples=True)
     reused = load_reused(args.reuse, results["config"], results["base_model"]) if args.reuse else {}
     if args.reuse:
@@ -316,8 +423,13 @@ def main(argv=None) -> int:
         # rows to train: no file and no reusable score; the experts a stage-2 row to train needs are trained too
         todo = {k for k in stems if not os.path.isfile(stems[k] + ".safetensors") and k not in reusable}
         if not args.no_train:
-            todo |= {d for r in rows if r["key"] in todo and is_stage2(r) for d in (r["core"], r["context"])
-                     if not os.path.isfile(stems[d] + ".safetensors")}
+            todo |= {
+                d
+                for r in rows
+                if r["key"] in todo and is_stage2(r)
+                for d in (r["core"], r["context"])
+                if not os.path.isfile(stems[d] + ".safetensors")
+            }
         files: dict[str, str] = {}
         for row in rows:
             key = row["key"]
@@ -326,7 +438,9 @@ def main(argv=None) -> int:
             elif args.no_train and not os.path.isfile(stems[key] + ".safetensors"):
                 continue
             else:
-                path, s = train(args, base, train_toml, seed, key, log, **run_overrides(row, steps, stage2_steps, files))
+                path, s = train(
+                    args, base, train_toml, seed, key, log, **run_overrides(row, steps, stage2_steps, files)
+                )
                 files[key] = path
                 scored = scorer.score(path, stems[key], samples=seed == seeds[0], train_seconds=s)
             results["per_seed"].setdefault(str(seed), {})[key] = scored
@@ -335,7 +449,9 @@ def main(argv=None) -> int:
             if seed == seeds[0] and os.path.isfile(stems[key] + ".samples.png"):
                 samples[key] = load_strip(stems[key])
             results["train_seconds"] = {k: statistics.fmean(v) for k, v in seconds.items()}
-            md = write_outputs(args, results, rows, steps, stage2_steps, samples)  # after every row: resumable, readable
+            md = write_outputs(
+                args, results, rows, steps, stage2_steps, samples
+            )  # after every row: resumable, readable
         log(f"seed {seed} done: {args.output_dir}/results.json")
     print("\n" + md)
     print(f"wrote {args.output_dir}/results.md, results.json, loss_vs_t.png and samples.png")

@@ -35,8 +35,10 @@ def tables_suite(rank: int) -> list[dict]:
     ref = reference(rank)
     rows = [_row(ref, 1, rank, "vanilla LoRA"), _row(f"lora_r{8 * rank}", 1, 8 * rank, "vanilla LoRA, rank 8r")]
     rows += [_row(f"tsm_n{n}", n, rank, f"TSM n={n}") for n in (2, 4, 8, 16)]
-    return rows + [_stage2("tsm_8+1_asym", "tsm_n8", ref, "asymmetric", "stage 2 [8,1]"),
-                   _stage2("tsm_1,8_sym", "tsm_n8", ref, "symmetric", "stage 2 symmetric")]
+    return rows + [
+        _stage2("tsm_8+1_asym", "tsm_n8", ref, "asymmetric", "stage 2 [8,1]"),
+        _stage2("tsm_1,8_sym", "tsm_n8", ref, "symmetric", "stage 2 symmetric"),
+    ]
 
 
 def budgets_suite(rank: int) -> list[dict]:
@@ -45,16 +47,31 @@ def budgets_suite(rank: int) -> list[dict]:
     suite's (reused from its results when given)."""
     ref = reference(rank)
     rows = [r for r in tables_suite(rank) if r["key"] not in (f"lora_r{8 * rank}", "tsm_n16")]
-    rows += [_row(f"{ref}_per{n}", 1, rank, f"vanilla LoRA, as long as each expert of TSM n={n}", mult=1 / n,
-                  budget=PER_EXPERT) for n in (8, 4, 2)]
-    rows += [_row(f"tsm_n{n}_strat", n, rank, f"TSM n={n}, stratified batches", timestep_sampling="stratified")
-             for n in (8, 4)]
-    rows += [_row(f"{ref}_te", 1, rank, "vanilla LoRA + text-encoder LoRA", network_train_unet_only=False),
-             _row("tsm_n8_te", 8, rank, "TSM n=8 + text-encoder LoRA", network_train_unet_only=False)]
-    return rows + [_stage2("tsm_8+1per8_asym", "tsm_n8", f"{ref}_per8", "asymmetric", "stage 2 [8,1], paper's budget",
-                           PER_EXPERT),
-                   _stage2("tsm_1per8,8_sym", "tsm_n8", f"{ref}_per8", "symmetric", "stage 2 symmetric, paper's budget",
-                           PER_EXPERT)]
+    rows += [
+        _row(
+            f"{ref}_per{n}",
+            1,
+            rank,
+            f"vanilla LoRA, as long as each expert of TSM n={n}",
+            mult=1 / n,
+            budget=PER_EXPERT,
+        )
+        for n in (8, 4, 2)
+    ]
+    rows += [
+        _row(f"tsm_n{n}_strat", n, rank, f"TSM n={n}, stratified batches", timestep_sampling="stratified")
+        for n in (8, 4)
+    ]
+    rows += [
+        _row(f"{ref}_te", 1, rank, "vanilla LoRA + text-encoder LoRA", network_train_unet_only=False),
+        _row("tsm_n8_te", 8, rank, "TSM n=8 + text-encoder LoRA", network_train_unet_only=False),
+    ]
+    return rows + [
+        _stage2("tsm_8+1per8_asym", "tsm_n8", f"{ref}_per8", "asymmetric", "stage 2 [8,1], paper's budget", PER_EXPERT),
+        _stage2(
+            "tsm_1per8,8_sym", "tsm_n8", f"{ref}_per8", "symmetric", "stage 2 symmetric, paper's budget", PER_EXPERT
+        ),
+    ]
 
 
 SUITES = {"tables": tables_suite, "budgets": budgets_suite}
@@ -67,5 +84,7 @@ def is_stage2(row: dict) -> bool:
 def total_steps(row: dict, steps: int, stage2_steps: int, rows: dict[str, dict]) -> int:
     """Optimizer steps behind a row's file, counting those of the experts a stage-2 row is built on."""
     if is_stage2(row):
-        return stage2_steps + sum(total_steps(rows[k], steps, stage2_steps, rows) for k in (row["core"], row["context"]))
+        return stage2_steps + sum(
+            total_steps(rows[k], steps, stage2_steps, rows) for k in (row["core"], row["context"])
+        )
     return int(row["mult"] * steps)

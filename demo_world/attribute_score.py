@@ -9,7 +9,7 @@ the held-out combinations: scoring them measures composition, not memorised capt
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from demo_world import shapes
 
@@ -18,23 +18,36 @@ ATTRIBUTES = ("colour", "shape", "background")
 
 def all_combos(domain: str = "target") -> list[dict]:
     """Every (shape, colour, background) of ``domain`` as attribute dicts."""
-    return [{"shape": s, "colour": c, "background": b}
-            for s in shapes.SHAPES for c in shapes.DOMAINS[domain] for b in shapes.BACKGROUNDS]
+    return [
+        {"shape": s, "colour": c, "background": b}
+        for s in shapes.SHAPES
+        for c in shapes.DOMAINS[domain]
+        for b in shapes.BACKGROUNDS
+    ]
 
 
 def heldout_combos(domain: str = "target") -> list[dict]:
     """One background per (shape, colour) pair, rotating: |shapes| x |colours| combinations."""
     n = len(shapes.BACKGROUNDS)
-    return [a for a in all_combos(domain)
-            if (shapes.SHAPES.index(a["shape"]) + shapes.DOMAINS[domain].index(a["colour"])
-                + shapes.BACKGROUNDS.index(a["background"])) % n == 0]
+    return [
+        a
+        for a in all_combos(domain)
+        if (
+            shapes.SHAPES.index(a["shape"])
+            + shapes.DOMAINS[domain].index(a["colour"])
+            + shapes.BACKGROUNDS.index(a["background"])
+        )
+        % n
+        == 0
+    ]
 
 
 def score_images(images: Sequence, attrs: Sequence[dict]) -> dict:
     """Fraction of images whose detected colour / shape / background (and all three) match ``attrs``."""
     if len(images) != len(attrs) or not images:
-        raise ValueError(f"score_images needs one attribute dict per image (got {len(images)} images, "
-                         f"{len(attrs)} attribute dicts)")
+        raise ValueError(
+            f"score_images needs one attribute dict per image (got {len(images)} images, {len(attrs)} attribute dicts)"
+        )
     hits = dict.fromkeys((*ATTRIBUTES, "all"), 0)
     for image, want in zip(images, attrs):
         seen = shapes.detect_attributes(image)
@@ -45,7 +58,9 @@ def score_images(images: Sequence, attrs: Sequence[dict]) -> dict:
     return {k: v / len(images) for k, v in hits.items()} | {"n": len(images)}
 
 
-def attribute_score(generate: Callable[[list[str], int], list], attrs: Sequence[dict], seeds: Sequence[int] = (0,)) -> dict:
+def attribute_score(
+    generate: Callable[[list[str], int], list], attrs: Sequence[dict], seeds: Sequence[int] = (0,)
+) -> dict:
     """Score ``generate(prompts, seed) -> images`` on the captions of ``attrs``, once per seed."""
     prompts = [shapes.caption(a) for a in attrs]
     images = [image for seed in seeds for image in generate(prompts, seed)]

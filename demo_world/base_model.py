@@ -22,33 +22,59 @@ TEXT_DIM = 64
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=LATENT_CHANNELS,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=IMAGE_SIZE,
 )
 
 UNET_CONFIG = dict(
-    sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+    sample_size=LATENT_SIZE,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    layers_per_block=1,
     block_out_channels=(32, 64, 96),
     # no attention at the full 16x16 latent resolution (it would triple the CPU cost); cross-attention
     # transformer blocks at 8x8, 4x4 and in the mid block
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=8,
+    norm_num_groups=16,
 )
 
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
 )
 
 
 def text_config(vocab_size: int):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                          projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,10 +181,15 @@ def make_scheduler(kind: str = "ddim"):
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-    "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
-    "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None], "feature_extractor": [None, None],
-    "image_encoder": [None, None], "requires_safety_checker": False,
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
 }
 
 

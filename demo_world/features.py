@@ -21,13 +21,22 @@ class ShapesFeatureNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU())
-        self.heads = nn.ModuleDict({"shape": nn.Linear(64, len(shapes.SHAPES)),
-                                    "colour": nn.Linear(64, len(shapes.COLOURS)),
-                                    "background": nn.Linear(64, len(shapes.BACKGROUNDS))})
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.SiLU(),
+        )
+        self.heads = nn.ModuleDict(
+            {
+                "shape": nn.Linear(64, len(shapes.SHAPES)),
+                "colour": nn.Linear(64, len(shapes.COLOURS)),
+                "background": nn.Linear(64, len(shapes.BACKGROUNDS)),
+            }
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))
@@ -51,9 +60,11 @@ def train_feature_net(n_images: int = 3000, steps: int = 600, seed: int = 0, bat
     target, attrs_t, _ = shapes.make_arrays(n_images - half, "target", seed=seed + 101)
     x = to_tensor(np.concatenate([base, target]))
     attrs = attrs_b + attrs_t
-    labels = {"shape": torch.tensor([shapes.SHAPES.index(a["shape"]) for a in attrs]),
-              "colour": torch.tensor([list(shapes.COLOURS).index(a["colour"]) for a in attrs]),
-              "background": torch.tensor([shapes.BACKGROUNDS.index(a["background"]) for a in attrs])}
+    labels = {
+        "shape": torch.tensor([shapes.SHAPES.index(a["shape"]) for a in attrs]),
+        "colour": torch.tensor([list(shapes.COLOURS).index(a["colour"]) for a in attrs]),
+        "background": torch.tensor([shapes.BACKGROUNDS.index(a["background"]) for a in attrs]),
+    }
     net = ShapesFeatureNet()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +81,7 @@ def train_feature_net(n_images: int = 3000, steps: int = 600, seed: int = 0, bat
 @torch.no_grad()
 def extract(net: ShapesFeatureNet, images, batch: int = 256) -> torch.Tensor:
     x = to_tensor(images)
-    return torch.cat([net.features(x[i:i + batch]) for i in range(0, len(x), batch)]).double()
+    return torch.cat([net.features(x[i : i + batch]) for i in range(0, len(x), batch)]).double()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -27,10 +27,26 @@ import numpy as np
 from demo_world import base_model as bm
 from demo_world import shapes
 
-FULL = dict(n_images=6000, n_vae_images=4000, vae_steps=1600, vae_batch=16, unet_steps=4000, unet_batch=32,
-            grid_steps=30, eval_per_combo=1)
-QUICK = dict(n_images=192, n_vae_images=128, vae_steps=15, vae_batch=8, unet_steps=25, unet_batch=16,
-             grid_steps=4, eval_per_combo=0)
+FULL = dict(
+    n_images=6000,
+    n_vae_images=4000,
+    vae_steps=1600,
+    vae_batch=16,
+    unet_steps=4000,
+    unet_batch=32,
+    grid_steps=30,
+    eval_per_combo=1,
+)
+QUICK = dict(
+    n_images=192,
+    n_vae_images=128,
+    vae_steps=15,
+    vae_batch=8,
+    unet_steps=25,
+    unet_batch=16,
+    grid_steps=4,
+    eval_per_combo=0,
+)
 GUIDANCE = 4.0
 RESERVE_S = 150  # saving, the sample grid and the evaluation after the UNet's deadline
 SAMPLE_STEPS_DEFAULT = 30
@@ -115,7 +131,7 @@ def encode_latents(vae, images, batch=256):
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            post = vae.encode(_to_tensor(images[i:i + batch])).latent_dist
+            post = vae.encode(_to_tensor(images[i : i + batch])).latent_dist
             means.append(post.mean)
             stds.append(post.std)
     return torch.cat(means), torch.cat(stds)
@@ -127,15 +143,29 @@ def embed_captions(text_encoder, tokenizer, captions):
 
     unique = sorted(set(captions))
     lookup = {c: i for i, c in enumerate(unique)}
-    ids = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        unique + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         emb = text_encoder(ids)[0]
     return torch.tensor([lookup[c] for c in captions]), emb
 
 
-def train_unet(unet, latents_mean, latents_std, caption_idx, text_emb, scaling, steps, batch, seed, lr=1e-3,
-               drop=0.1, snr_gamma=5.0, deadline=None):
+def train_unet(
+    unet,
+    latents_mean,
+    latents_std,
+    caption_idx,
+    text_emb,
+    scaling,
+    steps,
+    batch,
+    seed,
+    lr=1e-3,
+    drop=0.1,
+    snr_gamma=5.0,
+    deadline=None,
+):
     import torch
 
     sched = bm.make_scheduler("ddpm")
@@ -183,8 +213,14 @@ def generate(pipe, prompts, seed, steps=SAMPLE_STEPS_DEFAULT, guidance=GUIDANCE,
     out = []
     for i in range(0, len(prompts), batch):
         gen = torch.Generator().manual_seed(seed + i)
-        out += pipe(prompts[i:i + batch], height=bm.IMAGE_SIZE, width=bm.IMAGE_SIZE, num_inference_steps=steps,
-                    guidance_scale=guidance, generator=gen).images
+        out += pipe(
+            prompts[i : i + batch],
+            height=bm.IMAGE_SIZE,
+            width=bm.IMAGE_SIZE,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+        ).images
     return out
 
 
@@ -223,8 +259,11 @@ def evaluate(pipe, seed, per_combo, steps, domain="base", guidance=GUIDANCE):
     """Attribute score of the model's samples for every combination of ``domain`` (``per_combo`` each)."""
     from demo_world.attribute_score import all_combos, attribute_score
 
-    score = attribute_score(lambda prompts, s: generate(pipe, prompts, s, steps=steps, guidance=guidance),
-                            all_combos(domain) * per_combo, seeds=[seed])
+    score = attribute_score(
+        lambda prompts, s: generate(pipe, prompts, s, steps=steps, guidance=guidance),
+        all_combos(domain) * per_combo,
+        seeds=[seed],
+    )
     return {k: round(v, 3) for k, v in score.items()}
 
 
@@ -271,8 +310,14 @@ def build(out_dir, seed=0, quick=False, minutes=None, threads=2):
     vae, unet, text_encoder, tokenizer = bm.make_models(seed)
     t = time.time()
     _log(f"training VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params)")
-    vae_steps = train_vae(vae, vae_images, cfg["vae_steps"], cfg["vae_batch"], seed,
-                          deadline=None if budget is None else t_start + 0.22 * budget)
+    vae_steps = train_vae(
+        vae,
+        vae_images,
+        cfg["vae_steps"],
+        cfg["vae_batch"],
+        seed,
+        deadline=None if budget is None else t_start + 0.22 * budget,
+    )
     timings["vae_s"] = time.time() - t
 
     t = time.time()
@@ -286,8 +331,18 @@ def build(out_dir, seed=0, quick=False, minutes=None, threads=2):
     t = time.time()
     _log(f"training UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params)")
     deadline = None if budget is None else max(time.time() + 60.0, t_start + budget - RESERVE_S)
-    unet_steps = train_unet(unet, mean, std, caption_idx, text_emb, scaling, cfg["unet_steps"], cfg["unet_batch"],
-                            seed + 3, deadline=deadline)
+    unet_steps = train_unet(
+        unet,
+        mean,
+        std,
+        caption_idx,
+        text_emb,
+        scaling,
+        cfg["unet_steps"],
+        cfg["unet_batch"],
+        seed + 3,
+        deadline=deadline,
+    )
     timings["unet_s"] = time.time() - t
 
     folder = os.path.join(out_dir, "base_model")
@@ -295,9 +350,14 @@ def build(out_dir, seed=0, quick=False, minutes=None, threads=2):
     size = bm.folder_size(folder)
     _log(f"wrote {folder} ({size / 1e6:.2f} MB)")
 
-    report = {"seed": seed, "quick": quick, "model_mb": round(size / 1e6, 2), "vae_steps": vae_steps,
-              "unet_steps": unet_steps,
-              "deterministic": vae_steps == cfg["vae_steps"] and unet_steps == cfg["unet_steps"]}
+    report = {
+        "seed": seed,
+        "quick": quick,
+        "model_mb": round(size / 1e6, 2),
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "deterministic": vae_steps == cfg["vae_steps"] and unet_steps == cfg["unet_steps"],
+    }
     report.update(sample_and_evaluate(out_dir, seed, cfg["grid_steps"], cfg["eval_per_combo"], timings=timings))
     timings["total_s"] = time.time() - t_start
     report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
@@ -312,12 +372,19 @@ def main(argv=None):
     p.add_argument("--out_dir", default="demo_assets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny step counts)")
-    p.add_argument("--minutes", type=float, default=27.0,
-                   help="time budget (default 27): on a machine slower than planned, training stops early with "
-                        "its learning-rate schedule compressed (reported; then not seed-deterministic); 0 = none")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=27.0,
+        help="time budget (default 27): on a machine slower than planned, training stops early with "
+        "its learning-rate schedule compressed (reported; then not seed-deterministic); 0 = none",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resample", action="store_true",
-                   help="only redo the sample grid and evaluation of an existing OUT_DIR/base_model")
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="only redo the sample grid and evaluation of an existing OUT_DIR/base_model",
+    )
     p.add_argument("--guidance", type=float, default=GUIDANCE)
     p.add_argument("--sample_steps", type=int, default=SAMPLE_STEPS_DEFAULT)
     args = p.parse_args(argv)
@@ -325,8 +392,9 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-        report = sample_and_evaluate(args.out_dir, args.seed, args.sample_steps, 0 if args.quick else 1,
-                                     guidance=args.guidance)
+        report = sample_and_evaluate(
+            args.out_dir, args.seed, args.sample_steps, 0 if args.quick else 1, guidance=args.guidance
+        )
         print(json.dumps(report, indent=2))
         return
     minutes = None if args.quick or not args.minutes else args.minutes

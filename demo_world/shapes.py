@@ -65,9 +65,11 @@ def sample_attributes(rng, domain: str = "base") -> dict:
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
     rng = _rng(rng)
-    return {"shape": SHAPES[rng.integers(len(SHAPES))],
-            "colour": DOMAINS[domain][rng.integers(len(DOMAINS[domain]))],
-            "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))]}
+    return {
+        "shape": SHAPES[rng.integers(len(SHAPES))],
+        "colour": DOMAINS[domain][rng.integers(len(DOMAINS[domain]))],
+        "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+    }
 
 
 def caption(attrs: dict) -> str:
@@ -94,9 +96,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float):
         return pts
     if shape == "cross":
         w = 0.36 * r
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
@@ -164,8 +177,15 @@ def sample(rng, domain: str = "base", size: int = 64, exclude=frozenset()):
     return render_attributes(attrs, size=size, rng=rng), attrs, caption(attrs)
 
 
-def write_dataset(folder, n: int, domain: str = "base", seed: int = 0, size: int = 64, caption_extension: str = ".txt",
-                  exclude=frozenset()):
+def write_dataset(
+    folder,
+    n: int,
+    domain: str = "base",
+    seed: int = 0,
+    size: int = 64,
+    caption_extension: str = ".txt",
+    exclude=frozenset(),
+):
     """Write ``n`` images of ``domain`` to ``folder`` in kohya layout: ``00000.png`` with its caption in
     ``00000.txt`` next to it (point a kohya dataset TOML's ``image_dir`` at ``folder``), plus
     ``attributes.jsonl`` (one ``{"file", "shape", "colour", "background", "caption"}`` per line).
@@ -273,8 +293,9 @@ def detect_attributes(image) -> dict:
     out = {"shape": None, "colour": None, "background": None}
     norm = _crop_normalise(mask)
     if norm is not None and mask.sum() >= 12:
-        scores = {s: float(np.minimum(norm, t).sum() / max(np.maximum(norm, t).sum(), 1e-6))
-                  for s, t in _templates().items()}
+        scores = {
+            s: float(np.minimum(norm, t).sum() / max(np.maximum(norm, t).sum(), 1e-6)) for s, t in _templates().items()
+        }
         out["shape"] = max(scores, key=scores.get)
         mx = rgb.max(-1)
         sat = (mx - rgb.min(-1)) / np.maximum(mx, 1.0)

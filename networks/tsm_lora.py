@@ -13,7 +13,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,8 +58,11 @@ class TSMLoRANetwork(TSMNetwork):
         """
         carry = self.config.stage == "assemble" and not apply_text_encoder and bool(self.text_encoder_loras)
         if carry:
-            logger.info("networks.tsm_lora: carrying the fostered text-encoder LoRA (%d modules, frozen) into the "
-                        "assembled network although --network_train_unet_only is set", len(self.text_encoder_loras))
+            logger.info(
+                "networks.tsm_lora: carrying the fostered text-encoder LoRA (%d modules, frozen) into the "
+                "assembled network although --network_train_unet_only is set",
+                len(self.text_encoder_loras),
+            )
         self.apply(text_encoder=apply_text_encoder or carry, denoiser=apply_unet)
         if apply_unet:
             self.attach(unet)
@@ -78,12 +82,20 @@ class TSMLoRANetwork(TSMNetwork):
 
         encoders = sorted({lora.lora_name.split("_", 2)[1] for lora in self.text_encoder_loras})  # te, te1, te3...
         for i, encoder in enumerate(encoders):
-            params = [p for lora in self.text_encoder_loras if lora.lora_name.split("_", 2)[1] == encoder
-                      for p in lora.parameters() if p.requires_grad]
+            params = [
+                p
+                for lora in self.text_encoder_loras
+                if lora.lora_name.split("_", 2)[1] == encoder
+                for p in lora.parameters()
+                if p.requires_grad
+            ]
             lr = text_encoder_lrs[min(i, len(text_encoder_lrs) - 1)] if text_encoder_lrs else None
             add(params, lr, "textencoder" if len(encoders) == 1 else f"textencoder {i + 1}")
-        add(self.trainable_parameters(text_encoder=False), unet_lr,
-            "unet routers" if self.config.stage == "assemble" else "unet experts")
+        add(
+            self.trainable_parameters(text_encoder=False),
+            unet_lr,
+            "unet routers" if self.config.stage == "assemble" else "unet experts",
+        )
         return groups, descriptions
 
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr=None):
@@ -102,8 +114,10 @@ class TSMLoRANetwork(TSMNetwork):
         optimizer and the first step: the first point where the module sees them."""
         save_as = getattr(args, "save_model_as", "safetensors")
         if save_as != "safetensors":
-            raise ValueError(f"--save_model_as {save_as}: TSM networks are saved as .safetensors only "
-                             "(use --save_model_as safetensors)")
+            raise ValueError(
+                f"--save_model_as {save_as}: TSM networks are saved as .safetensors only "
+                "(use --save_model_as safetensors)"
+            )
         resolution = getattr(args, "resolution", None)  # (w, h) after sd-scripts' prepare_dataset_args
         if isinstance(resolution, (tuple, list)) and len(resolution) == 2:
             self.resolution = tuple(int(v) for v in resolution)
@@ -130,8 +144,11 @@ class TSMLoRANetwork(TSMNetwork):
         norms, keys_scaled = [], 0
         with torch.no_grad():
             for lora in self.all_loras:
-                pairs = [(lora.lora_down, lora.lora_up)] if not hasattr(lora, "tsm") else \
-                    [(p.lora_down, p.lora_up) for experts in lora.tsm.values() for p in experts.values()]
+                pairs = (
+                    [(lora.lora_down, lora.lora_up)]
+                    if not hasattr(lora, "tsm")
+                    else [(p.lora_down, p.lora_up) for experts in lora.tsm.values() for p in experts.values()]
+                )
                 for down, up in pairs:
                     delta = lora.pair_delta(down.weight.to(device).float(), up.weight.to(device).float()) * lora.scale
                     norm = delta.norm().clamp(min=max_norm_value / 2)
@@ -181,7 +198,8 @@ class TSMLoRANetwork(TSMNetwork):
         if not self.is_static():
             raise ValueError(
                 f"this TSM network has {self.num_experts} experts per module (timestep-dependent) and cannot be "
-                "merged into static weights; apply it with apply_to, or export/merge its experts with tools/")
+                "merged into static weights; apply it with apply_to, or export/merge its experts with tools/"
+            )
         self.merge_text_encoder()
         n = self.config.scales[0]
         for lora in self.denoiser_loras:
@@ -207,8 +225,9 @@ def _datasets_resolution(ss_datasets: str | None) -> tuple[int, int] | None:
     return max(sizes, key=lambda r: r[0] * r[1], default=None)
 
 
-def check_network_config(network_dim: int | None, network_alpha: float | None, neuron_dropout: float | None = None,
-                         **kwargs) -> tuple[TSMConfig, dict[str, Any]]:
+def check_network_config(
+    network_dim: int | None, network_alpha: float | None, neuron_dropout: float | None = None, **kwargs
+) -> tuple[TSMConfig, dict[str, Any]]:
     """Everything about ``--network_dim``, ``--network_alpha`` and ``--network_args`` that can be
     checked without a model (keys, values, combinations, the tsm_experts files' metadata).
 
@@ -236,20 +255,35 @@ def check_network_config(network_dim: int | None, network_alpha: float | None, n
     return TSMConfig(rank=rank, alpha=alpha, **fields), options
 
 
-def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
-                   neuron_dropout: float | None = None, **kwargs) -> TSMLoRANetwork:
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae,
+    text_encoder,
+    unet,
+    neuron_dropout: float | None = None,
+    **kwargs,
+) -> TSMLoRANetwork:
     """sd-scripts factory. ``kwargs`` are the raw ``--network_args`` (strict: unknown keys are errors)."""
     config, options = check_network_config(network_dim, network_alpha, neuron_dropout, **kwargs)
     train_t5xxl = options.get("train_t5xxl", False)
-    network = TSMLoRANetwork(config, unet, _text_encoders(text_encoder, train_t5xxl), multiplier=multiplier,
-                             network_args=kwargs, train_t5xxl=train_t5xxl)
+    network = TSMLoRANetwork(
+        config,
+        unet,
+        _text_encoders(text_encoder, train_t5xxl),
+        multiplier=multiplier,
+        network_args=kwargs,
+        train_t5xxl=train_t5xxl,
+    )
     if options.get("tsm_experts"):
         network.load_experts(options["tsm_experts"])
     return network
 
 
-def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None,
-                                for_inference: bool = False, **kwargs):
+def create_network_from_weights(
+    multiplier: float, file: str | None, vae, text_encoder, unet, weights_sd=None, for_inference: bool = False, **kwargs
+):
     """Build the network a TSM file describes. Returns ``(network, weights_sd)``; like kohya,
     the weights are not loaded (callers use load_weights, load_state_dict or merge_to)."""
     if kwargs:
@@ -262,8 +296,15 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     if metadata is None:
         raise TSMFileError(f"{file}: TSM networks need the file's tsm.* metadata")
     train_t5xxl = any(k.startswith("lora_te3_") and "SelfAttention" in k for k in weights_sd)
-    network = TSMLoRANetwork.from_file(file, unet, _text_encoders(text_encoder, train_t5xxl), multiplier=multiplier,
-                                       tensors=weights_sd, metadata=metadata, load=False)
+    network = TSMLoRANetwork.from_file(
+        file,
+        unet,
+        _text_encoders(text_encoder, train_t5xxl),
+        multiplier=multiplier,
+        tensors=weights_sd,
+        metadata=metadata,
+        load=False,
+    )
     network.train_t5xxl = train_t5xxl
     return network, weights_sd
 

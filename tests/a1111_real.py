@@ -77,6 +77,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             if name.startswith("__"):
                 raise AttributeError(name)
             return Anything
+
         module.__getattr__ = getattr_
         return module
 
@@ -88,23 +89,49 @@ def load(a1111_dir: str):
     """Import the webui and its built-in Lora extension; returns a namespace of the real modules."""
     os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
     from transformers.utils import import_utils
+
     import_utils.is_torchvision_available()  # cached as False before the stub exists
     import_utils.is_torchvision_v2_available()
     sys.meta_path.insert(0, _StubFinder())
     data = tempfile.mkdtemp(prefix="a1111-data-")
     lora_dir = os.path.join(data, "Lora")
     os.makedirs(lora_dir)
-    sys.argv = [sys.argv[0], "--data-dir", data, "--use-cpu", "all", "--no-half", "--no-half-vae",
-                "--precision", "full", "--skip-torch-cuda-test", "--lora-dir", lora_dir]
+    sys.argv = [
+        sys.argv[0],
+        "--data-dir",
+        data,
+        "--use-cpu",
+        "all",
+        "--no-half",
+        "--no-half-vae",
+        "--precision",
+        "full",
+        "--skip-torch-cuda-test",
+        "--lora-dir",
+        lora_dir,
+    ]
     sys.path.insert(0, a1111_dir)
-    import modules.paths  # noqa: F401  (puts ldm, sgm, k_diffusion on sys.path)
     import ldm.modules.encoders.modules  # noqa: F401  (modules/initialize.py imports() order)
+    import modules.paths  # noqa: F401  (puts ldm, sgm, k_diffusion on sys.path)
     import sgm.modules.encoders.modules  # noqa: F401
     from modules import shared_init
+
     shared_init.initialize()
-    from modules import processing, sd_samplers, shared, script_callbacks, extra_networks, prompt_parser  # noqa: F401
-    from modules import sd_samplers_kdiffusion, sd_samplers_timesteps, sd_samplers_timesteps_impl, sd_samplers_extra
-    from modules import script_loading, ui_extra_networks, devices
+    from modules import (  # noqa: F401
+        devices,
+        extra_networks,
+        processing,
+        prompt_parser,
+        script_callbacks,
+        script_loading,
+        sd_samplers,
+        sd_samplers_extra,
+        sd_samplers_kdiffusion,
+        sd_samplers_timesteps,
+        sd_samplers_timesteps_impl,
+        shared,
+        ui_extra_networks,
+    )
 
     # the built-in Lora extension, loaded as modules/scripts.py does (its folder first on sys.path)
     lora_ext = os.path.join(a1111_dir, "extensions-builtin", "Lora")
@@ -114,6 +141,7 @@ def load(a1111_dir: str):
     sys.path.insert(0, lora_ext)
     script_loading.load_module(os.path.join(lora_ext, "scripts", "lora_script.py"))
     import network
+
     import networks
 
     # this extension, through the same loader
@@ -124,11 +152,22 @@ def load(a1111_dir: str):
 
     shared.opts.live_previews_enable = False
     return types.SimpleNamespace(
-        shared=shared, script_callbacks=script_callbacks, extra_networks=extra_networks,
-        prompt_parser=prompt_parser, processing=processing, devices=devices, ui_extra_networks=ui_extra_networks,
-        sd_samplers_kdiffusion=sd_samplers_kdiffusion, sd_samplers_timesteps=sd_samplers_timesteps,
-        sd_samplers_timesteps_impl=sd_samplers_timesteps_impl, sd_samplers_extra=sd_samplers_extra,
-        network=network, networks=networks, tsm_script=tsm_script, lora_dir=lora_dir, data=data,
+        shared=shared,
+        script_callbacks=script_callbacks,
+        extra_networks=extra_networks,
+        prompt_parser=prompt_parser,
+        processing=processing,
+        devices=devices,
+        ui_extra_networks=ui_extra_networks,
+        sd_samplers_kdiffusion=sd_samplers_kdiffusion,
+        sd_samplers_timesteps=sd_samplers_timesteps,
+        sd_samplers_timesteps_impl=sd_samplers_timesteps_impl,
+        sd_samplers_extra=sd_samplers_extra,
+        network=network,
+        networks=networks,
+        tsm_script=tsm_script,
+        lora_dir=lora_dir,
+        data=data,
         k_sampling=importlib.import_module("k_diffusion.sampling"),
         k_external=importlib.import_module("k_diffusion.external"),
         openaimodel=importlib.import_module("ldm.modules.diffusionmodules.openaimodel"),

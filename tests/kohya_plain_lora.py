@@ -19,8 +19,9 @@ TEXT_ENCODER_TARGETS = ("q_proj", "v_proj")
 class LoRAModule(nn.Module):
     """``org(x) + up(down(x)) * multiplier * alpha / dim`` on one nn.Linear; x (..., in) -> (..., out)."""
 
-    def __init__(self, lora_name: str, org: nn.Linear, multiplier: float, dim: int, alpha: float,
-                 dropout: float | None = None):
+    def __init__(
+        self, lora_name: str, org: nn.Linear, multiplier: float, dim: int, alpha: float, dropout: float | None = None
+    ):
         super().__init__()
         self.lora_name, self.multiplier, self.dropout = lora_name, multiplier, dropout
         self.lora_down = nn.Linear(org.in_features, dim, bias=False)
@@ -52,12 +53,14 @@ class LoRANetwork(nn.Module):
     def __init__(self, text_encoders, unet, multiplier: float, dim: int, alpha: float, dropout: float | None):
         super().__init__()
         self.lora_dim = dim
-        self.text_encoder_loras = [LoRAModule(n, m, multiplier, dim, alpha, dropout)
-                                   for i, te in enumerate(text_encoders)
-                                   for n, m in _targets(te, "lora_te" if len(text_encoders) == 1 else f"lora_te{i + 1}",
-                                                        TEXT_ENCODER_TARGETS)]
-        self.unet_loras = [LoRAModule(n, m, multiplier, dim, alpha, dropout)
-                           for n, m in _targets(unet, "lora_unet", UNET_TARGETS)]
+        self.text_encoder_loras = [
+            LoRAModule(n, m, multiplier, dim, alpha, dropout)
+            for i, te in enumerate(text_encoders)
+            for n, m in _targets(te, "lora_te" if len(text_encoders) == 1 else f"lora_te{i + 1}", TEXT_ENCODER_TARGETS)
+        ]
+        self.unet_loras = [
+            LoRAModule(n, m, multiplier, dim, alpha, dropout) for n, m in _targets(unet, "lora_unet", UNET_TARGETS)
+        ]
 
     def apply_to(self, text_encoder, unet, apply_text_encoder=True, apply_unet=True):
         if not apply_text_encoder:
@@ -105,12 +108,19 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     kwargs.pop("dropout", None)  # what train_network.py adds for LyCORIS
     if kwargs:
         raise ValueError(f"kohya_plain_lora takes no network_args, got {sorted(kwargs)}")
-    return LoRANetwork(_encoders(text_encoder), unet, multiplier, network_dim or 4,
-                       network_alpha if network_alpha is not None else 1.0, neuron_dropout)
+    return LoRANetwork(
+        _encoders(text_encoder),
+        unet,
+        multiplier,
+        network_dim or 4,
+        network_alpha if network_alpha is not None else 1.0,
+        neuron_dropout,
+    )
 
 
-def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
-                                **kwargs):
+def create_network_from_weights(
+    multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False, **kwargs
+):
     weights_sd = weights_sd if weights_sd is not None else load_file(file)
     down = next(v for k, v in weights_sd.items() if k.endswith("lora_down.weight"))
     alpha = next(float(v) for k, v in weights_sd.items() if k.endswith(".alpha"))

@@ -25,21 +25,39 @@ def tiny_ldm_unet(kind: str, cross: int, pooled: int = 0, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                  cross_attention_dim=cross, norm_num_groups=32)
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        cross_attention_dim=cross,
+        norm_num_groups=32,
+    )
     if kind == "sd1":
-        config = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+        config = dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+        )
     elif kind == "sd2":
-        config = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=[1, 1],
-                      use_linear_projection=True)
+        config = dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=[1, 1],
+            use_linear_projection=True,
+        )
     else:
-        config = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[1, 1],
-                      use_linear_projection=True, transformer_layers_per_block=[1, 2],
-                      addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=pooled + 6 * 8)
+        config = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=[1, 1],
+            use_linear_projection=True,
+            transformer_layers_per_block=[1, 2],
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=pooled + 6 * 8,
+        )
     return UNet2DConditionModel(**common, **config).eval()
 
 
@@ -47,28 +65,53 @@ def tiny_ldm_vae(seed: int = 0, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=32, layers_per_block=1, sample_size=16, scaling_factor=scaling_factor).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
+        layers_per_block=1,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+    ).eval()
 
 
-def tiny_ldm_clip(width: int, layers: int = 2, projection: bool = False, vocab: int = CLIP_VOCAB, seed: int = 0,
-                  hidden_act: str = "quick_gelu"):
+def tiny_ldm_clip(
+    width: int,
+    layers: int = 2,
+    projection: bool = False,
+    vocab: int = CLIP_VOCAB,
+    seed: int = 0,
+    hidden_act: str = "quick_gelu",
+):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                            num_attention_heads=max(1, width // 64), max_position_embeddings=77,
-                            projection_dim=width, hidden_act=hidden_act, bos_token_id=0, eos_token_id=2,
-                            pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 64),
+        max_position_embeddings=77,
+        projection_dim=width,
+        hidden_act=hidden_act,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     L = unet.config.layers_per_block
     with_attention = frozenset(i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t)
-    return {"model.diffusion_model." + diffusers_unet_to_sgm(k, L, with_attention): v
-            for k, v in unet.state_dict().items()}
+    return {
+        "model.diffusion_model." + diffusers_unet_to_sgm(k, L, with_attention): v for k, v in unet.state_dict().items()
+    }
 
 
 def _vae_part(key: str, blocks: int) -> str:
@@ -89,9 +132,14 @@ def _vae_part(key: str, blocks: int) -> str:
         tail = [renames.get(t, t) for t in tail]
         return f"{side}.mid.block_{int(j) + 1}." + ".".join(tail)
     if rest.startswith("mid_block.attentions.0."):
-        tail = rest[len("mid_block.attentions.0."):]
-        tail = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}.get(
-            tail.rsplit(".", 1)[0], tail.rsplit(".", 1)[0]) + "." + tail.rsplit(".", 1)[1]
+        tail = rest[len("mid_block.attentions.0.") :]
+        tail = (
+            {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}.get(
+                tail.rsplit(".", 1)[0], tail.rsplit(".", 1)[0]
+            )
+            + "."
+            + tail.rsplit(".", 1)[1]
+        )
         return f"{side}.mid.attn_1.{tail}"
     return ".".join([side] + [renames.get(p, p) for p in parts[1:]]) if side in ("encoder", "decoder") else key
 
@@ -110,27 +158,36 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
 def clip_to_ldm(te, prefix: str) -> dict[str, torch.Tensor]:
     """HF layout under ``prefix`` (SD 1 ``cond_stage_model.transformer.``, SDXL
     ``conditioner.embedders.0.transformer.``)."""
-    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in te.state_dict().items() if not k.startswith("text_projection")}
+    return {
+        prefix + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in te.state_dict().items()
+        if not k.startswith("text_projection")
+    }
 
 
 def clip_to_open_clip(te, prefix: str, extra_layer: bool = False, seed: int = 1) -> dict[str, torch.Tensor]:
     """OpenCLIP layout under ``prefix``; ``extra_layer`` appends one more (unused) resblock, as SD 2
     files hold the last OpenCLIP layer that SD 2 skips."""
     sd = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()}
-    out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
-           prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
+    out = {
+        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["final_layer_norm.bias"],
+    }
     width = sd["embeddings.token_embedding.weight"].shape[1]
-    out[prefix + "text_projection"] = (sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd
-                                       else torch.eye(width))
+    out[prefix + "text_projection"] = (
+        sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd else torch.eye(width)
+    )
     layers = te.config.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
     for i in range(layers + int(extra_layer)):
         src = f"encoder.layers.{i}."
-        get = (lambda name: sd[src + name]) if i < layers else \
-            (lambda name: torch.randn(sd["encoder.layers.0." + name].shape, generator=g))
+        get = (
+            (lambda name: sd[src + name])  # noqa: B023 (used in this iteration only)
+            if i < layers
+            else (lambda name: torch.randn(sd["encoder.layers.0." + name].shape, generator=g))
+        )
         dst = f"{prefix}transformer.resblocks.{i}."
         for part in ("weight", "bias"):
             out[dst + f"attn.in_proj_{part}"] = torch.cat([get(f"self_attn.{p}_proj.{part}") for p in "qkv"])
@@ -142,8 +199,14 @@ def clip_to_open_clip(te, prefix: str, extra_layer: bool = False, seed: int = 1)
     return out
 
 
-def write_checkpoint(path, kind: str, dtype: torch.dtype = torch.float32, vocab: int = CLIP_VOCAB,
-                     metadata: dict[str, str] | None = None, seed: int = 0) -> dict:
+def write_checkpoint(
+    path,
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+    vocab: int = CLIP_VOCAB,
+    metadata: dict[str, str] | None = None,
+    seed: int = 0,
+) -> dict:
     """Write a tiny ``kind`` ("sd1" | "sd2" | "sdxl") single file; returns {"unet", "vae", "text_encoders"}
     (the float32 modules it was made from)."""
     vae = tiny_ldm_vae(seed, 0.13025 if kind == "sdxl" else 0.18215)
@@ -157,10 +220,14 @@ def write_checkpoint(path, kind: str, dtype: torch.dtype = torch.float32, vocab:
         encoders[0] = _without_projection(encoders[0])
         unet = tiny_ldm_unet("sd2", 64, seed=seed)
     else:
-        encoders = [tiny_ldm_clip(32, vocab=vocab, seed=seed),
-                    tiny_ldm_clip(32, projection=True, vocab=vocab, seed=seed + 1, hidden_act="gelu")]
-        state = {**clip_to_ldm(encoders[0], "conditioner.embedders.0.transformer."),
-                 **clip_to_open_clip(encoders[1], "conditioner.embedders.1.model.")}
+        encoders = [
+            tiny_ldm_clip(32, vocab=vocab, seed=seed),
+            tiny_ldm_clip(32, projection=True, vocab=vocab, seed=seed + 1, hidden_act="gelu"),
+        ]
+        state = {
+            **clip_to_ldm(encoders[0], "conditioner.embedders.0.transformer."),
+            **clip_to_open_clip(encoders[1], "conditioner.embedders.1.model."),
+        }
         unet = tiny_ldm_unet("sdxl", 64, pooled=32, seed=seed)
     state.update(unet_to_ldm(unet))
     state.update(vae_to_ldm(vae))
@@ -177,8 +244,9 @@ def _without_projection(te):
     from transformers import CLIPTextModel
 
     model = CLIPTextModel(te.config).eval()
-    state = {k.removeprefix("text_model."): v for k, v in te.state_dict().items()
-             if not k.startswith("text_projection")}
+    state = {
+        k.removeprefix("text_model."): v for k, v in te.state_dict().items() if not k.startswith("text_projection")
+    }
     model.load_state_dict(state)
     return model
 

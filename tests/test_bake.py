@@ -11,11 +11,20 @@ from safetensors.torch import save_file
 from tests.tiny_models import tiny_clip, tiny_unet
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.cli import bake as bake_cli
-from tsm_trainer.files.bake import (BakeError, bake_diffusers_folder, bake_into_models, bake_single_file, expert_lora,
-                              load_lora_for_bake, lora_deltas, stored_dtypes, unbake_from_models)
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.key_names import diffusers_unet_to_sgm
 from tsm_trainer.core.targets import layers_by_lora_name
+from tsm_trainer.files.bake import (
+    BakeError,
+    bake_diffusers_folder,
+    bake_into_models,
+    bake_single_file,
+    expert_lora,
+    load_lora_for_bake,
+    lora_deltas,
+    stored_dtypes,
+    unbake_from_models,
+)
 
 EXPERT, SCALE = 3, 8  # expert 3 of 8: t in [375, 500)
 
@@ -39,12 +48,26 @@ def _pipeline(tmp, dtype=torch.float32):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip(), tokenizer=_tokenizer(str(tmp / "tok")),
-                                   unet=tiny_unet(), scheduler=DDPMScheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny_clip(),
+        tokenizer=_tokenizer(str(tmp / "tok")),
+        unet=tiny_unet(),
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     folder = str(tmp / f"base-{str(dtype)[6:]}")
     pipe.to(dtype).save_pretrained(folder)
     return folder
@@ -133,18 +156,24 @@ def test_bake_expert_into_folder_matches_network_then_unbake(base):
 def test_bake_into_models_round_trip_and_delta_math(base):
     tensors, meta = load_file(base["tsm"])
     lora = expert_lora(tensors, meta, SCALE, 5)
-    assert not any(".tsm." in k for k in lora) and "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in lora
+    assert (
+        not any(".tsm." in k for k in lora)
+        and "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in lora
+    )
     unet, te = tiny_unet(), tiny_clip()
-    before = {**{"u." + k: v.clone() for k, v in unet.state_dict().items()},
-              **{"t." + k: v.clone() for k, v in te.state_dict().items()}}
+    before = {
+        **{"u." + k: v.clone() for k, v in unet.state_dict().items()},
+        **{"t." + k: v.clone() for k, v in te.state_dict().items()},
+    }
     layers = layers_by_lora_name(unet, [te])
     deltas = lora_deltas(lora, layers)
     conv = "lora_unet_down_blocks_1_resnets_0_conv1"  # a 3x3 conv expert
     assert deltas[conv].shape == layers[conv].weight.shape and deltas[conv].dim() == 4
     bake_into_models(lora, unet, [te], multiplier=0.5)
     w = layers[conv].weight
-    torch.testing.assert_close(w, before["u.down_blocks.1.resnets.0.conv1.weight"] + 0.5 * deltas[conv],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        w, before["u.down_blocks.1.resnets.0.conv1.weight"] + 0.5 * deltas[conv], rtol=0, atol=1e-6
+    )
     unbake_from_models(lora, unet, [te], multiplier=0.5)
     after = {**{"u." + k: v for k, v in unet.state_dict().items()}, **{"t." + k: v for k, v in te.state_dict().items()}}
     for k, v in before.items():
@@ -177,7 +206,9 @@ def _sd1_checkpoint(path, unet, te):
     up_attn = frozenset(i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t)
     state = {}
     for key, value in unet.state_dict().items():
-        sgm = diffusers_unet_to_sgm(key, layers_per_block=unet.config.layers_per_block, up_blocks_with_attention=up_attn)
+        sgm = diffusers_unet_to_sgm(
+            key, layers_per_block=unet.config.layers_per_block, up_blocks_with_attention=up_attn
+        )
         state[f"model.diffusion_model.{sgm}"] = value.clone()
     for key, value in te.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
@@ -190,8 +221,13 @@ def _sd1_checkpoint(path, unet, te):
 def test_sgm_names_of_parameter_paths():
     """A parameter path maps like its module path plus the parameter (downsampler conv -> op)."""
     for lpb, up_attn in ((2, frozenset({0, 1})), (1, frozenset({1, 2, 3}))):
-        for module in ("down_blocks.0.downsamplers.0.conv", "down_blocks.1.resnets.0.conv1",
-                       "up_blocks.0.upsamplers.0.conv", "mid_block.resnets.1.norm2", "conv_in"):
+        for module in (
+            "down_blocks.0.downsamplers.0.conv",
+            "down_blocks.1.resnets.0.conv1",
+            "up_blocks.0.upsamplers.0.conv",
+            "mid_block.resnets.1.norm2",
+            "conv_in",
+        ):
             sgm = diffusers_unet_to_sgm(module, lpb, up_attn)
             for param in ("weight", "bias"):
                 assert diffusers_unet_to_sgm(f"{module}.{param}", lpb, up_attn) == f"{sgm}.{param}", (module, param)
@@ -228,14 +264,21 @@ def test_bake_single_file_sd1(base, tmp_path):
         changed += not torch.equal(dst[key], src[key])
     assert changed == len(deltas)
     conv = "model.diffusion_model.input_blocks.3.0.in_layers.2.weight"  # down_blocks.1.resnets.0.conv1, 3x3
-    torch.testing.assert_close(dst[conv] - src[conv], 0.7 * deltas["lora_unet_down_blocks_1_resnets_0_conv1"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        dst[conv] - src[conv], 0.7 * deltas["lora_unet_down_blocks_1_resnets_0_conv1"], rtol=0, atol=1e-6
+    )
 
     with pytest.raises(BakeError, match="already exists"):
         bake_single_file(str(ckpt), lora, out, layers_per_block=1, up_blocks_with_attention=up_attn)
     # un-bake: bake the same LoRA with the negated multiplier into the baked file
-    bake_single_file(out, lora, out.replace("baked", "unbaked"), multiplier=-0.7, layers_per_block=1,
-                     up_blocks_with_attention=up_attn)
+    bake_single_file(
+        out,
+        lora,
+        out.replace("baked", "unbaked"),
+        multiplier=-0.7,
+        layers_per_block=1,
+        up_blocks_with_attention=up_attn,
+    )
     back, _ = load_file(out.replace("baked", "unbaked"))
     for key in src:
         torch.testing.assert_close(back[key], src[key], rtol=0, atol=1e-6, msg=key)
@@ -247,12 +290,13 @@ def test_bake_single_file_sdxl_openclip_in_proj_thirds(tmp_path):
     for key, value in te1.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
         state[f"conditioner.embedders.0.transformer.{key}"] = value.clone()
-    te2_state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in te2.state_dict().items()}
+    te2_state = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in te2.state_dict().items()}
     root = "conditioner.embedders.1.model.transformer.resblocks"
     for i in range(2):
         p = f"encoder.layers.{i}."
         state[f"{root}.{i}.attn.in_proj_weight"] = torch.cat(
-            [te2_state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]).clone()
+            [te2_state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+        ).clone()
         state[f"{root}.{i}.attn.out_proj.weight"] = te2_state[p + "self_attn.out_proj.weight"].clone()
         state[f"{root}.{i}.mlp.c_fc.weight"] = te2_state[p + "mlp.fc1.weight"].clone()
         state[f"{root}.{i}.mlp.c_proj.weight"] = te2_state[p + "mlp.fc2.weight"].clone()
@@ -262,8 +306,16 @@ def test_bake_single_file_sdxl_openclip_in_proj_thirds(tmp_path):
     g = torch.Generator().manual_seed(3)
     layers = layers_by_lora_name(None, [te1, te2])
     names = ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] + [
-        f"lora_te2_text_model_encoder_layers_1_{x}" for x in
-        ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")]
+        f"lora_te2_text_model_encoder_layers_1_{x}"
+        for x in (
+            "self_attn_q_proj",
+            "self_attn_k_proj",
+            "self_attn_v_proj",
+            "self_attn_out_proj",
+            "mlp_fc1",
+            "mlp_fc2",
+        )
+    ]
     lora = {}
     for name in names:
         d, k = layers[name].weight.shape
@@ -284,13 +336,15 @@ def test_bake_single_file_sdxl_openclip_in_proj_thirds(tmp_path):
             torch.testing.assert_close(dst[key] - state[key], te_delta, rtol=0, atol=1e-6)
             continue
         bake_into_models({k: v for k, v in lora.items() if k.startswith(name + ".")}, None, [te1, te2])
-    te2_after = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in te2.state_dict().items()}
+    te2_after = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in te2.state_dict().items()}
     p = "encoder.layers.1."
     fused = torch.cat([te2_after[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
     torch.testing.assert_close(dst[f"{root}.1.attn.in_proj_weight"], fused, rtol=0, atol=1e-6)
     torch.testing.assert_close(dst[f"{root}.1.mlp.c_proj.weight"], te2_after[p + "mlp.fc2.weight"], rtol=0, atol=1e-6)
     assert torch.equal(dst[f"{root}.0.attn.in_proj_weight"], state[f"{root}.0.attn.in_proj_weight"])
-    assert not torch.equal(dst["model.diffusion_model.time_embed.0.weight"], state["model.diffusion_model.time_embed.0.weight"])
+    assert not torch.equal(
+        dst["model.diffusion_model.time_embed.0.weight"], state["model.diffusion_model.time_embed.0.weight"]
+    )
 
 
 def test_refusals_and_errors_name_key_and_file(base, tmp_path):
@@ -336,8 +390,25 @@ def test_cli(base, tmp_path, capsys):
     assert cli.main(["--base", str(ckpt), "--lora", base["tsm"], "--expert", "3", "--out", out]) == 2
     assert "have no weight in" in capsys.readouterr().err
     out_folder = str(tmp_path / "cli-baked")
-    assert cli.main(["--base", base["folder"], "--lora", base["tsm"], "--expert", "3", "--scale", "8",
-                     "--multiplier", "-1", "--out", out_folder]) == 0
+    assert (
+        cli.main(
+            [
+                "--base",
+                base["folder"],
+                "--lora",
+                base["tsm"],
+                "--expert",
+                "3",
+                "--scale",
+                "8",
+                "--multiplier",
+                "-1",
+                "--out",
+                out_folder,
+            ]
+        )
+        == 0
+    )
     assert "baked" in capsys.readouterr().out and os.path.isfile(os.path.join(out_folder, "model_index.json"))
     assert cli.main(["--base", base["folder"], "--lora", base["tsm"], "--expert", "3", "--out", out_folder]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -59,24 +59,40 @@ def test_full_size_needs_cuda(gpu, capsys):
 
 
 def _row(gpu, config, model="sd15", step_s=1.0, alloc=4.0, reserved=5.0, **setting):
-    base = dict(model=model, batch=1, precision="fp16", optimizer="adamw8bit", checkpointing=True, attention="sdpa",
-                base_dtype="half", device="cuda:0")
+    base = dict(
+        model=model,
+        batch=1,
+        precision="fp16",
+        optimizer="adamw8bit",
+        checkpointing=True,
+        attention="sdpa",
+        base_dtype="half",
+        device="cuda:0",
+    )
     return dict(base, **setting, config=config, step_s=step_s, peak_alloc_gib=alloc, peak_reserved_gib=reserved)
 
 
 def test_targets_take_the_worst_setting_and_count_out_of_memory_as_not_fitting(gpu):
-    rows = [_row(gpu, "vanilla"), _row(gpu, "tsm8", step_s=1.04, alloc=4.2), _row(gpu, "stage2", step_s=1.3),
-            _row(gpu, "peft", step_s=0.9),
-            _row(gpu, "vanilla", batch=4), _row(gpu, "tsm8", batch=4, step_s=1.02, alloc=4.8),
-            _row(gpu, "vanilla", model="sdxl", reserved=11.0), _row(gpu, "tsm8", model="sdxl", reserved=11.5)]
+    rows = [
+        _row(gpu, "vanilla"),
+        _row(gpu, "tsm8", step_s=1.04, alloc=4.2),
+        _row(gpu, "stage2", step_s=1.3),
+        _row(gpu, "peft", step_s=0.9),
+        _row(gpu, "vanilla", batch=4),
+        _row(gpu, "tsm8", batch=4, step_s=1.02, alloc=4.8),
+        _row(gpu, "vanilla", model="sdxl", reserved=11.0),
+        _row(gpu, "tsm8", model="sdxl", reserved=11.5),
+    ]
     oom = _row(gpu, "stage2", model="sdxl")
     del oom["step_s"], oom["peak_alloc_gib"], oom["peak_reserved_gib"]
     gpu.add_ratios(rows + [dict(oom, error="out of memory")])
     status = {t["target"]: (t["status"], t["worst"]) for t in gpu.check_targets(rows)}
-    assert status == {gpu.TARGETS[0][0]: ("pass", pytest.approx(1.04)),
-                      gpu.TARGETS[1][0]: ("FAIL", pytest.approx(1.2)),  # batch 4: 4.8 / 4.0
-                      gpu.TARGETS[2][0]: ("FAIL", pytest.approx(1.3)),
-                      gpu.TARGETS[3][0]: ("pass", 5.0),
-                      gpu.TARGETS[4][0]: ("pass", 11.5)}
+    assert status == {
+        gpu.TARGETS[0][0]: ("pass", pytest.approx(1.04)),
+        gpu.TARGETS[1][0]: ("FAIL", pytest.approx(1.2)),  # batch 4: 4.8 / 4.0
+        gpu.TARGETS[2][0]: ("FAIL", pytest.approx(1.3)),
+        gpu.TARGETS[3][0]: ("pass", 5.0),
+        gpu.TARGETS[4][0]: ("pass", 11.5),
+    }
     status = {t["target"]: t["status"] for t in gpu.check_targets(rows + [dict(oom, error="out of memory")])}
     assert status[gpu.TARGETS[4][0]] == "FAIL"

@@ -8,7 +8,13 @@ import torch
 
 from tsm_trainer.core.file_format import load_file, save_file_atomic
 from tsm_trainer.training.checkpoint import (
-    kept_checkpoint_note, latest_state, list_states, load_state, save_state, state_folder)
+    kept_checkpoint_note,
+    latest_state,
+    list_states,
+    load_state,
+    save_state,
+    state_folder,
+)
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.run_record import run_record
 
@@ -89,21 +95,32 @@ def _edit(folder, change):
         f.write(change(text))
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda t: t[: len(t) // 2], r"not valid JSON"),
-    (lambda t: "[1, 2]", r"should hold a JSON object, not list"),
-    (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "step"}),
-     r"key 'step' should be an integer >= 0, got None"),
-    (lambda t: json.dumps({**json.loads(t), "position": "3"}),
-     r"key 'position' should be an integer >= 0, got '3'"),
-    (lambda t: json.dumps({**json.loads(t), "epoch": -1}), r"key 'epoch' should be an integer >= 0, got -1"),
-    (lambda t: json.dumps({**json.loads(t), "optimizer": {"scalars": {}}}),
-     r"key 'optimizer' should hold 'param_groups'"),
-    (lambda t: json.dumps({**json.loads(t), "lr_scheduler": 3}), r"key 'lr_scheduler' should be an object"),
-    (lambda t: json.dumps({**json.loads(t), "lr_scheduler": {}}),
-     r"the optimizer or scheduler state does not fit this run \(KeyError"),
-    (lambda t: "\xff\xfe", r"not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda t: t[: len(t) // 2], r"not valid JSON"),
+        (lambda t: "[1, 2]", r"should hold a JSON object, not list"),
+        (
+            lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "step"}),
+            r"key 'step' should be an integer >= 0, got None",
+        ),
+        (
+            lambda t: json.dumps({**json.loads(t), "position": "3"}),
+            r"key 'position' should be an integer >= 0, got '3'",
+        ),
+        (lambda t: json.dumps({**json.loads(t), "epoch": -1}), r"key 'epoch' should be an integer >= 0, got -1"),
+        (
+            lambda t: json.dumps({**json.loads(t), "optimizer": {"scalars": {}}}),
+            r"key 'optimizer' should hold 'param_groups'",
+        ),
+        (lambda t: json.dumps({**json.loads(t), "lr_scheduler": 3}), r"key 'lr_scheduler' should be an object"),
+        (
+            lambda t: json.dumps({**json.loads(t), "lr_scheduler": {}}),
+            r"the optimizer or scheduler state does not fit this run \(KeyError",
+        ),
+        (lambda t: "\xff\xfe", r"not valid JSON"),
+    ],
+)
 def test_a_damaged_state_json_names_the_file_and_the_problem(tmp_path, change, needle):
     folder = tmp_path / "tsm-state-3"
     _trained_state(folder)
@@ -119,8 +136,12 @@ def test_resuming_with_another_optimizer_is_refused_clearly(tmp_path, legacy):
     folder = tmp_path / "tsm-state-3"
     _trained_state(folder, optimizer="adafactor")
     if legacy:  # states saved before the optimizer class was recorded
-        _edit(folder, lambda t: json.dumps({**json.loads(t), "optimizer": {
-            k: v for k, v in json.loads(t)["optimizer"].items() if k != "class"}}))
+        _edit(
+            folder,
+            lambda t: json.dumps(
+                {**json.loads(t), "optimizer": {k: v for k, v in json.loads(t)["optimizer"].items() if k != "class"}}
+            ),
+        )
     net = TinyNet(seed=1)
     opt, sched = _parts(net, "adamw")
     with pytest.raises(ValueError, match=r"state.json: the state was saved with the optimizer .*this run uses AdamW"):
@@ -131,17 +152,23 @@ def test_options_that_must_not_change_stop_the_resume_naming_them(tmp_path):
     saved = TrainConfig(seed=1, network_dim=4)
     folder = tmp_path / "tsm-state-3"
     _trained_state(folder, saved)
-    for change, needle in [({"seed": 2}, "--seed was 1 when this state was saved, now 2"),
-                           ({"network_dim": 8}, "--network_dim was 4"),
-                           ({"tsm_scales": "4"}, "--tsm_scales was '8'")]:
+    for change, needle in [
+        ({"seed": 2}, "--seed was 1 when this state was saved, now 2"),
+        ({"network_dim": 8}, "--network_dim was 4"),
+        ({"tsm_scales": "4"}, "--tsm_scales was '8'"),
+    ]:
         net = TinyNet(seed=1)
         opt, sched = _parts(net)
-        current = run_record(TrainConfig(**{"seed": 1, "network_dim": 4, **change}),
-                             {"dataset_fingerprint": "abc", "dataset_config_sha256": "def"})
+        current = run_record(
+            TrainConfig(**{"seed": 1, "network_dim": 4, **change}),
+            {"dataset_fingerprint": "abc", "dataset_config_sha256": "def"},
+        )
         with pytest.raises(ValueError, match=rf"state.json: {needle}.*cannot change on resume"):
             load_state(str(folder), net, opt, sched, current)
-    for data, needle in [({"dataset_fingerprint": "xyz", "dataset_config_sha256": "def"}, "the dataset"),
-                         ({"dataset_fingerprint": "abc", "dataset_config_sha256": "000"}, "the dataset config file")]:
+    for data, needle in [
+        ({"dataset_fingerprint": "xyz", "dataset_config_sha256": "def"}, "the dataset"),
+        ({"dataset_fingerprint": "abc", "dataset_config_sha256": "000"}, "the dataset config file"),
+    ]:
         net = TinyNet(seed=1)
         opt, sched = _parts(net)
         with pytest.raises(ValueError, match=rf"state.json: {needle}.* changed since this state was saved"):
@@ -160,8 +187,14 @@ def test_options_that_may_change_take_effect_and_are_printed(tmp_path):
 
     sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=200)
     current = TrainConfig(learning_rate=5e-4, max_train_steps=200, weight_decay=0.1)
-    extra = load_state(str(folder), net, opt, sched, run_record(current, {
-        "dataset_fingerprint": "abc", "dataset_config_sha256": "def"}), lines.append)
+    extra = load_state(
+        str(folder),
+        net,
+        opt,
+        sched,
+        run_record(current, {"dataset_fingerprint": "abc", "dataset_config_sha256": "def"}),
+        lines.append,
+    )
     assert extra["step"] == 3
     assert torch.equal(net.layer.weight, original.layer.weight)
     assert "resume: --learning_rate changed from 0.001 to 0.0005 (takes effect)" in lines

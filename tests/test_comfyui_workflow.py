@@ -27,13 +27,13 @@ import os
 import pytest
 import torch
 
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 from tsm_trainer.files.comfyui_workflow import (
     boundary_percent,
     build_workflow,
     expert_hook_schedule,
     write_workflow,
 )
-from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 
 # ---------------------------------------------------------------------------------------------
 # Core node definitions, recorded from ComfyUI's source (comfyanonymous/ComfyUI):
@@ -50,26 +50,40 @@ CORE_NODES = {
     "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], 3, [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
     "CLIPTextEncode": ([("clip", "CLIP")], 1, [("CONDITIONING", "CONDITIONING")]),
     "EmptyLatentImage": ([], 3, [("LATENT", "LATENT")]),
-    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                  ("latent_image", "LATENT")], 7, [("LATENT", "LATENT")]),
+    "KSampler": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        7,
+        [("LATENT", "LATENT")],
+    ),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], 0, [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], 1, []),
     "CreateHookLoraModelOnly": ([("prev_hooks", "HOOKS")], 2, [("HOOKS", "HOOKS")]),
     "CreateHookKeyframe": ([("prev_hook_kf", "HOOK_KEYFRAMES")], 2, [("HOOK_KF", "HOOK_KEYFRAMES")]),
-    "CreateHookKeyframesInterpolated": ([("prev_hook_kf", "HOOK_KEYFRAMES")], 7,
-                                        [("HOOK_KF", "HOOK_KEYFRAMES")]),
+    "CreateHookKeyframesInterpolated": ([("prev_hook_kf", "HOOK_KEYFRAMES")], 7, [("HOOK_KF", "HOOK_KEYFRAMES")]),
     "SetHookKeyframes": ([("hooks", "HOOKS"), ("hook_kf", "HOOK_KEYFRAMES")], 0, [("HOOKS", "HOOKS")]),
     "CombineHooks2": ([(f"hooks_{c}", "HOOKS") for c in "AB"], 0, [("HOOKS", "HOOKS")]),
     "CombineHooks4": ([(f"hooks_{c}", "HOOKS") for c in "ABCD"], 0, [("HOOKS", "HOOKS")]),
     "CombineHooks8": ([(f"hooks_{c}", "HOOKS") for c in "ABCDEFGH"], 0, [("HOOKS", "HOOKS")]),
-    "PairConditioningSetProperties": ([("positive_NEW", "CONDITIONING"), ("negative_NEW", "CONDITIONING"),
-                                       ("mask", "MASK"), ("hooks", "HOOKS"), ("timesteps", "TIMESTEPS_RANGE")],
-                                      2, [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "PairConditioningSetProperties": (
+        [
+            ("positive_NEW", "CONDITIONING"),
+            ("negative_NEW", "CONDITIONING"),
+            ("mask", "MASK"),
+            ("hooks", "HOOKS"),
+            ("timesteps", "TIMESTEPS_RANGE"),
+        ],
+        2,
+        [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    ),
 }
 REQUIRED_INPUTS = {  # inputs ComfyUI requires to be linked
-    "LoraLoader": {"model", "clip"}, "CLIPTextEncode": {"clip"}, "VAEDecode": {"samples", "vae"},
-    "KSampler": {"model", "positive", "negative", "latent_image"}, "SaveImage": {"images"},
-    "SetHookKeyframes": {"hooks"}, "PairConditioningSetProperties": {"positive_NEW", "negative_NEW"},
+    "LoraLoader": {"model", "clip"},
+    "CLIPTextEncode": {"clip"},
+    "VAEDecode": {"samples", "vae"},
+    "KSampler": {"model", "positive", "negative", "latent_image"},
+    "SaveImage": {"images"},
+    "SetHookKeyframes": {"hooks"},
+    "PairConditioningSetProperties": {"positive_NEW", "negative_NEW"},
 }
 
 
@@ -78,7 +92,7 @@ REQUIRED_INPUTS = {  # inputs ComfyUI requires to be linked
 # ---------------------------------------------------------------------------------------------
 class DiscreteSampling:
     def __init__(self, linear_start=0.00085, linear_end=0.012):
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, 1000, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, 1000, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.sigmas = sigmas.float()
@@ -156,13 +170,12 @@ def keyframes_from_node(node_id, nodes, links) -> list[Keyframe]:
     assert method == "linear"
     percents = torch.linspace(p0, p1, count)  # float32, as InterpolationMethod.get_weights
     strengths = torch.linspace(s0, s1, count)
-    return kfs + [Keyframe(s.item(), p.item(), 1 if i == 0 else 0)
-                  for i, (p, s) in enumerate(zip(percents, strengths))]
+    return kfs + [Keyframe(s.item(), p.item(), 1 if i == 0 else 0) for i, (p, s) in enumerate(zip(percents, strengths))]
 
 
 def expert_schedules_from_workflow(wf) -> list[tuple[str, KeyframeGroup]]:
     nodes = {n["id"]: n for n in wf["nodes"]}
-    links = {l[0]: l for l in wf["links"]}
+    links = {link[0]: link for link in wf["links"]}
     out = []
     for n in wf["nodes"]:
         if n["type"] != "SetHookKeyframes":
@@ -212,8 +225,20 @@ def experts_of_scale(n):
 
 
 def make_workflow(experts, te="tsm_te.safetensors", sampling=None):
-    return build_workflow(experts, "v1-5-pruned-emaonly.safetensors", te, "a photo of a cat", "blurry",
-                          30, 7.0, 42, 512, 512, 0.8, sampling=sampling)
+    return build_workflow(
+        experts,
+        "v1-5-pruned-emaonly.safetensors",
+        te,
+        "a photo of a cat",
+        "blurry",
+        30,
+        7.0,
+        42,
+        512,
+        512,
+        0.8,
+        sampling=sampling,
+    )
 
 
 SAMPLINGS = [DiscreteSampling(), DiscreteSampling(0.0001, 0.02)]
@@ -308,8 +333,10 @@ def test_default_guarantee_steps_would_double_apply_on_coarse_schedules():
     """Why CreateHookKeyframesInterpolated: a CreateHookKeyframe-only chain (guarantee_steps=1 on
     every keyframe) holds an expert whose interval no sigma falls in for one extra step."""
     sampling = SAMPLINGS[0]
-    groups = [(e, KeyframeGroup([Keyframe(s, p) for p, s in expert_hook_schedule(*interval_timestep_range(e, 8))]))
-              for e in range(8)]
+    groups = [
+        (e, KeyframeGroup([Keyframe(s, p) for p, s in expert_hook_schedule(*interval_timestep_range(e, 8))]))
+        for e in range(8)
+    ]
     sigmas = karras(3, sampling.sigmas[0].item(), sampling.sigmas[-1].item())
     assert any(len(on) > 1 for on in run_sampler(sampling, groups, sigmas))
 
@@ -323,7 +350,7 @@ def check_graph(wf):
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]), "node ids must be unique"
     assert wf["last_node_id"] == max(nodes)
-    links = {l[0]: l for l in wf["links"]}
+    links = {link[0]: link for link in wf["links"]}
     assert len(links) == len(wf["links"]), "link ids must be unique"
     assert wf["last_link_id"] == max(links)
     for n in wf["nodes"]:
@@ -367,8 +394,9 @@ def test_graph_is_consistent(n, te):
     if te:
         lora = next(x for x in wf["nodes"] if x["type"] == "LoraLoader")
         assert lora["widgets_values"] == [te, 0.0, 0.8]  # strength_model 0: text encoder only
-        assert {links[l][3] for l in lora["outputs"][1]["links"]} == {
-            x["id"] for x in wf["nodes"] if x["type"] == "CLIPTextEncode"}
+        assert {links[link][3] for link in lora["outputs"][1]["links"]} == {
+            x["id"] for x in wf["nodes"] if x["type"] == "CLIPTextEncode"
+        }
 
     def upstream(node_id):
         seen, todo = set(), [node_id]

@@ -22,10 +22,21 @@ def _entry(target: str):
 def test_every_tool_is_a_console_script():
     """The commands of the README, train and the tools (the demo scripts stay in tools/: demo_world/ is not
     installed)."""
-    assert set(SCRIPTS) == {"tsm-train", "tsm-export", "tsm-merge", "tsm-bake", "tsm-inspect", "tsm-convert",
-                            "tsm-evaluate"}
+    assert set(SCRIPTS) == {
+        "tsm-train",
+        "tsm-export",
+        "tsm-merge",
+        "tsm-bake",
+        "tsm-inspect",
+        "tsm-convert",
+        "tsm-evaluate",
+    }
     shims = {f"tools/{n}" for n in os.listdir(os.path.join(ROOT, "tools"))} - {
-        "tools/demo.py", "tools/demo_sd_scripts.py", "tools/make_demo_assets.py", "tools/__pycache__"}
+        "tools/demo.py",
+        "tools/demo_sd_scripts.py",
+        "tools/make_demo_assets.py",
+        "tools/__pycache__",
+    }
     modules = {target.split(":")[0] for target in SCRIPTS.values()}
     for shim in shims:  # each tools/ script runs one of the installed commands' main
         with open(os.path.join(ROOT, shim)) as f:
@@ -82,12 +93,14 @@ def test_config_file_is_read_in_binary_mode_through_tomllib(tmp_path, monkeypatc
 
     monkeypatch.setattr(config_module.tomllib, "load", recording_load)
     path = tmp_path / "run.toml"
-    path.write_text('[model]\npretrained_model_name_or_path = "./sd15"\n\n[training]\nmax_train_steps = 7\n'
-                    'output_name = "tsm8-é"\n', encoding="utf-8")
+    path.write_text(
+        '[model]\npretrained_model_name_or_path = "./sd15"\n\n[training]\nmax_train_steps = 7\n'
+        'output_name = "tsm8-é"\n',
+        encoding="utf-8",
+    )
     config = config_module.load_config(["--config_file", str(path), "--dataset_config", "d.toml"])
     assert modes == ["rb"]
-    assert (config.pretrained_model_name_or_path, config.max_train_steps, config.output_name) == \
-        ("./sd15", 7, "tsm8-é")
+    assert (config.pretrained_model_name_or_path, config.max_train_steps, config.output_name) == ("./sd15", 7, "tsm8-é")
 
 
 def test_attribute_score_without_the_demo_world_says_so_before_loading(monkeypatch, capsys):
@@ -95,10 +108,14 @@ def test_attribute_score_without_the_demo_world_says_so_before_loading(monkeypat
     from tsm_trainer.cli import evaluate
 
     real_find_spec = evaluate.importlib.util.find_spec
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "demo_world" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        evaluate.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "demo_world" else real_find_spec(name, *a),
+    )
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--pretrained_model", "missing", "--dataset_config", "missing.toml",
-                       "--attribute_score", "heldout"])
+        evaluate.main(
+            ["--pretrained_model", "missing", "--dataset_config", "missing.toml", "--attribute_score", "heldout"]
+        )
     assert e.value.code == 2
     assert "--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Dataset config TOML (kohya layout): validation messages, inheritance, defaults."""
+
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ def write(tmp_path, text):
 
 
 def test_inheritance_general_dataset_subset(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
 [general]
 shuffle_caption = true
 keep_tokens = 1
@@ -42,7 +45,8 @@ keep_tokens = 2
 resolution = [768, 512]
   [[datasets.subsets]]
   image_dir = "c"
-""")
+""",
+    )
     cfg = load_dataset_config(p)
     d0, d1 = cfg.datasets
     assert d0.resolution == (512, 512) and d0.batch_size == 4 and d0.enable_bucket
@@ -66,40 +70,69 @@ def test_defaults_act_like_kohya_argparse(tmp_path):
     assert s.caption_extension == ".caption" and s.caption_separator == "," and cfg.captions_static
 
 
-@pytest.mark.parametrize("body, needles", [
-    # unknown key at subset level: names the key, the file and the valid keys
-    ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeat = 3\n',
-     ["'num_repeat'", "ds.toml", "subsets]] #1", "num_repeats", "image_dir", "video_frames"]),
-    # dataset-level key inside a subset (kohya rejects it too)
-    ('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "x"\nbatch_size = 2\n',
-     ["'batch_size'", "dataset-level key", "ds.toml"]),
-    # subset-only key in [general]
-    ('[general]\nimage_dir = "x"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'image_dir'", "[general]", "only inside [[datasets.subsets]]"]),
-    # wrong type / choice
-    ('[general]\nresolution = 512\nflip_aug = "yes"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'flip_aug'", "'yes'", "true or false", "ds.toml"]),
-    ('[general]\nresolution = 512\ncaption_dropout_rate = 1.5\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'caption_dropout_rate'", "[0, 1]"]),
-    ('[general]\nresolution = [512]\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'resolution'", "[width, height]"]),
-    ('[general]\nresolution = 512\nbatch_size = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'batch_size'", "integer >= 1"]),
-    ('[general]\nresolution = 500\n[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'resolution'", "multiple of 64"]),
-    ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n',
-     ["'image_dir'", "missing"]),
-    ('[general]\nresolution = 512\n[[datasets]]\nbatch_size = 2\n', ["no [[datasets.subsets]]"]),
-    ('[genral]\nresolution = 512\n', ["'genral'", "[general]", "[[datasets]]"]),
-    ('[general]\nresolution = 512\ncolor_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
-     ["'color_aug'", "does not support"]),
-    ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nvideo_frames = 4\n'
-     '[[datasets.subsets]]\nimage_dir = "y"\n', ["'video_frames'", "differs"]),
-    ('[general\nresolution = 512\n', ["not valid TOML", "ds.toml"]),
-    # accepted by kohya, not implemented here: refused rather than ignored
-    ('[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = true\n',
-     ["ds.toml", "subsets]] #1", "key 'cache_info' = True", "not implemented"]),
-])
+@pytest.mark.parametrize(
+    "body, needles",
+    [
+        # unknown key at subset level: names the key, the file and the valid keys
+        (
+            '[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nnum_repeat = 3\n',
+            ["'num_repeat'", "ds.toml", "subsets]] #1", "num_repeats", "image_dir", "video_frames"],
+        ),
+        # dataset-level key inside a subset (kohya rejects it too)
+        (
+            '[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "x"\nbatch_size = 2\n',
+            ["'batch_size'", "dataset-level key", "ds.toml"],
+        ),
+        # subset-only key in [general]
+        (
+            '[general]\nimage_dir = "x"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'image_dir'", "[general]", "only inside [[datasets.subsets]]"],
+        ),
+        # wrong type / choice
+        (
+            '[general]\nresolution = 512\nflip_aug = "yes"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'flip_aug'", "'yes'", "true or false", "ds.toml"],
+        ),
+        (
+            "[general]\nresolution = 512\ncaption_dropout_rate = 1.5\n"
+            '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'caption_dropout_rate'", "[0, 1]"],
+        ),
+        (
+            '[general]\nresolution = [512]\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'resolution'", "[width, height]"],
+        ),
+        (
+            '[general]\nresolution = 512\nbatch_size = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'batch_size'", "integer >= 1"],
+        ),
+        (
+            '[general]\nresolution = 500\n[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'resolution'", "multiple of 64"],
+        ),
+        (
+            "[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n",
+            ["'image_dir'", "missing"],
+        ),
+        ("[general]\nresolution = 512\n[[datasets]]\nbatch_size = 2\n", ["no [[datasets.subsets]]"]),
+        ("[genral]\nresolution = 512\n", ["'genral'", "[general]", "[[datasets]]"]),
+        (
+            '[general]\nresolution = 512\ncolor_aug = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n',
+            ["'color_aug'", "does not support"],
+        ),
+        (
+            '[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\nvideo_frames = 4\n'
+            '[[datasets.subsets]]\nimage_dir = "y"\n',
+            ["'video_frames'", "differs"],
+        ),
+        ("[general\nresolution = 512\n", ["not valid TOML", "ds.toml"]),
+        # accepted by kohya, not implemented here: refused rather than ignored
+        (
+            '[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncache_info = true\n',
+            ["ds.toml", "subsets]] #1", "key 'cache_info' = True", "not implemented"],
+        ),
+    ],
+)
 def test_errors_name_key_file_and_choices(tmp_path, body, needles):
     with pytest.raises(DatasetConfigError) as ei:
         load_dataset_config(write(tmp_path, body))

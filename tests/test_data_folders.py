@@ -1,4 +1,5 @@
 """kohya folder datasets (--train_data_dir N_concept folders, --reg_data_dir) and reg balancing."""
+
 from collections import Counter
 from pathlib import Path
 
@@ -6,8 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tsm_trainer.data import (DatasetConfigError, TrainDataset, concept_folder_params, folder_dataset_config,
-                              parse_dataset_config, scan_dataset)
+from tsm_trainer.data import (
+    DatasetConfigError,
+    TrainDataset,
+    concept_folder_params,
+    folder_dataset_config,
+    parse_dataset_config,
+    scan_dataset,
+)
 
 
 def images(folder: Path, n: int, captions: dict[int, str] | None = None, ext: str = ".caption") -> None:
@@ -31,12 +38,23 @@ def test_repeats_captions_and_is_reg(tmp_path):
     images(tmp_path / "train" / "1_dog", 1)
     images(tmp_path / "train" / "misc", 1)  # no repeat count: skipped as kohya does
     images(tmp_path / "reg" / "1_cat", 4)
-    cfg = folder_dataset_config(tmp_path / "train", tmp_path / "reg", resolution=16, batch_size=3,
-                                caption_extension="caption", shuffle_caption=True, keep_tokens=1, flip_aug=True)
+    cfg = folder_dataset_config(
+        tmp_path / "train",
+        tmp_path / "reg",
+        resolution=16,
+        batch_size=3,
+        caption_extension="caption",
+        shuffle_caption=True,
+        keep_tokens=1,
+        flip_aug=True,
+    )
     (d,) = cfg.datasets
     assert d.resolution == (16, 16) and d.batch_size == 3
     assert [(s.image_dir.name, s.num_repeats, s.class_tokens, s.is_reg) for s in d.subsets] == [
-        ("10_cat", 10, "cat", False), ("1_dog", 1, "dog", False), ("1_cat", 1, "cat", True)]
+        ("10_cat", 10, "cat", False),
+        ("1_dog", 1, "dog", False),
+        ("1_cat", 1, "cat", True),
+    ]
     sub = d.subsets[0]
     assert sub.caption_extension == ".caption" and sub.shuffle_caption and sub.keep_tokens == 1 and sub.flip_aug
     assert "--reg_data_dir" in d.subsets[2].where and "1_cat" in d.subsets[2].where
@@ -51,9 +69,12 @@ def test_repeats_captions_and_is_reg(tmp_path):
             captions[key] = caption
     train, reg = tmp_path / "train", tmp_path / "reg"
     # 21 training samples per epoch; 4 reg images balanced to 21: 1 each, then +1 in turn -> 6, 5, 5, 5
-    assert uses == {str(train / "10_cat" / "0.png"): 10, str(train / "10_cat" / "1.png"): 10,
-                    str(train / "1_dog" / "0.png"): 1, **{str(reg / "1_cat" / f"{i}.png"): r
-                                                         for i, r in enumerate((6, 5, 5, 5))}}
+    assert uses == {
+        str(train / "10_cat" / "0.png"): 10,
+        str(train / "10_cat" / "1.png"): 10,
+        str(train / "1_dog" / "0.png"): 1,
+        **{str(reg / "1_cat" / f"{i}.png"): r for i, r in enumerate((6, 5, 5, 5))},
+    }
     assert ds.num_samples == 42 and len(ds) == 14  # one bucket: 42 samples in batches of 3
     assert {k for k, r in reg_flags.items() if r} == {str(reg / "1_cat" / f"{i}.png") for i in range(4)}
     assert captions[str(train / "10_cat" / "1.png")] == "cat"  # no caption file: class tokens
@@ -72,14 +93,25 @@ def test_more_reg_than_training_images_leaves_some_unused(tmp_path):
 def test_toml_is_reg_is_balanced_too(tmp_path):
     images(tmp_path / "a", 2, {0: "x", 1: "y"})
     images(tmp_path / "r", 1, {0: "z"})
-    raw = {"general": {"resolution": 16, "caption_extension": ".caption"},
-           "datasets": [{"subsets": [{"image_dir": str(tmp_path / "a"), "num_repeats": 3},
-                                     {"image_dir": str(tmp_path / "r"), "is_reg": True}]}]}
+    raw = {
+        "general": {"resolution": 16, "caption_extension": ".caption"},
+        "datasets": [
+            {
+                "subsets": [
+                    {"image_dir": str(tmp_path / "a"), "num_repeats": 3},
+                    {"image_dir": str(tmp_path / "r"), "is_reg": True},
+                ]
+            }
+        ],
+    }
     ds = TrainDataset(scan_dataset(parse_dataset_config(raw)))
     assert ds._repeats == [[3, 3, 6]]
-    only_reg = {"general": {"resolution": 16},
-                "datasets": [{"subsets": [{"image_dir": str(tmp_path / "r"), "is_reg": True,
-                                           "caption_extension": ".caption"}]}]}
+    only_reg = {
+        "general": {"resolution": 16},
+        "datasets": [
+            {"subsets": [{"image_dir": str(tmp_path / "r"), "is_reg": True, "caption_extension": ".caption"}]}
+        ],
+    }
     with pytest.raises(DatasetConfigError, match="only regularisation images"):
         TrainDataset(scan_dataset(parse_dataset_config(only_reg)))
 

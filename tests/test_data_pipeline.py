@@ -1,4 +1,5 @@
 """Data pipeline: buckets, scanning bad input, captions, batches, resume, caches, video clips."""
+
 import io
 import os
 from pathlib import Path
@@ -9,8 +10,15 @@ import torch
 from PIL import Image
 
 from tsm_trainer.data import (
-    BucketSelector, DatasetError, LatentCache, TextEncoderCache, TrainDataset, make_bucket_resolutions,
-    parse_dataset_config, process_caption, scan_dataset,
+    BucketSelector,
+    DatasetError,
+    LatentCache,
+    TextEncoderCache,
+    TrainDataset,
+    make_bucket_resolutions,
+    parse_dataset_config,
+    process_caption,
+    scan_dataset,
 )
 from tsm_trainer.data.config import SubsetConfig
 from tsm_trainer.data.dataset import indexed_batches
@@ -46,8 +54,14 @@ def make_image_dir(root: Path) -> Path:
 
 
 def cfg_for(image_dir, root=".", **over):
-    general = {"resolution": 128, "caption_extension": ".txt", "batch_size": 2, "enable_bucket": True,
-               "min_bucket_reso": 64, "max_bucket_reso": 256}
+    general = {
+        "resolution": 128,
+        "caption_extension": ".txt",
+        "batch_size": 2,
+        "enable_bucket": True,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 256,
+    }
     subset = {"image_dir": str(image_dir)}
     for k, v in over.items():
         (subset if k in SubsetConfig.__dataclass_fields__ else general)[k] = v
@@ -56,8 +70,7 @@ def cfg_for(image_dir, root=".", **over):
 
 def test_bucket_list_matches_hand_computation():
     # area 128*128: w=64 -> h=min(256, 256)=256; w=128 -> 128; w=192 -> 85//64*64=64; w=256 -> 64
-    assert make_bucket_resolutions((128, 128), 64, 256, 64) == [(64, 192), (64, 256), (128, 128), (192, 64),
-                                                                (256, 64)]
+    assert make_bucket_resolutions((128, 128), 64, 256, 64) == [(64, 192), (64, 256), (128, 128), (192, 64), (256, 64)]
 
 
 def test_bucket_selection():
@@ -185,6 +198,7 @@ def fake_vae(calls):
         flat = pixels.flatten(0, -4)  # (N, 3, H, W)
         lat = torch.nn.functional.avg_pool2d(flat, 8)
         return lat.reshape(*pixels.shape[:-3], 3, *lat.shape[-2:])
+
     return encode
 
 
@@ -228,8 +242,10 @@ def test_text_encoder_cache(tmp_path):
 
     def encode(caps):
         calls.append(len(caps))
-        return {"hidden": torch.stack([torch.full((4, 2), float(len(c))) for c in caps]),
-                "pooled": torch.tensor([[float(len(c))] for c in caps])}
+        return {
+            "hidden": torch.stack([torch.full((4, 2), float(len(c))) for c in caps]),
+            "pooled": torch.tensor([[float(len(c))] for c in caps]),
+        }
 
     cache = TextEncoderCache(encode, cache_dir=tmp_path / "te", namespace="clip")
     assert cache.prepare(ds.static_captions()) == 3
@@ -268,4 +284,4 @@ def test_video_frame_folders(tmp_path):
         h, w = b["bucket"]
         assert b["pixels"].shape == (len(b["keys"]), 2, 3, h, w)
         # frame order kept: frame 1 is brighter red than frame 0
-        assert (b["pixels"][:, 1, 0].mean() > b["pixels"][:, 0, 0].mean())
+        assert b["pixels"][:, 1, 0].mean() > b["pixels"][:, 0, 0].mean()

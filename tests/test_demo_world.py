@@ -33,8 +33,10 @@ def test_render_is_deterministic_and_jittered():
 
 
 def test_captions_and_domains():
-    assert shapes.caption({"shape": "circle", "colour": "red", "background": "white"}) == \
-        "a red circle on a white background"
+    assert (
+        shapes.caption({"shape": "circle", "colour": "red", "background": "white"})
+        == "a red circle on a white background"
+    )
     rng = np.random.default_rng(0)
     base = [shapes.sample_attributes(rng, "base") for _ in range(300)]
     target = [shapes.sample_attributes(rng, "target") for _ in range(300)]
@@ -101,8 +103,20 @@ def test_quick_build_gives_a_loadable_pipeline(tmp_path):
     import torch
 
     out = tmp_path / "assets"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_assets.py"), "--quick",
-                           "--out_dir", str(out), "--seed", "1"], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "make_demo_assets.py"),
+            "--quick",
+            "--out_dir",
+            str(out),
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "timings:" in proc.stdout
     folder = out / "base_model"
@@ -116,8 +130,14 @@ def test_quick_build_gives_a_loadable_pipeline(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.scaling_factor != 0.18215
-    result = pipe(["a red circle on a white background", "a pink star on a striped background"], height=64,
-                  width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    result = pipe(
+        ["a red circle on a white background", "a pink star on a striped background"],
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     assert result.images.shape == (2, 64, 64, 3)
     assert np.isfinite(result.images).all()
 

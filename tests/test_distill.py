@@ -25,9 +25,20 @@ def data(tmp_path_factory):
 
 def _trainer(data, **overrides):
     root, base, toml = data
-    config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml, output_dir=str(root / "out"),
-                         network_dim=2, distill_fake_rank=2, distill_fake_updates=1, max_train_steps=2,
-                         learning_rate=1e-3, distill_real_guidance=3.0, distill_gan_weight=0.5, seed=0)
+    config = TrainConfig(
+        task="distill",
+        pretrained_model_name_or_path=base,
+        dataset_config=toml,
+        output_dir=str(root / "out"),
+        network_dim=2,
+        distill_fake_rank=2,
+        distill_fake_updates=1,
+        max_train_steps=2,
+        learning_rate=1e-3,
+        distill_real_guidance=3.0,
+        distill_gan_weight=0.5,
+        seed=0,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     return build(config, log=lambda m: None)
@@ -74,8 +85,9 @@ def test_gan_term_of_the_student_reaches_the_student_only(data):
     for weight in (0.0, 0.5):
         trainer.config.distill_gan_weight = weight
         _clear(trainer)
-        parts = trainer.student_backward(_batch(trainer), torch.Generator().manual_seed(0), progress=0.0,
-                                         step_index=torch.tensor([0, 1, 2, 3]))
+        parts = trainer.student_backward(
+            _batch(trainer), torch.Generator().manual_seed(0), progress=0.0, step_index=torch.tensor([0, 1, 2, 3])
+        )
         assert ("gan_g" in parts) == (weight > 0)
         grads[weight] = [p.grad.clone() for e in range(4) for p in _expert_params(trainer, e) if p.grad is not None]
         assert _untouched(list(trainer.fake.parameters()) + list(trainer.head.parameters()))
@@ -114,7 +126,9 @@ def test_student_timesteps_and_gan_schedule_are_checked(data):
         _trainer(data, distill_step_weights="1,2")
     trainer = _trainer(data)  # appendix A.3: the step at t = 249 is trained 45/120 of the time
     drawn = trainer.draw_steps(12000, torch.Generator().manual_seed(0))
-    assert torch.bincount(drawn, minlength=4).div(12000).tolist() == pytest.approx([25 / 120] * 3 + [45 / 120], abs=0.015)
+    assert torch.bincount(drawn, minlength=4).div(12000).tolist() == pytest.approx(
+        [25 / 120] * 3 + [45 / 120], abs=0.015
+    )
     vanilla = _trainer(data, tsm_stage="vanilla")
     assert vanilla.step_weights.tolist() == [1.0] * 4 and vanilla.gan_start.tolist() == pytest.approx([40 / 45] * 4)
 
@@ -130,13 +144,27 @@ def test_student_sampler_equals_diffusers_lcm_pipeline(data):
     c = trainer.c
     prompts = ["a red square", "a blue square"]
     ours = sample_student(trainer.family, c, prompts, [999, 749, 499, 249], 16, seed=3, latents_only=True)
-    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
-                                   unet=c.denoiser, scheduler=LCMScheduler.from_config(c.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=c.vae,
+        text_encoder=c.text_encoders[0],
+        tokenizer=c.tokenizers[0],
+        unet=c.denoiser,
+        scheduler=LCMScheduler.from_config(c.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        theirs = pipe(prompts, timesteps=[999, 749, 499, 249], guidance_scale=1.0, height=16, width=16,
-                      generator=torch.Generator().manual_seed(3), output_type="latent").images
+        theirs = pipe(
+            prompts,
+            timesteps=[999, 749, 499, 249],
+            guidance_scale=1.0,
+            height=16,
+            width=16,
+            generator=torch.Generator().manual_seed(3),
+            output_type="latent",
+        ).images
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     images = sample_student(trainer.family, c, prompts, [999, 749, 499, 249], 16, seed=3)
@@ -147,9 +175,35 @@ def test_student_sampler_equals_diffusers_lcm_pipeline(data):
 def test_distill_from_the_command_line_saves_a_student_file(data, stage, capsys):
     root, base, toml = data
     out = str(root / f"cli-{stage}")
-    assert main(["--task", "distill", "--pretrained_model", base, "--dataset_config", toml, "--output_dir", out,
-                 "--output_name", "student", "--tsm_stage", stage, "--network_dim", "2", "--distill_fake_rank", "2",
-                 "--distill_fake_updates", "2", "--max_train_steps", "2", "--distill_gan_start", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "--task",
+                "distill",
+                "--pretrained_model",
+                base,
+                "--dataset_config",
+                toml,
+                "--output_dir",
+                out,
+                "--output_name",
+                "student",
+                "--tsm_stage",
+                stage,
+                "--network_dim",
+                "2",
+                "--distill_fake_rank",
+                "2",
+                "--distill_fake_updates",
+                "2",
+                "--max_train_steps",
+                "2",
+                "--distill_gan_start",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert "4-step student at t = [999, 749, 499, 249]" in capsys.readouterr().out
     path = os.path.join(out, "student.safetensors")
     tensors, meta = load_file(path)
@@ -165,21 +219,36 @@ def test_options_the_task_would_ignore_are_refused(data):
     root, base, toml = data
     common = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(root / "refused")]
     with pytest.raises(ValueError, match="--task distill does not support --mixed_precision, --resume"):
-        build(TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=toml, resume="latest",
-                          mixed_precision="bf16"))
+        build(
+            TrainConfig(
+                task="distill",
+                pretrained_model_name_or_path=base,
+                dataset_config=toml,
+                resume="latest",
+                mixed_precision="bf16",
+            )
+        )
     assert main(common + ["--distill_fake_updates", "2"]) == 2  # a distill option without --task distill
     assert not os.path.exists(root / "refused")
-
 
 
 def test_dataset_keys_distillation_would_ignore_are_refused(data, tmp_path):
     root, base, toml = data
     text = open(toml).read()
-    for edit, key in [(text.replace("batch_size =", "network_multiplier = 0.5\nbatch_size ="), "network_multiplier"),
-                      (text + text[text.index("  [[datasets.subsets]]"):] + "  is_reg = true\n", "is_reg")]:
+    for edit, key in [
+        (text.replace("batch_size =", "network_multiplier = 0.5\nbatch_size ="), "network_multiplier"),
+        (text + text[text.index("  [[datasets.subsets]]") :] + "  is_reg = true\n", "is_reg"),
+    ]:
         changed = tmp_path / f"{key}.toml"
         changed.write_text(edit)
-        config = TrainConfig(task="distill", pretrained_model_name_or_path=base, dataset_config=str(changed),
-                             output_dir=str(tmp_path / "out"), network_dim=2, distill_fake_rank=2, max_train_steps=1)
+        config = TrainConfig(
+            task="distill",
+            pretrained_model_name_or_path=base,
+            dataset_config=str(changed),
+            output_dir=str(tmp_path / "out"),
+            network_dim=2,
+            distill_fake_rank=2,
+            max_train_steps=1,
+        )
         with pytest.raises(ValueError, match=f"{changed}: .*key '{key}'.*--task distill"):
             build(config, log=lambda m: None)

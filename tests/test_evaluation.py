@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
-from tests.tool_scripts import tool_main
 from demo_world import shapes
 from demo_world.attribute_score import all_combos, attribute_score, heldout_combos, score_images
+from tests.tiny_models import tiny_sd_pipeline_folder, write_colour_squares
+from tests.tool_scripts import tool_main
+from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
 from tsm_trainer.evaluation import evaluate_files
 from tsm_trainer.evaluation.heldout import heldout_batches
-from tsm_trainer.files.export import expert_lora
-from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
-from tsm_trainer.training.cli import main as train_main
 from tsm_trainer.families import get_training_family
+from tsm_trainer.files.export import expert_lora
+from tsm_trainer.training.cli import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +28,42 @@ def world(tmp_path_factory):
     base = tiny_sd_pipeline_folder(str(root / "base"))
     toml = write_colour_squares(root, ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"])
     out = str(root / "out")
-    common = ["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out, "--network_dim", "4",
-              "--learning_rate", "1e-2", "--max_train_steps", "40", "--network_train_unet_only"]
+    common = [
+        "--pretrained_model",
+        base,
+        "--dataset_config",
+        str(toml),
+        "--output_dir",
+        out,
+        "--network_dim",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--max_train_steps",
+        "40",
+        "--network_train_unet_only",
+    ]
     assert train_main(common + ["--tsm_stage", "vanilla", "--output_name", "good"]) == 0
     assert train_main(common + ["--tsm_scales", "4", "--output_name", "tsm4", "--max_train_steps", "4"]) == 0
     tensors, meta = load_file(f"{out}/good.safetensors")
     half = {k: 0.5 * v if "lora_up" in k else v for k, v in tensors.items()}  # half of the learned change
     save_file_atomic(half, f"{out}/half.safetensors", meta)
     family = get_training_family("sd1")
-    return {"root": root, "base": base, "toml": str(toml), "out": out, "family": family,
-            "components": family.load(base), "batches": heldout_batches(str(toml), log=lambda m: None)}
+    return {
+        "root": root,
+        "base": base,
+        "toml": str(toml),
+        "out": out,
+        "family": family,
+        "components": family.load(base),
+        "batches": heldout_batches(str(toml), log=lambda m: None),
+    }
 
 
 def _evaluate(world, files, **kw):
-    return evaluate_files(world["family"], world["components"], world["batches"], files, bins=8, log=lambda m: None,
-                          **kw)
+    return evaluate_files(
+        world["family"], world["components"], world["batches"], files, bins=8, log=lambda m: None, **kw
+    )
 
 
 def test_known_better_lora_scores_better(world):
@@ -98,9 +119,31 @@ def test_evaluate_cli_writes_table_plot_and_grid(world, tmp_path, capsys):
     main = tool_main("evaluate")
     out = world["out"]
     dest = tmp_path / "eval"
-    assert main(["--pretrained_model", world["base"], "--dataset_config", world["toml"], "--validation_split", "0.25",
-                 "--files", f"{out}/good.safetensors", f"{out}/tsm4.safetensors", "--labels", "LoRA", "TSM n=4",
-                 "--bins", "16", "--sample_steps", "2", "--output_dir", str(dest)]) == 0
+    assert (
+        main(
+            [
+                "--pretrained_model",
+                world["base"],
+                "--dataset_config",
+                world["toml"],
+                "--validation_split",
+                "0.25",
+                "--files",
+                f"{out}/good.safetensors",
+                f"{out}/tsm4.safetensors",
+                "--labels",
+                "LoRA",
+                "TSM n=4",
+                "--bins",
+                "16",
+                "--sample_steps",
+                "2",
+                "--output_dir",
+                str(dest),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[0,125)" in printed and "TSM n=4" in printed
     report = json.loads((dest / "losses.json").read_text())
@@ -111,8 +154,19 @@ def test_evaluate_cli_writes_table_plot_and_grid(world, tmp_path, capsys):
     grid = Image.open(dest / "samples.png")
     assert grid.size[1] == 3 * 64  # one row per model
     with pytest.raises(SystemExit):
-        main(["--pretrained_model", world["base"], "--dataset_config", world["toml"], "--files",
-              f"{out}/good.safetensors", "--labels", "a", "b"])
+        main(
+            [
+                "--pretrained_model",
+                world["base"],
+                "--dataset_config",
+                world["toml"],
+                "--files",
+                f"{out}/good.safetensors",
+                "--labels",
+                "a",
+                "b",
+            ]
+        )
     assert "2 labels for 1 files" in capsys.readouterr().err
 
 
@@ -120,7 +174,11 @@ def test_attribute_score_reads_renders_and_penalises_wrong_ones():
     combos = all_combos("target")
     assert len(combos) == 75 and len(heldout_combos("target")) == 15
     held = heldout_combos("target")
-    for key, values in (("shape", shapes.SHAPES), ("colour", shapes.TARGET_COLOURS), ("background", shapes.BACKGROUNDS)):
+    for key, values in (
+        ("shape", shapes.SHAPES),
+        ("colour", shapes.TARGET_COLOURS),
+        ("background", shapes.BACKGROUNDS),
+    ):
         assert {a[key] for a in held} == set(values)  # every word still appears held out ...
     rest = [a for a in combos if a not in held]
     for a in held:  # ... and in training, with the held-out combination never shown

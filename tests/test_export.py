@@ -7,11 +7,21 @@ from safetensors.torch import save_file
 
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
-from tsm_trainer.files.export import (expert_lora, fold_alpha, kohya_to_peft, lora_delta, merge_experts, merge_weights,
-                                module_names, peft_to_kohya, svd_truncate, write_expert_files)
 from tsm_trainer.core.file_format import load_file, tensor_data_sha256
 from tsm_trainer.core.intervals import interval_timestep_range
 from tsm_trainer.core.targets import lora_name_index
+from tsm_trainer.files.export import (
+    expert_lora,
+    fold_alpha,
+    kohya_to_peft,
+    lora_delta,
+    merge_experts,
+    merge_weights,
+    module_names,
+    peft_to_kohya,
+    svd_truncate,
+    write_expert_files,
+)
 
 
 def _pipe(folder):
@@ -50,7 +60,7 @@ def _tsm_out(tiny_sd_base, tsm_file, t):
 
 
 def _lora_layers(model):
-    return sum(1 for m in model.modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A")) > 0)
+    return sum(1 for m in model.modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -69,7 +79,9 @@ def test_each_exported_expert_loads_in_diffusers_and_matches_its_interval(tiny_s
         pipe.load_lora_weights(w["path"])
         assert _lora_layers(pipe.unet) == len(module_names(tensors))  # nothing skipped
         t = (w["lo"] + w["hi"] - 1) // 2
-        torch.testing.assert_close(_unet_out(pipe.unet, t), _tsm_out(tiny_sd_base, tsm_file, t)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            _unet_out(pipe.unet, t), _tsm_out(tiny_sd_base, tsm_file, t)[0], rtol=1e-5, atol=1e-5
+        )
 
     # diffusers 0.42 cannot read a kohya text-encoder LoRA without out_proj (it takes it for
     # its old format): the static file is checked through the PEFT conversion below.
@@ -138,5 +150,11 @@ def test_peft_conversion_round_trips_and_loads_in_diffusers(tiny_sd_base, tsm_fi
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(torch.tensor([[0, 5, 9, 13, 1]]))[0], te_ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lora_unet_nowhere"):
-        kohya_to_peft({"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
-                       "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1)}, index, components)
+        kohya_to_peft(
+            {
+                "lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
+                "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1),
+            },
+            index,
+            components,
+        )

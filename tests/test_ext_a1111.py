@@ -36,9 +36,9 @@ from tsm_trainer.core.file_format import TSMFileError
 from tsm_trainer.core.intervals import expert_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "extensions" / "sd-webui-tsm"))
-import tsm_a1111  # noqa: E402
-from tsm_a1111 import TSMExtraNetworkCore, TSMSamplingError  # noqa: E402
-from tsm_a1111.adapter import find_tsm_files, parse_params, timestep_from_sigma  # noqa: E402
+import tsm_a1111
+from tsm_a1111 import TSMExtraNetworkCore, TSMSamplingError
+from tsm_a1111.adapter import find_tsm_files, parse_params, timestep_from_sigma
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -58,7 +58,11 @@ def tsm_dir(tmp_path_factory):
 
 def _inputs(batch=1):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 16, generator=g), torch.randn(batch, 5, 16, generator=g)
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.randn(batch, 5, 16, generator=g),
+        torch.randn(batch, 5, 16, generator=g),
+    )
 
 
 @pytest.fixture
@@ -72,8 +76,13 @@ def setup(tsm_dir):
 
 
 def _state(sd):
-    return {k: v.clone() for k, v in {**sd.model.diffusion_model.state_dict(),
-                                     **{"te." + k: v for k, v in sd.cond_stage_model.wrapped.transformer.state_dict().items()}}.items()}
+    return {
+        k: v.clone()
+        for k, v in {
+            **sd.model.diffusion_model.state_dict(),
+            **{"te." + k: v for k, v in sd.cond_stage_model.wrapped.transformer.state_dict().items()},
+        }.items()
+    }
 
 
 def _equal(sd, before):
@@ -88,6 +97,7 @@ KOHYA = "lora_unet_" + LAYER.replace(".", "_")
 def _delta(path, e, multiplier=1.0):
     from tsm_trainer.core.file_format import load_file
     from tsm_trainer.files.export import expert_lora, lora_delta
+
     tensors, _ = load_file(str(path))
     return multiplier * lora_delta(expert_lora(tensors, 8, e), KOHYA)
 
@@ -98,17 +108,23 @@ class Watch:
     def __init__(self, sd):
         unet = sd.model.diffusion_model
         self.t, self.seen = None, []
-        self.h = [unet.register_forward_pre_hook(lambda m, a: setattr(self, "t", float(torch.as_tensor(a[1]).reshape(-1)[0]))),
-                  unet.get_submodule(LAYER).register_forward_hook(
-                      lambda m, a, o: self.seen.append((self.t, m.weight.detach().clone(), m.network_current_names)))]
+        self.h = [
+            unet.register_forward_pre_hook(
+                lambda m, a: setattr(self, "t", float(torch.as_tensor(a[1]).reshape(-1)[0]))
+            ),
+            unet.get_submodule(LAYER).register_forward_hook(
+                lambda m, a, o: self.seen.append((self.t, m.weight.detach().clone(), m.network_current_names))
+            ),
+        ]
 
     def merges(self):
         return sum(1 for i, s in enumerate(self.seen) if i == 0 or s[2] != self.seen[i - 1][2])
 
     def check(self, base, path, multiplier=1.0):
         for t, w, _ in self.seen:
-            torch.testing.assert_close(w, base[LAYER + ".weight"] + _delta(path, expert_index(t, 8), multiplier),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                w, base[LAYER + ".weight"] + _delta(path, expert_index(t, 8), multiplier), rtol=1e-5, atol=1e-6
+            )
 
     def remove(self):
         for h in self.h:
@@ -142,8 +158,11 @@ def test_kdiffusion_expert_follows_sigma_to_t(setup, tsm_dir, steps, schedule):
     sd, core, lora = setup
     before = _state(sd)
     wrap = CompVisDenoiser(sd)
-    sigmas = wrap.get_sigmas(steps) if schedule == "default" else \
-        get_sigmas_karras(steps, wrap.sigmas[0].item(), wrap.sigmas[-1].item())
+    sigmas = (
+        wrap.get_sigmas(steps)
+        if schedule == "default"
+        else get_sigmas_karras(steps, wrap.sigmas[0].item(), wrap.sigmas[-1].item())
+    )
     _, data = parse_prompt("<tsm:f8:1.0>")
     p = Processing()
     core.activate(p, data["tsm"])
@@ -190,12 +209,13 @@ def test_output_matches_training_network_and_strength(setup, tsm_dir):
         t_unet = wrap.sigma_to_t(sigma)
         with torch.no_grad():
             out = sd.model.diffusion_model(x, t_unet, c).sample
-        torch.testing.assert_close(out, _reference(str(tsm_dir / "f8.safetensors"), float(t_unet), 0.5),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            out, _reference(str(tsm_dir / "f8.safetensors"), float(t_unet), 0.5), rtol=1e-4, atol=1e-5
+        )
     core.deactivate()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(path, t, multiplier=1.0):
     unet = tiny_unet()
     net = TSMNetwork.from_file(path, unet, [tiny_clip()], multiplier=multiplier)
@@ -254,7 +274,7 @@ def test_hires_fix_and_img2img_second_pass(setup, tsm_dir):
     core.activate(p, [ExtraNetworkParams(["f8", "1"])])
     watch = Watch(sd)
     steps, t_enc = 12, 6
-    sigmas = wrap.get_sigmas(steps)[steps - t_enc - 1:]
+    sigmas = wrap.get_sigmas(steps)[steps - t_enc - 1 :]
     n_before = len(sd.received)
     _kdiffusion_pass(sd, core, sigmas)
     watch.remove()
@@ -276,9 +296,11 @@ def test_text_encoder_lora_merged_for_the_generation(setup, tsm_dir):
     te = sd.cond_stage_model
     core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
     lora.loaded_networks.clear()  # Lora's own activate (networks.load_networks) may run after TSM's
-    q = te.wrapped.transformer.get_submodule("text_model.encoder.layers.0.self_attn.q_proj") \
-        if hasattr(te.wrapped.transformer, "text_model") else \
-        next(m for n, m in te.wrapped.transformer.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    q = (
+        te.wrapped.transformer.get_submodule("text_model.encoder.layers.0.self_attn.q_proj")
+        if hasattr(te.wrapped.transformer, "text_model")
+        else next(m for n, m in te.wrapped.transformer.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    )
     seen = []
     h = q.register_forward_hook(lambda m, a, o: seen.append(m.weight.detach().clone()))
     with torch.no_grad():
@@ -286,10 +308,14 @@ def test_text_encoder_lora_merged_for_the_generation(setup, tsm_dir):
     h.remove()
     from tsm_trainer.core.file_format import load_file
     from tsm_trainer.files.export import lora_delta, text_encoder_lora
+
     tensors, _ = load_file(str(tsm_dir / "f8.safetensors"))
     key = next(k for k, v in te.wrapped.transformer.named_modules() if v is q) + ".weight"
-    torch.testing.assert_close(seen[0], before["te." + key] +
-                               lora_delta(text_encoder_lora(tensors), "lora_te_text_model_encoder_layers_0_self_attn_q_proj"))
+    torch.testing.assert_close(
+        seen[0],
+        before["te." + key]
+        + lora_delta(text_encoder_lora(tensors), "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    )
     core.deactivate()
     assert _equal(sd, before)
 
@@ -307,12 +333,14 @@ def test_coexists_with_ordinary_loras_and_per_step_weights(setup, tsm_dir):
     class Plain(NetworkModule):
         def calc_updown(self, target):
             return self.finalize_updown(delta.clone(), target, delta.shape)
+
     plain = Network("other", None)
     plain.modules[layer.network_layer_name] = Plain(plain, NetworkWeights("k", layer.network_layer_name, {}, layer))
     lora.loaded_networks.append(plain)  # <lora:other:1> activated in the same prompt
 
     def loractl(params):
         plain.unet_multiplier = 1.0 - 0.1 * params.sampling_step
+
     core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
     watch = Watch(sd)
     denoiser = CFGDenoiser(CompVisDenoiser(sd), [loractl, core.on_cfg_denoiser])
@@ -322,9 +350,12 @@ def test_coexists_with_ordinary_loras_and_per_step_weights(setup, tsm_dir):
     watch.remove()
     for t, w, key in watch.seen:
         mult = next(k[2] for k in key if k[0] == "other")
-        torch.testing.assert_close(w, base[LAYER + ".weight"] + mult * delta + _delta(tsm_dir / "f8.safetensors",
-                                                                                      expert_index(t, 8)),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            w,
+            base[LAYER + ".weight"] + mult * delta + _delta(tsm_dir / "f8.safetensors", expert_index(t, 8)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     core.deactivate()
     # the LoRA is still applied exactly as Lora believes, TSM is gone
     assert torch.equal(layer.network_weights_backup[0], base[LAYER + ".weight"])
@@ -369,6 +400,7 @@ def test_expert_lookup_moves_t_to_cpu_before_float64(setup):
     """MPS has no float64: the interval lookup must never make a float64 tensor on the sampler's device.
     Every float64 conversion must see a CPU tensor (checked on the ops themselves)."""
     from torch.overrides import TorchFunctionMode
+
     sd, core, _ = setup
     core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
     state = core.session.nets[0].tsm_state
@@ -378,8 +410,13 @@ def test_expert_lookup_moves_t_to_cpu_before_float64(setup):
         def __torch_function__(self, func, types_, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float64 and args and \
-                    isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+            if (
+                isinstance(out, torch.Tensor)
+                and out.dtype == torch.float64
+                and args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].device.type != "cpu"
+            ):
                 bad.append(func)
             return out
 
@@ -395,10 +432,13 @@ def test_card_page_lists_tsm_files_with_intervals(tsm_dir):
     found = find_tsm_files(str(tsm_dir))
     assert {"f8", "a81", "_part8", "_part1"} <= set(found) and "plain_lora" not in found
     from tsm_trainer.core.file_format import read_metadata
+
     text = tsm_a1111.card_description(read_metadata(found["f8"]))
     assert "TSM foster" in text and "scales 8" in text and "[0,125)" in text and "[875,1000)" in text
     assert "asymmetric mixture" in tsm_a1111.card_description(read_metadata(found["a81"]))
-    item = tsm_a1111.card_item_fields("f8", read_metadata(found["f8"]), found["f8"], "opts.extra_networks_default_multiplier")
+    item = tsm_a1111.card_item_fields(
+        "f8", read_metadata(found["f8"]), found["f8"], "opts.extra_networks_default_multiplier"
+    )
     assert item["prompt"] == '"<tsm:f8:" + opts.extra_networks_default_multiplier + ">"'
 
 
@@ -437,8 +477,13 @@ def test_open_clip_qv_lora_merged_through_lora_multihead_attention():
     tensors = {}
     for part in ("q", "v"):
         name = f"lora_te_text_model_encoder_layers_0_self_attn_{part}_proj"
-        tensors.update({f"{name}.lora_down.weight": torch.randn(2, 8, generator=g),
-                        f"{name}.lora_up.weight": torch.randn(8, 2, generator=g), f"{name}.alpha": torch.tensor(2.0)})
+        tensors.update(
+            {
+                f"{name}.lora_down.weight": torch.randn(2, 8, generator=g),
+                f"{name}.lora_up.weight": torch.randn(8, 2, generator=g),
+                f"{name}.alpha": torch.tensor(2.0),
+            }
+        )
     te_layers = {k.split(".")[0]: index[k.split(".")[0]] for k in tensors}
     net = build_network(lora.network, "x", "x.safetensors", tensors, {"scales": [1]}, 0.5, None, te_layers)
     before = block.attn.in_proj_weight.detach().clone(), block.attn.out_proj.weight.detach().clone()
@@ -452,7 +497,9 @@ def test_open_clip_qv_lora_merged_through_lora_multihead_attention():
             assert torch.equal(w[rows], before[0][rows])
         else:
             name = f"lora_te_text_model_encoder_layers_0_self_attn_{part}_proj"
-            torch.testing.assert_close(w[rows], before[0][rows] + 0.5 * tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"])
+            torch.testing.assert_close(
+                w[rows], before[0][rows] + 0.5 * tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]
+            )
     assert torch.equal(block.attn.out_proj.weight, before[1]) and lora.errors == {}
     lora.remove()
 
@@ -461,10 +508,12 @@ def test_out_of_memory_while_merging_stops_instead_of_a_half_merged_model(setup,
     """Lora counts a RuntimeError from calc_updown (torch.OutOfMemoryError is one) and samples on with
     the layer half-merged; TSM turns it into an error that stops the generation."""
     from tsm_a1111 import lora_network
+
     sd, core, lora = setup
 
     def oom(self, device):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
     monkeypatch.setattr(lora_network._Pair, "delta", oom)
     core.activate(Processing(), [ExtraNetworkParams(["f8", "1"])])
     with pytest.raises(TSMSamplingError, match="out of memory merging expert"):

@@ -25,6 +25,7 @@ STEPS = 12
 # -- files and model ------------------------------------------------------------------------------
 def _unet_diffusers():
     from tests.tiny_models import tiny_unet
+
     # SD1's block layout (2 layers per block: the kohya <-> ldm name map assumes it); 32 channels per
     # block because ldm's GroupNorm has 32 groups
     return tiny_unet(block_out_channels=(32, 64), norm_num_groups=32, layers_per_block=2)
@@ -48,8 +49,9 @@ def _write_files(folder):
         randomise(part, seed, std=0.05)
         parts.append(str(folder / f"_part{scales}.safetensors"))
         part.save_weights(parts[-1], None, None)
-    assembled = tsm_lora.create_network(1.0, 2, 2, None, None, _unet_diffusers(), tsm_scales="8,1",
-                                        tsm_stage="assemble", tsm_experts=",".join(parts))
+    assembled = tsm_lora.create_network(
+        1.0, 2, 2, None, None, _unet_diffusers(), tsm_scales="8,1", tsm_stage="assemble", tsm_experts=",".join(parts)
+    )
     with torch.no_grad():
         for lora in assembled.denoiser_loras:
             lora.router.embedding.normal_(0, 0.5)
@@ -63,6 +65,7 @@ class TextEncoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         from tests.tiny_models import tiny_clip
+
         self.wrapped = torch.nn.Module()
         self.wrapped.transformer = tiny_clip()
 
@@ -79,15 +82,26 @@ def make_model(a, seed=0):
     sd.model = torch.nn.Module()
     sd.model.conditioning_key = "crossattn"
     sd.model.diffusion_model = a.openaimodel.UNetModel(
-        image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1],
-        num_res_blocks=2, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=1,
-        context_dim=16, use_checkpoint=False, legacy=False).eval()
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[1],
+        num_res_blocks=2,
+        channel_mult=[1, 2],
+        num_heads=2,
+        use_spatial_transformer=True,
+        transformer_depth=1,
+        context_dim=16,
+        use_checkpoint=False,
+        legacy=False,
+    ).eval()
     with torch.no_grad():
         for p in sd.model.diffusion_model.parameters():  # ldm zero-inits output layers; make every layer count
             p.add_(torch.randn_like(p) * 0.02)
     sd.cond_stage_model = TextEncoder()
     sd.requires_grad_(False)  # as loaded by sd_models (frozen ldm modules)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     sd.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
     sd.parameterization, sd.cond_stage_key, sd.is_sdxl, sd.is_sd2, sd.is_sd1 = "eps", "txt", False, False, True
     sd.sd_checkpoint_info = None
@@ -95,6 +109,7 @@ def make_model(a, seed=0):
 
     def apply_model(x, t, cond):  # ldm DDPM.apply_model -> DiffusionWrapper (crossattn)
         return sd.model.diffusion_model(x, t, context=torch.cat(cond["c_crossattn"], 1))
+
     sd.apply_model = apply_model
     a.shared.sd_model = sd
     a.script_callbacks.model_loaded_callback(sd)  # Lora names the layers (assign_network_names_to_compvis_modules)
@@ -106,6 +121,7 @@ def a(tmp_path_factory):
     folder = tmp_path_factory.mktemp("TSM")
     _write_files(folder)
     from tests import a1111_real
+
     env = a1111_real.load(A1111_DIR)
     env.shared.cmd_opts.tsm_dir = str(folder)
     env.folder = folder
@@ -184,6 +200,7 @@ def changed(sd, before):
 
 def expert_delta(path, kohya, e, n=8):
     from safetensors.torch import load_file
+
     t = load_file(str(path))
     pre = f"{kohya}.tsm.{n}.{e}"
     down, up = t[f"{pre}.lora_down.weight"].float(), t[f"{pre}.lora_up.weight"].float()
@@ -195,8 +212,10 @@ class Watch:
 
     def __init__(self, sd, layer):
         self.t, self.seen = None, []
-        self.h = [sd.model.diffusion_model.register_forward_pre_hook(self._unet),
-                  layer.register_forward_hook(self._layer)]
+        self.h = [
+            sd.model.diffusion_model.register_forward_pre_hook(self._unet),
+            layer.register_forward_hook(self._layer),
+        ]
 
     def _unet(self, module, args):
         self.t = float(torch.as_tensor(args[1]).reshape(-1)[0])
@@ -219,10 +238,13 @@ def _layer(sd):
 
 
 # -- tests ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampler,steps", [("euler", STEPS), ("dpmpp_2m", STEPS), ("heun", STEPS), ("restart", 30),
-                                           ("dpm_adaptive", STEPS), ("ddim", STEPS)])
+@pytest.mark.parametrize(
+    "sampler,steps",
+    [("euler", STEPS), ("dpmpp_2m", STEPS), ("heun", STEPS), ("restart", 30), ("dpm_adaptive", STEPS), ("ddim", STEPS)],
+)
 def test_expert_of_each_call_merged_by_lora_then_restored(a, sampler, steps):
     from tsm_trainer.core.intervals import expert_index
+
     sd = make_model(a)
     base = weights(sd)
     layer = _layer(sd)
@@ -236,8 +258,9 @@ def test_expert_of_each_call_merged_by_lora_then_restored(a, sampler, steps):
     for i, (t, w, key) in enumerate(watch.seen):
         crossings += i == 0 or expert_index(t, 8) != expert_index(watch.seen[i - 1][0], 8)
         e = expert_index(t, 8)
-        torch.testing.assert_close(w, base[WKEY] + 0.7 * expert_delta(a.folder / "f8.safetensors", KOHYA, e),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            w, base[WKEY] + 0.7 * expert_delta(a.folder / "f8.safetensors", KOHYA, e), rtol=1e-5, atol=1e-6
+        )
         merges += i == 0 or key != watch.seen[i - 1][2]
     print(f"{sampler} at {steps} steps: {len(watch.seen)} UNet calls, {merges} merges")
     assert merges == crossings  # one re-merge per boundary crossed (more than 8 when t goes back up)
@@ -253,18 +276,18 @@ def test_checkpoint_cache_switch_never_corrupts_the_cached_model(a):
     p = activate(a, base_model, "<tsm:f8:1>")
     sample(a, base_model, steps=4)
     a.shared.sd_model = other
-    a.script_callbacks.model_loaded_callback(other)       # sd_models.reload_model_weights -> model_loaded
-    p2 = activate(a, other, "<tsm:f8:1>")                  # the hires pass on the other checkpoint
+    a.script_callbacks.model_loaded_callback(other)  # sd_models.reload_model_weights -> model_loaded
+    p2 = activate(a, other, "<tsm:f8:1>")  # the hires pass on the other checkpoint
     sample(a, other, steps=4)
     deactivate(a, p2)
     deactivate(a, p)
     assert changed(base_model, base) == []
-    a.shared.sd_model = base_model                         # back to the cached model, no <tsm>
+    a.shared.sd_model = base_model  # back to the cached model, no <tsm>
     p3 = activate(a, base_model, "a cat")
     sample(a, base_model, steps=2)
     deactivate(a, p3)
     assert changed(base_model, base) == []
-    p4 = activate(a, base_model, "<tsm:f8:1>")             # and the next session's "base" is the base
+    p4 = activate(a, base_model, "<tsm:f8:1>")  # and the next session's "base" is the base
     sample(a, base_model, steps=2)
     deactivate(a, p4)
     assert changed(base_model, base) == []
@@ -309,13 +332,20 @@ def test_errors_during_sampling_stop_the_generation(a):
 def test_loractl_style_per_step_lora_weights_keep_the_expert(a):
     """loractl sets a Lora network's te/unet multipliers at every step; Lora re-merges from its backup."""
     from safetensors.torch import save_file
+
     from tsm_trainer.core.intervals import expert_index
+
     sd = make_model(a)
     layer = _layer(sd)
     g = torch.Generator().manual_seed(3)
-    save_file({f"{KOHYA}.lora_down.weight": torch.randn(2, 32, generator=g) * 0.1,
-               f"{KOHYA}.lora_up.weight": torch.randn(32, 2, generator=g) * 0.1,
-               f"{KOHYA}.alpha": torch.tensor(2.0)}, os.path.join(a.lora_dir, "plain.safetensors"))
+    save_file(
+        {
+            f"{KOHYA}.lora_down.weight": torch.randn(2, 32, generator=g) * 0.1,
+            f"{KOHYA}.lora_up.weight": torch.randn(32, 2, generator=g) * 0.1,
+            f"{KOHYA}.alpha": torch.tensor(2.0),
+        },
+        os.path.join(a.lora_dir, "plain.safetensors"),
+    )
     a.networks.list_available_networks()
     base = weights(sd)
     p = activate(a, sd, "<lora:plain:1> <tsm:f8:1>")
@@ -326,6 +356,7 @@ def test_loractl_style_per_step_lora_weights_keep_the_expert(a):
     def per_step(params):  # what loractl does from its own on_cfg_denoiser, once per denoiser call
         plain.te_multiplier = plain.unet_multiplier = 1.0 - step[0] / STEPS
         step[0] += 1
+
     a.script_callbacks.on_cfg_denoiser(per_step)
     watch = Watch(sd, layer)
     try:
@@ -334,13 +365,15 @@ def test_loractl_style_per_step_lora_weights_keep_the_expert(a):
         a.script_callbacks.remove_current_script_callbacks()
         watch.remove()
     from safetensors.torch import load_file
+
     t = load_file(os.path.join(a.lora_dir, "plain.safetensors"))
     lora_delta = t[f"{KOHYA}.lora_up.weight"] @ t[f"{KOHYA}.lora_down.weight"]
     assert len({key for _, _, key in watch.seen}) == 6  # Lora re-merged at every step
     for t_unet, w, key in watch.seen:
         mult = next(k[2] for k in key if k[0] == "plain")
-        expected = base[WKEY] + mult * lora_delta + expert_delta(
-            a.folder / "f8.safetensors", KOHYA, expert_index(t_unet, 8))
+        expected = (
+            base[WKEY] + mult * lora_delta + expert_delta(a.folder / "f8.safetensors", KOHYA, expert_index(t_unet, 8))
+        )
         torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-6)
     deactivate(a, p)
 
@@ -352,6 +385,7 @@ class OpenCLIPTextEncoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         import open_clip.transformer
+
         torch.manual_seed(0)
         self.wrapped = torch.nn.Module()
         self.wrapped.model = torch.nn.Module()
@@ -385,12 +419,15 @@ def test_open_clip_text_encoder_lora_survives_a_device_move(a):
         sd.cond_stage_model(["a cat"])
     h.remove()
     from safetensors.torch import load_file
+
     t = load_file(str(a.folder / "f8.safetensors"))
     expected = base.clone()
     for j, part in enumerate("qkv"):
         k = f"lora_te_text_model_encoder_layers_0_self_attn_{part}_proj"
         if f"{k}.lora_up.weight" in t:
-            expected[16 * j:16 * (j + 1)] += t[f"{k}.lora_up.weight"] @ t[f"{k}.lora_down.weight"] * (float(t[f"{k}.alpha"]) / 2)
+            expected[16 * j : 16 * (j + 1)] += (
+                t[f"{k}.lora_up.weight"] @ t[f"{k}.lora_down.weight"] * (float(t[f"{k}.alpha"]) / 2)
+            )
     assert not torch.equal(expected, base)
     torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-6)
     deactivate(a, p)

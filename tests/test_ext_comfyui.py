@@ -78,8 +78,11 @@ def _model_and_clip(seed=0):
 
 def _inputs(batch=1):
     g = torch.Generator().manual_seed(3)
-    return (torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 16, generator=g),
-            torch.randn(batch, 5, 16, generator=g))
+    return (
+        torch.randn(batch, 4, 8, 8, generator=g),
+        torch.randn(batch, 5, 16, generator=g),
+        torch.randn(batch, 5, 16, generator=g),
+    )
 
 
 def _state(patched, nodes):
@@ -87,7 +90,7 @@ def _state(patched, nodes):
     return wrapper.__self__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_outputs(path, sigmas):
     """Training-time TSM (TSMNetwork.from_file) on a fresh model: the UNet output per sigma."""
     base = BaseModel(tiny_unet())
@@ -184,7 +187,9 @@ def test_stage1_output_equals_training_time_network(comfy):
     handle = base.diffusion_model.register_forward_hook(lambda m, a, out: seen.append(out.sample.clone()))
     try:
         with torch.no_grad():
-            base.apply_model(x, sig, c_crossattn=c, transformer_options={"wrappers": copy_nested_dicts(patched.wrappers)})
+            base.apply_model(
+                x, sig, c_crossattn=c, transformer_options={"wrappers": copy_nested_dicts(patched.wrappers)}
+            )
         assert not _state(patched, comfy.nodes).session.runs[0].merge  # went online for that run
     finally:
         handle.remove()
@@ -283,7 +288,10 @@ def test_clear_errors(comfy, tmp_path):
     with pytest.raises(ValueError, match="already went through"):
         node.load_tsm_lora(patched, clip, "a81.safetensors", 1.0, 1.0)
     # A model the file doesn't fit: fails at the node, naming the file.
-    other = ModelPatcher(BaseModel(tiny_unet(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)),
-                         torch.device("cpu"), torch.device("cpu"))
+    other = ModelPatcher(
+        BaseModel(tiny_unet(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)),
+        torch.device("cpu"),
+        torch.device("cpu"),
+    )
     with pytest.raises(TSMFileError, match="f8.safetensors.*not in this model"):
         node.load_tsm_lora(other, clip, "f8.safetensors", 1.0, 0.0)

@@ -22,8 +22,10 @@ import pytest
 import torch
 
 COMFY = os.environ.get("TSM_COMFYUI_DIR")
-pytestmark = [pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout"),
-              pytest.mark.usefixtures("one_torch_thread")]  # tiny models: see tests/conftest.py
+pytestmark = [
+    pytest.mark.skipif(not COMFY, reason="TSM_COMFYUI_DIR does not point at a ComfyUI checkout"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]  # tiny models: see tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if COMFY:
@@ -44,17 +46,31 @@ if COMFY:
     import comfy_extras.nodes_hooks as nodes_hooks
     import nodes
 
-from tsm_trainer.files.export import expert_lora  # noqa: E402
-from tsm_trainer.files.comfyui_workflow import build_workflow  # noqa: E402
 from tsm_trainer.core.intervals import expert_index, interval_timestep_range  # noqa: E402
+from tsm_trainer.files.comfyui_workflow import build_workflow  # noqa: E402
+from tsm_trainer.files.export import expert_lora  # noqa: E402
 from tsm_trainer.runtime.sampling_session import TSMSamplingError  # noqa: E402
 
 CPU = torch.device("cpu")
-UNET_CONFIG = {"context_dim": 16, "model_channels": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
-               "use_temporal_attention": False, "in_channels": 4, "out_channels": 4, "num_res_blocks": [1, 1],
-               "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1],
-               "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False, "image_size": 32,
-               "use_checkpoint": False, "use_temporal_resblock": False}
+UNET_CONFIG = {
+    "context_dim": 16,
+    "model_channels": 32,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "image_size": 32,
+    "use_checkpoint": False,
+    "use_temporal_resblock": False,
+}
 
 
 def _model():
@@ -109,8 +125,9 @@ def _cond(seed):
 
 def _ksample(model, steps, scheduler="normal", denoise=1.0):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    return nodes.common_ksampler(model, 7, steps, 5.0, "euler", scheduler, _cond(1), _cond(2), latent,
-                                 denoise=denoise)[0]["samples"]
+    return nodes.common_ksampler(model, 7, steps, 5.0, "euler", scheduler, _cond(1), _cond(2), latent, denoise=denoise)[
+        0
+    ]["samples"]
 
 
 def _snapshot(model):
@@ -125,7 +142,8 @@ def _record(model, session_of):
     """(UNet t, merged expert) per UNet call, until the returned handle is removed."""
     seen = []
     handle = model.model.diffusion_model.register_forward_pre_hook(
-        lambda m, args: seen.append((int(args[1][0]), session_of().runs[0].active)))
+        lambda m, args: seen.append((int(args[1][0]), session_of().runs[0].active))
+    )
     return seen, handle
 
 
@@ -187,8 +205,19 @@ def _keyframe_groups(workflow):
     return groups
 
 
-@pytest.mark.parametrize("scheduler,steps", [("normal", 9), ("normal", 25), ("sgm_uniform", 8), ("normal", 3),
-                                             ("karras", 30), ("simple", 20), ("sgm_uniform", 20), ("normal", 10)])
+@pytest.mark.parametrize(
+    "scheduler,steps",
+    [
+        ("normal", 9),
+        ("normal", 25),
+        ("sgm_uniform", 8),
+        ("normal", 3),
+        ("karras", 30),
+        ("simple", 20),
+        ("sgm_uniform", 20),
+        ("normal", 10),
+    ],
+)
 @pytest.mark.parametrize("n", [8, 4, 6])
 def test_exported_workflow_applies_the_nodes_expert_at_every_sigma(scheduler, steps, n):
     """ComfyUI's real percent_to_sigma, scheduler and hook keyframe stepping (HookKeyframeGroup.
@@ -262,7 +291,7 @@ def test_comfy_unpatching_mid_run_does_not_get_undone_by_our_restore(node, tsm_f
         calls.append(1)
         if len(calls) == 2:
             (loaded,) = [lm.model for lm in mm.current_loaded_models if lm.model.model is model.model]
-            assert loaded.partially_unload(CPU, memory_to_free=10 ** 12) > 0
+            assert loaded.partially_unload(CPU, memory_to_free=10**12) > 0
 
     handle = model.model.diffusion_model.register_forward_pre_hook(unload_on_second_call)
     _ksample(patched, 4)

@@ -37,9 +37,11 @@ from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.runtime.sampling_session import TSMSamplingError
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
-import tsm_forge  # noqa: E402
-from tsm_forge.adapter import _LinearView  # noqa: E402
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm")
+)
+import tsm_forge
+from tsm_forge.adapter import _LinearView
 
 
 def snapshot(model):
@@ -98,7 +100,8 @@ def _record(model, session):
     """Record (t the UNet receives, merged expert) at every UNet call, after the TSM hook ran."""
     seen = []
     model.diffusion_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[1].float(), [r.active for r in session])), with_kwargs=True)
+        lambda m, args, kwargs: seen.append((args[1].float(), [r.active for r in session])), with_kwargs=True
+    )
     return seen
 
 
@@ -220,8 +223,14 @@ def test_two_files_one_merges_the_other_runs_online(foster_file, assembled_file)
     model = KModel(forge_unet())
     before = snapshot(model)
     base = UnetPatcher(model)
-    session = tsm_forge.apply_to_unet(base, [tsm_forge.TSMRequest(foster_file), tsm_forge.TSMRequest(foster_file, 0.5),
-                                             tsm_forge.TSMRequest(assembled_file)])
+    session = tsm_forge.apply_to_unet(
+        base,
+        [
+            tsm_forge.TSMRequest(foster_file),
+            tsm_forge.TSMRequest(foster_file, 0.5),
+            tsm_forge.TSMRequest(assembled_file),
+        ],
+    )
     assert [r.merge for r in session] == [True, False, False]
     sample(base, 4)
     assert [r.calls for r in session] == [4, 4, 4]
@@ -239,8 +248,10 @@ def test_a_wrapper_that_replaces_the_slot_and_tiles_still_gets_the_expert(foster
 
     def implement(apply_model, args):  # two horizontal tiles, no overlap
         x = args["input"]
-        halves = [apply_model(x[..., :4], args["timestep"], **args["c"]),
-                  apply_model(x[..., 4:], args["timestep"], **args["c"])]
+        halves = [
+            apply_model(x[..., :4], args["timestep"], **args["c"]),
+            apply_model(x[..., 4:], args["timestep"], **args["c"]),
+        ]
         return torch.cat(halves, -1)
 
     tiled.set_model_unet_function_wrapper(implement)
@@ -258,9 +269,14 @@ def test_flux_diffusers_names_map_to_row_slices_of_fused_layers():
     km.diffusion_model = nn.Module()
     fused = ForgeLinear(nn.Linear(4, 12))
     km.diffusion_model.qkv = fused
-    index = tsm_forge.diffusers_name_index(km, {"lora_transformer_a_to_k": ("diffusion_model.qkv.weight", (0, 4, 4)),
-                                                "lora_transformer_a_to_out_0": "diffusion_model.qkv.weight",
-                                                "lora_transformer_bias": "diffusion_model.qkv.bias"})
+    index = tsm_forge.diffusers_name_index(
+        km,
+        {
+            "lora_transformer_a_to_k": ("diffusion_model.qkv.weight", (0, 4, 4)),
+            "lora_transformer_a_to_out_0": "diffusion_model.qkv.weight",
+            "lora_transformer_bias": "diffusion_model.qkv.bias",
+        },
+    )
     assert set(index) == {"lora_transformer_a_to_k", "lora_transformer_a_to_out_0"}
     piece = index["lora_transformer_a_to_k"]
     assert isinstance(piece, tsm_forge.RowSlice) and piece.fused_parent is fused
@@ -278,8 +294,10 @@ def test_layer_index_finds_forge_linears_under_sgm_names():
     index = tsm_forge.forge_layer_index(sgm)
     assert set(index) == {"lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_4_1_conv"}
     from tsm_trainer.runtime.online import resolve_layers
-    assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == \
-        {"lora_unet_down_blocks_1_attentions_0_proj_in": layer}
+
+    assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == {
+        "lora_unet_down_blocks_1_attentions_0_proj_in": layer
+    }
     assert tsm_forge.is_quantized(QuantLinear(nn.Linear(4, 4))) and not tsm_forge.is_quantized(layer)
     assert isinstance(_LinearView(layer, 8, 8, "cpu", torch.float32), nn.Linear)
 
@@ -384,7 +402,9 @@ def test_an_error_while_sampling_restores_and_stops_the_generation(foster_file):
     before = snapshot(model)
     session = tsm_forge.apply_to_unet(UnetPatcher(model), [tsm_forge.TSMRequest(foster_file)])
     session.runs[0].runtime.experts.remove(7)  # as a single-interval file lacking expert 7
-    with pytest.raises(TSMSamplingError, match="t=999.0 needs expert 7 .*the base weights were restored; generation stopped"):
+    with pytest.raises(
+        TSMSamplingError, match="t=999.0 needs expert 7 .*the base weights were restored; generation stopped"
+    ):
         sample(UnetPatcher(model), 8)
     assert same(model, before) and not model.diffusion_model._forward_pre_hooks
 

@@ -16,7 +16,6 @@ top-level packages on sys.path, and the two were not tried in one process.
 import math
 import os
 import sys
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -26,8 +25,11 @@ FORGE = os.environ.get("TSM_FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE, reason="TSM_FORGE_DIR does not point at a Forge checkout")
 
 if FORGE:
-    sys.path[:0] = [FORGE, os.path.join(FORGE, "packages_3rdparty"),
-                    os.path.join(FORGE, "extensions-builtin", "sd_forge_multidiffusion")]
+    sys.path[:0] = [
+        FORGE,
+        os.path.join(FORGE, "packages_3rdparty"),
+        os.path.join(FORGE, "extensions-builtin", "sd_forge_multidiffusion"),
+    ]
     sys.argv = sys.argv[:1]  # backend/args.py parses the command line at import
     import backend.args
 
@@ -36,20 +38,24 @@ if FORGE:
     from backend.modules.k_model import KModel
     from backend.modules.k_prediction import Prediction, PredictionFlux
     from backend.nn.flux import IntegratedFluxTransformer2DModel
-    from backend.nn.unet import IntegratedUNet2DConditionModel
     from backend.nn.mmditx import MMDiTX
+    from backend.nn.unet import IntegratedUNet2DConditionModel
     from backend.patcher.unet import UnetPatcher
     from backend.sampling.condition import ConditionCrossAttn
     from backend.sampling.sampling_function import sampling_function_inner
+
     from tests.fakes import torchvision_stub
 
     torchvision_stub.install()  # k_diffusion/utils.py imports it for image helpers only
     from k_diffusion.sampling import get_sigmas_karras, sample_euler
     from lib_multidiffusion.tiled_diffusion import TiledDiffusion
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extensions", "sd-forge-tsm")
+)
 import tsm_forge  # noqa: E402
 from tsm_forge.forge_keys import unet_key_map  # noqa: E402
+
 from tsm_trainer.core.file_format import TSMFileError, load_file  # noqa: E402
 from tsm_trainer.core.intervals import expert_index  # noqa: E402
 from tsm_trainer.runtime.sampling_session import TSMSamplingError  # noqa: E402
@@ -75,10 +81,20 @@ def _in_forge_operations(cls, **config):
 def _forge_unet():
     """A tiny SD1-shaped UNet of Forge's own class."""
     return _in_forge_operations(
-        IntegratedUNet2DConditionModel, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
-        channel_mult=(1, 2), num_head_channels=8, use_spatial_transformer=True, transformer_depth=[0, 1],
-        context_dim=16, transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=-1,
-        use_linear_in_transformer=True)
+        IntegratedUNet2DConditionModel,
+        in_channels=4,
+        model_channels=32,
+        out_channels=4,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        num_head_channels=8,
+        use_spatial_transformer=True,
+        transformer_depth=[0, 1],
+        context_dim=16,
+        transformer_depth_output=[0, 0, 1, 1],
+        transformer_depth_middle=-1,
+        use_linear_in_transformer=True,
+    )
 
 
 def _patcher(diffusion_model, predictor, config=None):
@@ -138,7 +154,8 @@ def _sample(unet_patcher, steps=8, size=(8, 8)):
 def _spy(kmodel, session):
     seen = []
     kmodel.diffusion_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[1].float(), [r.active for r in session])), with_kwargs=True)
+        lambda m, args, kwargs: seen.append((args[1].float(), [r.active for r in session])), with_kwargs=True
+    )
     return seen
 
 
@@ -159,8 +176,9 @@ def test_real_forge_unet_merge_follows_the_predictor_and_equals_online_and_resto
     before = _snapshot(unet)
     plain = _sample(patcher)
 
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("f.safetensors")],
-                                      loader=lambda p: (tensors, meta))
+    session = tsm_forge.apply_to_unet(
+        patcher, [tsm_forge.TSMRequest("f.safetensors")], loader=lambda p: (tensors, meta)
+    )
     assert session.runs[0].merge
     seen = _spy(patcher.model, session)
     merged = _sample(patcher)
@@ -168,8 +186,9 @@ def test_real_forge_unet_merge_follows_the_predictor_and_equals_online_and_resto
     session.restore()
     assert _same(unet, before)
 
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("f.safetensors", mode="online")],
-                                      loader=lambda p: (tensors, meta))
+    session = tsm_forge.apply_to_unet(
+        patcher, [tsm_forge.TSMRequest("f.safetensors", mode="online")], loader=lambda p: (tensors, meta)
+    )
     online = _sample(patcher)
     session.restore()
     assert _same(unet, before) and all("forward" not in m.__dict__ for m in unet.modules())
@@ -185,9 +204,12 @@ def test_real_multidiffusion_replacing_the_wrapper_slot_still_gets_the_expert(me
     tensors, meta = _attention_file(unet, metadata)
     patcher = _patcher(unet, Prediction(prediction_type="epsilon"))
     before = _snapshot(unet)
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("f.safetensors")], loader=lambda p: (tensors, meta))
-    (tiled,) = TiledDiffusion().apply(patcher, "MultiDiffusion", tile_width=64, tile_height=64, tile_overlap=32,
-                                       tile_batch_size=1)
+    session = tsm_forge.apply_to_unet(
+        patcher, [tsm_forge.TSMRequest("f.safetensors")], loader=lambda p: (tensors, meta)
+    )
+    (tiled,) = TiledDiffusion().apply(
+        patcher, "MultiDiffusion", tile_width=64, tile_height=64, tile_overlap=32, tile_batch_size=1
+    )
     seen = _spy(patcher.model, session)
     with_tsm = _sample(tiled, size=(8, 16))
     assert len(seen) > 8 and session.runs[0].calls == len(seen)  # every tile call
@@ -203,7 +225,7 @@ def test_real_forge_error_mid_sampling_restores_and_raises(metadata):
     tensors = {k: v for k, v in tensors.items() if ".tsm.8.7." not in k}  # a file without expert 7
     patcher = _patcher(unet, Prediction(prediction_type="epsilon"))
     before = _snapshot(unet)
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("f.safetensors")], loader=lambda p: (tensors, meta))
+    tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("f.safetensors")], loader=lambda p: (tensors, meta))
     with pytest.raises(TSMSamplingError, match="needs expert 7 of scale 8.*the base weights were restored"):
         _sample(patcher)
     assert _same(unet, before) and not unet._forward_pre_hooks
@@ -231,10 +253,26 @@ def _prediction_flux():
 
 
 def _forge_flux():
-    flux = _in_forge_operations(IntegratedFluxTransformer2DModel, in_channels=4, vec_in_dim=8, context_in_dim=12,
-                                hidden_size=16, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
-                                axes_dim=[2, 2, 4], theta=10000, qkv_bias=True, guidance_embed=False)
-    flux.config = {"depth": 1, "depth_single_blocks": 1, "hidden_size": 16}  # backend/loader.py: model.config = unet_config
+    flux = _in_forge_operations(
+        IntegratedFluxTransformer2DModel,
+        in_channels=4,
+        vec_in_dim=8,
+        context_in_dim=12,
+        hidden_size=16,
+        mlp_ratio=4.0,
+        num_heads=2,
+        depth=1,
+        depth_single_blocks=1,
+        axes_dim=[2, 2, 4],
+        theta=10000,
+        qkv_bias=True,
+        guidance_embed=False,
+    )
+    flux.config = {
+        "depth": 1,
+        "depth_single_blocks": 1,
+        "hidden_size": 16,
+    }  # backend/loader.py: model.config = unet_config
     return flux
 
 
@@ -262,8 +300,9 @@ def _flux_call(patcher, sigma):
 
 @pytest.mark.parametrize("mode", ["merge", "online"])
 def test_real_flux_diffusers_named_file_resolves_through_forges_key_map(metadata, mode):
-    """Forge's own ``model_lora_keys_unet`` (through ``tsm_forge.forge_keys.unet_key_map``) maps diffusers names onto the fused qkv / linear1 rows; the file
-    now resolves (before: "module(s) not in this model") and equals the same LoRA merged by hand into those rows."""
+    """Forge's own ``model_lora_keys_unet`` (through ``tsm_forge.forge_keys.unet_key_map``) maps
+    diffusers names onto the fused qkv / linear1 rows; the file now resolves (before: "module(s) not
+    in this model") and equals the same LoRA merged by hand into those rows."""
     flux = _forge_flux()
     config = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev")
     patcher = _patcher(flux, _prediction_flux(), config)
@@ -273,8 +312,12 @@ def test_real_flux_diffusers_named_file_resolves_through_forges_key_map(metadata
         tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("flux.safetensors")], loader=lambda p: (tensors, meta))
     before = _snapshot(flux)
     sigma = 0.3  # PredictionFlux: the model receives sigma; t = 300 -> expert 2 of 8
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("flux.safetensors", mode=mode)],
-                                      loader=lambda p: (tensors, meta), key_map=key_map)
+    session = tsm_forge.apply_to_unet(
+        patcher,
+        [tsm_forge.TSMRequest("flux.safetensors", mode=mode)],
+        loader=lambda p: (tensors, meta),
+        key_map=key_map,
+    )
     assert session.runs[0].merge == (mode == "merge")
     out = _flux_call(patcher, sigma)
     assert session.runs[0].calls == 1
@@ -287,7 +330,7 @@ def test_real_flux_diffusers_named_file_resolves_through_forges_key_map(metadata
     with torch.no_grad():
         for name in FLUX_DIFFUSERS:
             key, piece = (key_map[name], None) if isinstance(key_map[name], str) else key_map[name]
-            w = modules[key[len("diffusion_model."):-len(".weight")]].weight
+            w = modules[key[len("diffusion_model.") : -len(".weight")]].weight
             rows = w if piece is None else w.narrow(0, piece[1], piece[2])
             down, up = tensors[f"{name}.tsm.8.2.lora_down.weight"], tensors[f"{name}.tsm.8.2.lora_up.weight"]
             rows += up @ down  # alpha == rank
@@ -300,29 +343,43 @@ def test_real_sd3_diffusers_names_resolve_onto_forges_mmditx_rows(metadata):
     own mmdit_to_diffusers. Merged expert = base + delta in the q/k/v rows of joint_blocks.N.*.attn.qkv."""
     from backend.modules.k_prediction import PredictionDiscreteFlow
 
-    sd3 = _in_forge_operations(MMDiTX, input_size=8, patch_size=2, in_channels=4, depth=2, adm_in_channels=8,
-                               context_embedder_config={"target": "torch.nn.Linear",
-                                                        "params": {"in_features": 12, "out_features": 128}},
-                               pos_embed_max_size=8, num_patches=16)
+    sd3 = _in_forge_operations(
+        MMDiTX,
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        depth=2,
+        adm_in_channels=8,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 12, "out_features": 128}},
+        pos_embed_max_size=8,
+        num_patches=16,
+    )
     sd3.config = {"depth": 2}  # backend/loader.py: model.config = unet_config
     patcher = _patcher(sd3, PredictionDiscreteFlow(shift=3.0), SimpleNamespace(huggingface_repo="stabilityai/sd3"))
-    names = {"lora_transformer_transformer_blocks_1_attn_to_k": (128, 128),
-             "lora_transformer_transformer_blocks_0_attn_add_v_proj": (128, 128)}
+    names = {
+        "lora_transformer_transformer_blocks_1_attn_to_k": (128, 128),
+        "lora_transformer_transformer_blocks_0_attn_add_v_proj": (128, 128),
+    }
     tensors, meta = _lora_tensors(names), dict(metadata)
     key_map = unet_key_map(patcher.model)
     before = _snapshot(sd3)
-    session = tsm_forge.apply_to_unet(patcher, [tsm_forge.TSMRequest("sd3.safetensors")],
-                                      loader=lambda p: (tensors, meta), key_map=key_map)
+    session = tsm_forge.apply_to_unet(
+        patcher, [tsm_forge.TSMRequest("sd3.safetensors")], loader=lambda p: (tensors, meta), key_map=key_map
+    )
     session.set_timestep(torch.tensor([700.0]))  # expert 5 of 8
     k_rows = sd3.joint_blocks[1].x_block.attn.qkv.weight[128:256]
     v_rows = sd3.joint_blocks[0].context_block.attn.qkv.weight[256:384]
-    for rows, name, key in ((k_rows, "lora_transformer_transformer_blocks_1_attn_to_k",
-                             "joint_blocks.1.x_block.attn.qkv.weight"),
-                            (v_rows, "lora_transformer_transformer_blocks_0_attn_add_v_proj",
-                             "joint_blocks.0.context_block.attn.qkv.weight")):
+    for rows, name, key in (
+        (k_rows, "lora_transformer_transformer_blocks_1_attn_to_k", "joint_blocks.1.x_block.attn.qkv.weight"),
+        (
+            v_rows,
+            "lora_transformer_transformer_blocks_0_attn_add_v_proj",
+            "joint_blocks.0.context_block.attn.qkv.weight",
+        ),
+    ):
         lo = 128 if rows is k_rows else 256
         delta = tensors[f"{name}.tsm.8.5.lora_up.weight"] @ tensors[f"{name}.tsm.8.5.lora_down.weight"]
-        torch.testing.assert_close(rows, before[key][lo:lo + 128] + delta, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows, before[key][lo : lo + 128] + delta, rtol=1e-5, atol=1e-5)
     changed = [k for k, v in sd3.state_dict().items() if not torch.equal(v, before[k])]
     assert sorted(changed) == ["joint_blocks.0.context_block.attn.qkv.weight", "joint_blocks.1.x_block.attn.qkv.weight"]
     session.restore()

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from tiny_models import tiny_clip, tiny_flux, tiny_pixart, tiny_sd3, tiny_sdxl_unet, tiny_t5, tiny_unet, tiny_unet3d
 from torch import nn
 
 from tsm_trainer.core.intervals import expert_index
@@ -14,9 +15,6 @@ from tsm_trainer.core.key_names import diffusers_unet_to_sgm
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
 from tsm_trainer.core.targets import CONV_TARGETS, compile_patterns
 from tsm_trainer.families import detect_family
-
-from tiny_models import (tiny_clip, tiny_flux, tiny_pixart, tiny_sd3, tiny_sdxl_unet, tiny_t5, tiny_unet,
-                         tiny_unet3d)
 
 N = 4  # scale under test
 B = 3
@@ -60,9 +58,15 @@ def case_sd2():
 
 def case_sdxl():
     m = tiny_sdxl_unet()
-    kw = dict(sample=_randn(B, 4, 8, 8), timestep=torch.tensor(T_DDPM), encoder_hidden_states=_ehs(16),
-              added_cond_kwargs={"text_embeds": _randn(B, 16, seed=3),
-                                 "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]]).repeat(B, 1)})
+    kw = dict(
+        sample=_randn(B, 4, 8, 8),
+        timestep=torch.tensor(T_DDPM),
+        encoder_hidden_states=_ehs(16),
+        added_cond_kwargs={
+            "text_embeds": _randn(B, 16, seed=3),
+            "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]]).repeat(B, 1),
+        },
+    )
     return m, kw, torch.tensor(T_DDPM, dtype=torch.float64)
 
 
@@ -77,8 +81,12 @@ def case_sd3():
     m = tiny_sd3()
     sigma = torch.tensor(SIGMAS)
     # diffusers' StableDiffusion3Pipeline passes timestep = sigma * 1000.
-    kw = dict(hidden_states=_randn(B, 4, 8, 8), encoder_hidden_states=_ehs(16),
-              pooled_projections=_randn(B, 16, seed=3), timestep=sigma * 1000)
+    kw = dict(
+        hidden_states=_randn(B, 4, 8, 8),
+        encoder_hidden_states=_ehs(16),
+        pooled_projections=_randn(B, 16, seed=3),
+        timestep=sigma * 1000,
+    )
     return m, kw, (sigma * 1000).double()
 
 
@@ -88,24 +96,47 @@ def case_flux():
     ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
     img_ids = torch.stack([torch.zeros(16), ys.flatten(), xs.flatten()], 1)
     # diffusers' FluxPipeline passes timestep = sigma (timesteps / 1000): the network maps it to t = sigma * T.
-    kw = dict(hidden_states=_randn(B, 16, 4), encoder_hidden_states=_ehs(16), pooled_projections=_randn(B, 16, seed=3),
-              timestep=sigma, img_ids=img_ids, txt_ids=torch.zeros(5, 3))
+    kw = dict(
+        hidden_states=_randn(B, 16, 4),
+        encoder_hidden_states=_ehs(16),
+        pooled_projections=_randn(B, 16, seed=3),
+        timestep=sigma,
+        img_ids=img_ids,
+        txt_ids=torch.zeros(5, 3),
+    )
     return m, kw, sigma.double() * 1000
 
 
 def case_pixart():
     m = tiny_pixart()
-    kw = dict(hidden_states=_randn(B, 4, 8, 8), encoder_hidden_states=_ehs(16), timestep=torch.tensor(T_DDPM),
-              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    kw = dict(
+        hidden_states=_randn(B, 4, 8, 8),
+        encoder_hidden_states=_ehs(16),
+        timestep=torch.tensor(T_DDPM),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
     return m, kw, torch.tensor(T_DDPM, dtype=torch.float64)
 
 
-CASES = {"sd1": case_sd1, "sd2": case_sd2, "sdxl": case_sdxl, "video": case_video, "sd3": case_sd3,
-         "flux": case_flux, "pixart": case_pixart}
+CASES = {
+    "sd1": case_sd1,
+    "sd2": case_sd2,
+    "sdxl": case_sdxl,
+    "video": case_video,
+    "sd3": case_sd3,
+    "flux": case_flux,
+    "pixart": case_pixart,
+}
 UNET_FAMILIES = {"sd1", "sd2", "sdxl", "video"}
-DIFFUSERS_CLASS = {"sd1": "UNet2DConditionModel", "sd2": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
-                   "video": "UNet3DConditionModel", "sd3": "SD3Transformer2DModel",
-                   "flux": "FluxTransformer2DModel", "pixart": "PixArtTransformer2DModel"}
+DIFFUSERS_CLASS = {
+    "sd1": "UNet2DConditionModel",
+    "sd2": "UNet2DConditionModel",
+    "sdxl": "UNet2DConditionModel",
+    "video": "UNet3DConditionModel",
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "pixart": "PixArtTransformer2DModel",
+}
 
 
 def _slice(kw: dict, i: int) -> dict:
@@ -183,12 +214,16 @@ def test_per_sample_routing_matches_single_samples(family):
             else:
                 assert pair.lora_down.weight.grad is None, (lora.lora_name, e)
                 assert pair.lora_up.weight.grad is None, (lora.lora_name, e)
-    grad_norm = sum(float(lora.expert(N, e).lora_up.weight.grad.abs().sum())
-                    for lora in net.denoiser_loras for e in expected)
+    grad_norm = sum(
+        float(lora.expert(N, e).lora_up.weight.grad.abs().sum()) for lora in net.denoiser_loras for e in expected
+    )
     assert grad_norm > 0
 
-    saved = {(lora.lora_name, e): lora.expert(N, e).lora_up.weight.detach().clone()
-             for lora in net.denoiser_loras for e in range(N)}
+    saved = {
+        (lora.lora_name, e): lora.expert(N, e).lora_up.weight.detach().clone()
+        for lora in net.denoiser_loras
+        for e in range(N)
+    }
     with torch.no_grad():
         batch_out = _call(model, kw)
         torch.testing.assert_close(batch_out, out.detach(), atol=1e-6, rtol=1e-6)
@@ -218,12 +253,16 @@ def test_denoiser_key_prefix_and_defaults(family):
     assert names and all(n.startswith(prefix) for n in names)
     assert len(set(names)) == len(names)
     # Default targets: attention projections (video: k and v only), nothing else.
-    allowed = {"video": ("to_k", "to_v"),
-               "flux": ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    allowed = {
+        "video": ("to_k", "to_v"),
+        "flux": ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    }
     suffixes = allowed.get(family, ("to_q", "to_k", "to_v", "to_out_0"))
     assert all(n.endswith(suffixes) for n in names), names
     linear_paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
-    want = [p for p in linear_paths if re.search(r"\.(" + "|".join(s.replace("_0", r"\.0") for s in suffixes) + ")$", p)]
+    want = [
+        p for p in linear_paths if re.search(r"\.(" + "|".join(s.replace("_0", r"\.0") for s in suffixes) + ")$", p)
+    ]
     assert len(names) == len(want)
     # State dict keys are the file's keys.
     key = f"{names[0]}.tsm.{N}.{N - 1}.lora_up.weight"
@@ -233,15 +272,22 @@ def test_denoiser_key_prefix_and_defaults(family):
 
 def test_transformer_key_names():
     flux = {lora.lora_name for lora in TSMNetwork(TSMConfig(scales=[N], rank=2), tiny_flux(), []).denoiser_loras}
-    assert {"lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_transformer_blocks_0_attn_add_k_proj",
-            "lora_transformer_transformer_blocks_0_attn_to_add_out", "lora_transformer_transformer_blocks_0_attn_to_out_0",
-            "lora_transformer_single_transformer_blocks_0_attn_to_v"} <= flux
+    assert {
+        "lora_transformer_transformer_blocks_0_attn_to_q",
+        "lora_transformer_transformer_blocks_0_attn_add_k_proj",
+        "lora_transformer_transformer_blocks_0_attn_to_add_out",
+        "lora_transformer_transformer_blocks_0_attn_to_out_0",
+        "lora_transformer_single_transformer_blocks_0_attn_to_v",
+    } <= flux
     assert len(flux) == 8 + 3  # double block: q k v out + 4 context projections; single block: q k v
     sd3 = {lora.lora_name for lora in TSMNetwork(TSMConfig(scales=[N], rank=2), tiny_sd3(), []).denoiser_loras}
     assert sd3 == {f"lora_transformer_transformer_blocks_0_attn_{p}" for p in ("to_q", "to_k", "to_v", "to_out_0")}
     pixart = {lora.lora_name for lora in TSMNetwork(TSMConfig(scales=[N], rank=2), tiny_pixart(), []).denoiser_loras}
-    assert pixart == {f"lora_transformer_transformer_blocks_0_{a}_{p}"
-                      for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")}
+    assert pixart == {
+        f"lora_transformer_transformer_blocks_0_{a}_{p}"
+        for a in ("attn1", "attn2")
+        for p in ("to_q", "to_k", "to_v", "to_out_0")
+    }
     video = {lora.lora_name for lora in TSMNetwork(TSMConfig(scales=[N], rank=2), tiny_unet3d(), []).denoiser_loras}
     assert "lora_unet_down_blocks_0_temp_attentions_0_transformer_blocks_0_attn1_to_k" in video
     assert "lora_unet_transformer_in_transformer_blocks_0_attn1_v" not in video
@@ -266,14 +312,18 @@ SDXL_EXPECTED = {
     "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k": "input_blocks.5.1.transformer_blocks.0.attn2.to_k",
     "down_blocks.1.downsamplers.0.conv": "input_blocks.6.0.op",
     "down_blocks.2.resnets.1.conv1": "input_blocks.8.0.in_layers.2",
-    "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj": "input_blocks.8.1.transformer_blocks.0.ff.net.0.proj",
+    "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj": (
+        "input_blocks.8.1.transformer_blocks.0.ff.net.0.proj"
+    ),
     "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2",
     "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": "middle_block.1.transformer_blocks.0.attn1.to_q",
     "mid_block.attentions.0.proj_out": "middle_block.1.proj_out",
     "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
     "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
     "up_blocks.0.resnets.0.conv_shortcut": "output_blocks.0.0.skip_connection",
-    "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0",
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": (
+        "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0"
+    ),
     "up_blocks.0.resnets.2.conv1": "output_blocks.2.0.in_layers.2",
     "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_v": "output_blocks.2.1.transformer_blocks.0.attn2.to_v",
     "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
@@ -326,29 +376,39 @@ def test_sdxl_network_names_with_conv():
     net = TSMNetwork(TSMConfig(scales=[N], rank=2, alpha=2, conv_rank=2), model, [])
     names = {lora.lora_name: lora for lora in net.denoiser_loras}
     assert not any(re.search(r"down_blocks|up_blocks|mid_block", n) for n in names)
-    for src in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
-                "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_v"):
+    for src in (
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_v",
+    ):
         assert "lora_unet_" + _sgm(src).replace(".", "_") in names
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q" in names
     assert any(n.startswith("lora_unet_output_blocks_") for n in names)
-    for conv in ("lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_5_2_conv", "lora_unet_input_blocks_3_0_op",
-                 "lora_unet_input_blocks_6_0_op", "lora_unet_input_blocks_1_0_in_layers_2",
-                 "lora_unet_input_blocks_1_0_out_layers_3", "lora_unet_input_blocks_4_0_skip_connection",
-                 "lora_unet_middle_block_0_in_layers_2", "lora_unet_middle_block_2_out_layers_3",
-                 "lora_unet_output_blocks_8_0_skip_connection"):
+    for conv in (
+        "lora_unet_output_blocks_2_2_conv",
+        "lora_unet_output_blocks_5_2_conv",
+        "lora_unet_input_blocks_3_0_op",
+        "lora_unet_input_blocks_6_0_op",
+        "lora_unet_input_blocks_1_0_in_layers_2",
+        "lora_unet_input_blocks_1_0_out_layers_3",
+        "lora_unet_input_blocks_4_0_skip_connection",
+        "lora_unet_middle_block_0_in_layers_2",
+        "lora_unet_middle_block_2_out_layers_3",
+        "lora_unet_output_blocks_8_0_skip_connection",
+    ):
         assert conv in names, conv
     up = names["lora_unet_output_blocks_2_2_conv"]
     assert tuple(up.expert(N, 0).lora_down.weight.shape) == (2, 16, 3, 3)
     # Exactly the diffusers convs that CONV_TARGETS names, each under its SGM name.
     conv_re = compile_patterns(CONV_TARGETS)
     convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and conv_re.search(p)]
-    assert {"lora_unet_" + _sgm(p).replace(".", "_") for p in convs} == \
-        {n for n, lora in names.items() if lora.is_conv}
+    assert {"lora_unet_" + _sgm(p).replace(".", "_") for p in convs} == {n for n, lora in names.items() if lora.is_conv}
     # conv_in / conv_out / time embeddings are not targets.
-    assert not any(n.startswith(("lora_unet_input_blocks_0_", "lora_unet_out_", "lora_unet_time_embed",
-                                 "lora_unet_label_emb")) for n in names)
+    assert not any(
+        n.startswith(("lora_unet_input_blocks_0_", "lora_unet_out_", "lora_unet_time_embed", "lora_unet_label_emb"))
+        for n in names
+    )
 
 
 def test_sd1_names_stay_diffusers():
@@ -384,11 +444,13 @@ def test_text_encoder_keys_sdxl():
 
 
 def test_text_encoder_keys_sd3():
-    net = TSMNetwork(TSMConfig(scales=[N], rank=2), tiny_sd3(),
-                     [tiny_clip(), tiny_clip(with_projection=True), tiny_t5()])
+    net = TSMNetwork(
+        TSMConfig(scales=[N], rank=2), tiny_sd3(), [tiny_clip(), tiny_clip(with_projection=True), tiny_t5()]
+    )
     qkvo = ("q_proj", "k_proj", "v_proj", "out_proj")
-    assert _te_names(net) == (_clip_keys("lora_te1", qkvo) | _clip_keys("lora_te2", qkvo)
-                              | {f"lora_te3_{k}" for k in T5_QV_KEYS})
+    assert _te_names(net) == (
+        _clip_keys("lora_te1", qkvo) | _clip_keys("lora_te2", qkvo) | {f"lora_te3_{k}" for k in T5_QV_KEYS}
+    )
 
 
 def test_text_encoder_keys_pixart_flux_video():

@@ -15,13 +15,27 @@ from PIL import Image
 from torch import nn
 
 import tsm_trainer.families as registry
-from tests.tiny_models import (tiny_flux, tiny_pixart, tiny_sd3, tiny_sd_pipeline_folder, tiny_sdxl_unet, tiny_unet,
-                               tiny_unet3d)
+from tests.tiny_models import (
+    tiny_flux,
+    tiny_pixart,
+    tiny_sd3,
+    tiny_sd_pipeline_folder,
+    tiny_sdxl_unet,
+    tiny_unet,
+    tiny_unet3d,
+)
 from tsm_trainer.base_models.single_file.layout import other_families
 from tsm_trainer.core.targets import denoiser_naming
 from tsm_trainer.core.timestep import sigma_input_classes
-from tsm_trainer.families import (FAMILY_CLASSES, detect_family, detect_folder_family, family_names, get_family,
-                                  get_training_family, training_class)
+from tsm_trainer.families import (
+    FAMILY_CLASSES,
+    detect_family,
+    detect_folder_family,
+    family_names,
+    get_family,
+    get_training_family,
+    training_class,
+)
 from tsm_trainer.files.bake import checkpoint_family
 from tsm_trainer.files.family_guess import guess_family
 from tsm_trainer.training.config import build_parser
@@ -44,12 +58,21 @@ def test_specs_hold_the_previous_metadata_and_targets():
     assert family_names() == tuple(sorted(BEFORE))
     for name, (version, arch, v2, resolution, space) in BEFORE.items():
         spec = get_family(name)
-        assert (spec.base_model_version, spec.modelspec_architecture, spec.v2, spec.resolution,
-                spec.timestep_space) == (version, arch, v2, resolution, space)
+        assert (
+            spec.base_model_version,
+            spec.modelspec_architecture,
+            spec.v2,
+            spec.resolution,
+            spec.timestep_space,
+        ) == (version, arch, v2, resolution, space)
     assert get_family("sd1").denoiser_targets == {"*": ATTENTION}
     assert get_family("sd3").denoiser_targets["MMDiT"] == (r"attn\.qkv", r"attn\.proj")
-    assert get_family("flux").denoiser_targets["*"] == ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj",
-                                                                    "to_add_out")
+    assert get_family("flux").denoiser_targets["*"] == ATTENTION + (
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    )
     assert get_family("video").denoiser_targets == {"*": ("to_k", "to_v")}
     assert get_family("video").text_encoder_targets == {"clip": ("out_proj",)}
     assert set(get_family("sd3").text_encoder_targets) == {"clip", "t5"}
@@ -78,15 +101,26 @@ def _sd_scripts_unet(cross: int) -> nn.Module:
     return _named("UNet2DConditionModel", attn2=attn2)
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: tiny_unet(), "sd1"), (lambda: tiny_unet(cross_attention_dim=1024), "sd2"),
-    (tiny_sdxl_unet, "sdxl"), (tiny_unet3d, "video"), (tiny_sd3, "sd3"), (tiny_flux, "flux"),
-    (tiny_pixart, "pixart"),
-    # sd-scripts' classes, detected by name (and the cross-attention width for its UNet)
-    (lambda: _sd_scripts_unet(768), "sd1"), (lambda: _sd_scripts_unet(1024), "sd2"),
-    (lambda: _named("SdxlUNet2DConditionModel"), "sdxl"), (lambda: _named("MMDiT"), "sd3"),
-    (lambda: _named("Flux"), "flux"), (lambda: _named("PixArtMS"), "pixart"), (lambda: _named("PixArt"), "pixart"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: tiny_unet(), "sd1"),
+        (lambda: tiny_unet(cross_attention_dim=1024), "sd2"),
+        (tiny_sdxl_unet, "sdxl"),
+        (tiny_unet3d, "video"),
+        (tiny_sd3, "sd3"),
+        (tiny_flux, "flux"),
+        (tiny_pixart, "pixart"),
+        # sd-scripts' classes, detected by name (and the cross-attention width for its UNet)
+        (lambda: _sd_scripts_unet(768), "sd1"),
+        (lambda: _sd_scripts_unet(1024), "sd2"),
+        (lambda: _named("SdxlUNet2DConditionModel"), "sdxl"),
+        (lambda: _named("MMDiT"), "sd3"),
+        (lambda: _named("Flux"), "flux"),
+        (lambda: _named("PixArtMS"), "pixart"),
+        (lambda: _named("PixArt"), "pixart"),
+    ],
+)
 def test_detect_family_from_class_and_config(make, name, tmp_path):
     model = make()
     assert detect_family(model).name == name
@@ -129,16 +163,33 @@ def test_tables_that_were_hard_coded_read_the_specs():
     assert checkpoint_family(["model.diffusion_model.x", "cond_stage_model.model.y"]).name == "sd2"
     assert checkpoint_family(["model.diffusion_model.x", "cond_stage_model.transformer.y"]).name == "sd1"
     assert checkpoint_family(["model.diffusion_model.x"]).name == "sd1"
-    assert get_family("sdxl").checkpoint_roots == (("conditioner.embedders.0.transformer.", "lora_te1"),
-                                                   ("conditioner.embedders.1.model.", "lora_te2"))
+    assert get_family("sdxl").checkpoint_roots == (
+        ("conditioner.embedders.0.transformer.", "lora_te1"),
+        ("conditioner.embedders.1.model.", "lora_te2"),
+    )
 
 
-@pytest.mark.parametrize("text, name", [
-    ("sdxl_v1", "sdxl"), ("SD_XL_custom", "sdxl"), ("sd3.5", "sd3"), ("stable-diffusion-3.5-large/lora", "sd3"),
-    ("flux-dev", "flux"), ("PixArt-Sigma", "pixart"), ("modelscope_video", "video"), ("t2v", "video"),
-    ("sd_v2_x", "sd2"), ("sd_2-1", "sd2"), ("v1-5", "sd1"), ("sd_1", "sd1"), ("sd_v1", "sd1"),
-    ("stable-diffusion-v2-768-v/lora", "sd2"), ("text-to-video-unet3d/lora", "video"), ("nothing", "unknown"),
-])
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("sdxl_v1", "sdxl"),
+        ("SD_XL_custom", "sdxl"),
+        ("sd3.5", "sd3"),
+        ("stable-diffusion-3.5-large/lora", "sd3"),
+        ("flux-dev", "flux"),
+        ("PixArt-Sigma", "pixart"),
+        ("modelscope_video", "video"),
+        ("t2v", "video"),
+        ("sd_v2_x", "sd2"),
+        ("sd_2-1", "sd2"),
+        ("v1-5", "sd1"),
+        ("sd_1", "sd1"),
+        ("sd_v1", "sd1"),
+        ("stable-diffusion-v2-768-v/lora", "sd2"),
+        ("text-to-video-unet3d/lora", "video"),
+        ("nothing", "unknown"),
+    ],
+)
 def test_guess_family_from_metadata_strings(text, name):
     """The needles and their order of the former hard-coded list: 'xl' wins over 'v1', 'v2' over 'v1'."""
     got = guess_family({"ss_base_model_version": text})["name"]
@@ -173,8 +224,20 @@ def test_trainer_detects_the_family_once_from_configs(tmp_path, monkeypatch):
             reads.append(file)
         return real_open(file, *args, **kwargs)
 
-    config = load_config(["--pretrained_model", base, "--train_data_dir", str(images), "--resolution", "16",
-                          "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    config = load_config(
+        [
+            "--pretrained_model",
+            base,
+            "--train_data_dir",
+            str(images),
+            "--resolution",
+            "16",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "1",
+        ]
+    )
     monkeypatch.setattr("builtins.open", counting_open)
     trainer = build_module.build(config, log=lambda *a: None)
     monkeypatch.undo()
@@ -238,18 +301,32 @@ def test_a_new_family_is_one_module(toy_module, monkeypatch, tmp_path):
         assert toy.to_k(torch.ones(1, 4)).shape == (1, 4)
 
 
-@pytest.mark.parametrize("flags, error", [
-    (["--family", "sd3", "--v_parameterization"], "--v_parameterization does not apply to --family sd3"),
-    (["--family", "flux", "--v_parameterization"], "--v_parameterization does not apply to --family flux"),
-    (["--v2", "--family", "sdxl"], "--v2 and --family sdxl disagree"),
-    (["--v2", "--family", "sd2"], "--pretrained_model_name_or_path"),  # accepted: fails later, on the missing model
-    (["--family", "sdxl", "--v_parameterization"], "--pretrained_model_name_or_path"),
-])
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--family", "sd3", "--v_parameterization"], "--v_parameterization does not apply to --family sd3"),
+        (["--family", "flux", "--v_parameterization"], "--v_parameterization does not apply to --family flux"),
+        (["--v2", "--family", "sdxl"], "--v2 and --family sdxl disagree"),
+        (["--v2", "--family", "sd2"], "--pretrained_model_name_or_path"),  # accepted: fails later, on the missing model
+        (["--family", "sdxl", "--v_parameterization"], "--pretrained_model_name_or_path"),
+    ],
+)
 def test_family_flags_are_checked_against_the_spec(flags, error, tmp_path):
     from tsm_trainer.training.config import load_config
     from tsm_trainer.training.validate import check_config
 
-    config = load_config(["--pretrained_model", str(tmp_path / "missing"), "--train_data_dir", str(tmp_path),
-                          "--resolution", "16", "--output_dir", str(tmp_path / "out"), *flags])
+    config = load_config(
+        [
+            "--pretrained_model",
+            str(tmp_path / "missing"),
+            "--train_data_dir",
+            str(tmp_path),
+            "--resolution",
+            "16",
+            "--output_dir",
+            str(tmp_path / "out"),
+            *flags,
+        ]
+    )
     with pytest.raises(ValueError, match=error):
         check_config(config)

@@ -67,7 +67,7 @@ def test_keys_and_metadata_follow_the_design(tmp_path):
     with open(path, "rb") as f:
         data = f.read()
     n = int.from_bytes(data[:8], "little")
-    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n :]).hexdigest()
     assert len(meta["sshs_legacy_hash"]) == 8
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []  # atomic: no temp file left
 
@@ -106,8 +106,11 @@ def test_file_for_another_base_model_is_rejected(tmp_path):
     _trained_net(tiny_unet(cross_attention_dim=24)).save(path)
     with pytest.raises(TSMFileError, match=r"sd2.safetensors: does not fit this model: key '.*attn2_to_k.*' has shape"):
         TSMNetwork.from_file(path, tiny_unet(cross_attention_dim=16))
-    other = tiny_unet(block_out_channels=(8, 8), down_block_types=("DownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "UpBlock2D"))
+    other = tiny_unet(
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with pytest.raises(TSMFileError, match="not in this model"):
         TSMNetwork.from_file(path, other)
 
@@ -123,18 +126,24 @@ def test_missing_extra_key_and_metadata_errors_name_them(tmp_path):
     missing = dict(tensors)
     del missing[alpha]
     save_file(missing, str(tmp_path / "m.safetensors"), meta)
-    with pytest.raises(TSMFileError, match=r"m.safetensors: does not fit this model: 1 missing key\(s\), e.g. \['" + alpha):
+    with pytest.raises(
+        TSMFileError, match=r"m.safetensors: does not fit this model: 1 missing key\(s\), e.g. \['" + alpha
+    ):
         net.load_weights(str(tmp_path / "m.safetensors"))
 
     half = dict(tensors)
     del half[key]
     save_file(half, str(tmp_path / "h.safetensors"), meta)
-    with pytest.raises(TSMFileError, match=r"h.safetensors: key '.*tsm\.8\.3\.lora_down.weight' has no matching '" + key):
+    with pytest.raises(
+        TSMFileError, match=r"h.safetensors: key '.*tsm\.8\.3\.lora_down.weight' has no matching '" + key
+    ):
         net.load_weights(str(tmp_path / "h.safetensors"))
 
     extra = dict(tensors)
     extra[key.replace("tsm.8.3", "tsm.8.9")] = tensors[key].clone()
-    extra[key.replace("tsm.8.3", "tsm.8.9").replace("lora_up", "lora_down")] = tensors[key.replace("lora_up", "lora_down")].clone()
+    extra[key.replace("tsm.8.3", "tsm.8.9").replace("lora_up", "lora_down")] = tensors[
+        key.replace("lora_up", "lora_down")
+    ].clone()
     save_file(extra, str(tmp_path / "e.safetensors"), meta)
     with pytest.raises(TSMFileError, match=r"e.safetensors: does not fit this model: 2 unknown key.*tsm\.8\.9"):
         net.load_weights(str(tmp_path / "e.safetensors"))

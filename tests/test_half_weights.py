@@ -45,8 +45,21 @@ def trains(base: str, data: str, out: str, *extra: str) -> dict:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    args = ["--pretrained_model", base, "--dataset_config", data, "--output_dir", out, "--max_train_steps", "2",
-            "--network_dim", "2", "--learning_rate", "1e-3", *extra]
+    args = [
+        "--pretrained_model",
+        base,
+        "--dataset_config",
+        data,
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        "2",
+        "--network_dim",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
     assert main(args) == 0
     tensors, _ = load_file(os.path.join(out, "tsm.safetensors"))
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())

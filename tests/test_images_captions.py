@@ -41,10 +41,18 @@ def test_image_modes_load_as_the_right_rgb(tmp_path, make, name, rgb):
 
 
 def _config(image_dir, resolution=64, **subset):
-    general = {"resolution": resolution, "caption_extension": ".txt", "batch_size": 1, "enable_bucket": True,
-               "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16}
-    return parse_dataset_config({"general": general, "datasets": [{"subsets": [{"image_dir": str(image_dir),
-                                                                                 **subset}]}]}, "test.toml")
+    general = {
+        "resolution": resolution,
+        "caption_extension": ".txt",
+        "batch_size": 1,
+        "enable_bucket": True,
+        "min_bucket_reso": 32,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+    }
+    return parse_dataset_config(
+        {"general": general, "datasets": [{"subsets": [{"image_dir": str(image_dir), **subset}]}]}, "test.toml"
+    )
 
 
 def _image(folder, name, w, h, caption="a square", mode="RGB"):

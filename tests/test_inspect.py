@@ -13,11 +13,11 @@ import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_clip, tiny_unet
 from tests.tool_scripts import tool_module, tool_path
 from tsm_trainer import TSMConfig, TSMNetwork
-from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.base_models.loading import BaseModelError, load_base_model
-from tsm_trainer.files.inspection import check_against_model, format_summary, summarize
+from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.families import get_family
+from tsm_trainer.files.inspection import check_against_model, format_summary, summarize
 
 SCRIPT = tool_path("inspect_lora")
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -39,16 +39,25 @@ def _save_base(folder, unet, te):
     unet.save_pretrained(os.path.join(folder, "unet"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": [None, None]}, f)
+        json.dump(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": [None, None],
+            },
+            f,
+        )
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
-    return {"sd1": _save_base(root / "sd1", tiny_unet(), tiny_clip()),
-            "other": _save_base(root / "other", tiny_unet(cross_attention_dim=24), tiny_clip())}
+    return {
+        "sd1": _save_base(root / "sd1", tiny_unet(), tiny_clip()),
+        "other": _save_base(root / "other", tiny_unet(cross_attention_dim=24), tiny_clip()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +69,26 @@ def files(tmp_path_factory):
     out = {}
     net8 = _randomize(TSMNetwork(TSMConfig(scales=[8], rank=2, alpha=1.0), unet, [te]))
     out["foster8"] = str(root / "foster8.safetensors")
-    meta = {**kohya_metadata(family, "networks.tsm_lora", 2, 1.0, {"tsm_scales": "8"}, "foster8"),
-            **modelspec_metadata(family, "foster8")}
+    meta = {
+        **kohya_metadata(family, "networks.tsm_lora", 2, 1.0, {"tsm_scales": "8"}, "foster8"),
+        **modelspec_metadata(family, "foster8"),
+    }
     net8.save(out["foster8"], metadata=meta)
     out["counts"] = (len(net8.denoiser_loras), len(net8.text_encoder_loras))
     net1 = _randomize(TSMNetwork(TSMConfig(scales=[1], rank=2, alpha=1.0), unet, [te]), seed=1)
     out["foster1"] = str(root / "foster1.safetensors")
     net1.save(out["foster1"], metadata=meta)
-    assembled = tsm_lora.create_network(1.0, 2, 1.0, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                        tsm_experts=f"{out['foster8']},{out['foster1']}")
+    assembled = tsm_lora.create_network(
+        1.0,
+        2,
+        1.0,
+        None,
+        te,
+        unet,
+        tsm_scales="8,1",
+        tsm_stage="assemble",
+        tsm_experts=f"{out['foster8']},{out['foster1']}",
+    )
     out["assembled"] = str(root / "assembled.safetensors")
     assembled.save_weights(out["assembled"], None, {"ss_output_name": "assembled"})
     return out
@@ -95,8 +115,16 @@ def test_summary_of_fostered_file(files):
     tensors, _ = load_file(files["foster8"])
     assert s["num_parameters"] == sum(v.numel() for v in tensors.values())
     text = format_summary(s)
-    for needle in ("native TSM file", "family:      sd1", "scale 8: 8 experts", "0:[0,125)", "7:[875,1000)",
-                   "matches the tensor data", "problems:    none", f"lora_unet {n_unet}"):
+    for needle in (
+        "native TSM file",
+        "family:      sd1",
+        "scale 8: 8 experts",
+        "0:[0,125)",
+        "7:[875,1000)",
+        "matches the tensor data",
+        "problems:    none",
+        f"lora_unet {n_unet}",
+    ):
         assert needle in text, needle
     json.dumps(s)  # serialisable
 
@@ -138,10 +166,15 @@ def _kohya_tensors(rank=4):
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     return {
-        f"{Q}.lora_down.weight": r(rank, 8), f"{Q}.lora_up.weight": r(8, rank), f"{Q}.alpha": torch.tensor(2.0),
-        f"{CONV}.lora_down.weight": r(rank, 8, 3, 3), f"{CONV}.lora_up.weight": r(8, rank, 1, 1),
+        f"{Q}.lora_down.weight": r(rank, 8),
+        f"{Q}.lora_up.weight": r(8, rank),
+        f"{Q}.alpha": torch.tensor(2.0),
+        f"{CONV}.lora_down.weight": r(rank, 8, 3, 3),
+        f"{CONV}.lora_up.weight": r(8, rank, 1, 1),
         f"{CONV}.alpha": torch.tensor(2.0),
-        f"{TE_Q}.lora_down.weight": r(rank, 16), f"{TE_Q}.lora_up.weight": r(16, rank), f"{TE_Q}.alpha": torch.tensor(1.0),
+        f"{TE_Q}.lora_down.weight": r(rank, 16),
+        f"{TE_Q}.lora_up.weight": r(16, rank),
+        f"{TE_Q}.alpha": torch.tensor(1.0),
     }
 
 
@@ -178,8 +211,15 @@ def test_kohya_lora_summary_and_check(tmp_path, bases):
 def test_exported_expert_metadata(tmp_path):
     tensors = {k: v for k, v in _kohya_tensors().items() if k.startswith(Q)}
     path = str(tmp_path / "expert3.safetensors")
-    save_file(tensors, path, {"modelspec.timestep_range": "375,500", "tsm.expert": "3/8",
-                              "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    save_file(
+        tensors,
+        path,
+        {
+            "modelspec.timestep_range": "375,500",
+            "tsm.expert": "3/8",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        },
+    )
     s = summarize(path)
     assert s["kind"] == "kohya" and s["family"]["name"] == "sdxl"
     assert s["expert"] == {"timestep_range": [375, 500], "index": 3, "scale": 8, "expected_range": [375, 500]}
@@ -190,9 +230,12 @@ def test_exported_expert_metadata(tmp_path):
 
 def test_peft_lora(tmp_path, bases):
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    tensors = {f"unet.{q}.lora_A.weight": torch.randn(4, 8), f"unet.{q}.lora_B.weight": torch.randn(8, 4),
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 16),
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 4)}
+    tensors = {
+        f"unet.{q}.lora_A.weight": torch.randn(4, 8),
+        f"unet.{q}.lora_B.weight": torch.randn(8, 4),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 16),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 4),
+    }
     path = str(tmp_path / "peft.safetensors")
     save_file(tensors, path)
     s = summarize(path)
@@ -206,17 +249,21 @@ def test_peft_lora(tmp_path, bases):
     (reason,) = check_against_model(path, *load_base_model(bases["other"]))
     assert "attn2.to_k.lora_A.weight' has shape (4, 16)" in reason
 
-    flux = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
-            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}
+    flux = {
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2),
+    }
     save_file(flux, path)
     assert summarize(path)["family"]["name"] == "flux"
 
 
 def test_family_from_key_names(tmp_path):
-    cases = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "sdxl",
-             "lora_unet_joint_blocks_0_x_block_attn_qkv": "sd3",
-             "lora_unet_double_blocks_0_img_attn_qkv": "flux",
-             "lora_transformer_transformer_blocks_0_attn_to_q": "sd3 or flux"}
+    cases = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "sdxl",
+        "lora_unet_joint_blocks_0_x_block_attn_qkv": "sd3",
+        "lora_unet_double_blocks_0_img_attn_qkv": "flux",
+        "lora_transformer_transformer_blocks_0_attn_to_q": "sd3 or flux",
+    }
     for name, family in cases.items():
         path = str(tmp_path / "f.safetensors")
         save_file({f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)}, path)
@@ -271,8 +318,16 @@ def test_cli_subprocess_check_fails_and_truncated_file(files, bases, tmp_path):
         data = f.read()
     with open(truncated, "wb") as f:
         f.write(data[: len(data) // 2])
-    run = lambda *args: subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,  # noqa: E731
-                                       cwd=str(tmp_path), timeout=120)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            cwd=str(tmp_path),
+            timeout=120,
+        )
+
     p = run(files["foster8"], "--check", "--base", bases["other"])
     assert p.returncode == 1, p.stderr
     assert "DOES NOT FIT" in p.stdout and "attn2_to_k" in p.stdout and files["foster8"] in p.stdout

@@ -38,10 +38,23 @@ def train_util():
 def _kohya_subset(train_util, every_n: int, rate: float = 0.0):
     params = inspect.signature(train_util.BaseSubset.__init__).parameters
     values = {name: None for name in params if name != "self"}
-    values.update(image_dir=".", num_repeats=1, shuffle_caption=False, caption_separator=",", keep_tokens=0,
-                  keep_tokens_separator="", enable_wildcard=False, color_aug=False, flip_aug=False,
-                  random_crop=False, caption_dropout_rate=rate, caption_dropout_every_n_epochs=every_n,
-                  caption_tag_dropout_rate=0.0, token_warmup_min=1, token_warmup_step=0)
+    values.update(
+        image_dir=".",
+        num_repeats=1,
+        shuffle_caption=False,
+        caption_separator=",",
+        keep_tokens=0,
+        keep_tokens_separator="",
+        enable_wildcard=False,
+        color_aug=False,
+        flip_aug=False,
+        random_crop=False,
+        caption_dropout_rate=rate,
+        caption_dropout_every_n_epochs=every_n,
+        caption_tag_dropout_rate=0.0,
+        token_warmup_min=1,
+        token_warmup_step=0,
+    )
     return train_util.BaseSubset(**values)
 
 

@@ -67,10 +67,37 @@ def world(tmp_path_factory):
 
 def _kohya_command(base, toml, out, *extra):
     """As kohya's docs write it (the dataset flags are defaults of the dataset TOML, as in kohya)."""
-    return ["--pretrained_model_name_or_path", base, "--dataset_config", toml, "--output_dir", out,
-            "--output_name", "mine", "--save_model_as", "safetensors", "--resolution", "16", "--train_batch_size", "2",
-            "--caption_extension", ".txt", "--max_train_steps", "2", "--learning_rate", "1e-3", "--network_dim", "2",
-            "--network_alpha", "1", "--mixed_precision", "no", "--seed", "1", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        base,
+        "--dataset_config",
+        toml,
+        "--output_dir",
+        out,
+        "--output_name",
+        "mine",
+        "--save_model_as",
+        "safetensors",
+        "--resolution",
+        "16",
+        "--train_batch_size",
+        "2",
+        "--caption_extension",
+        ".txt",
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--network_dim",
+        "2",
+        "--network_alpha",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--seed",
+        "1",
+        *extra,
+    ]
 
 
 def _components(base):
@@ -89,13 +116,21 @@ def test_every_train_network_option_is_implemented_or_refused_by_name():
 def test_the_list_matches_the_real_sd_scripts_parser():
     """Every ``add_argument("--name")`` of the functions train_network.py's setup_parser calls."""
     root = os.environ["TSM_SD_SCRIPTS_DIR"]
-    wanted = {"library/train_util.py": {"add_sd_models_arguments", "add_dataset_arguments", "add_training_arguments",
-                                        "add_masked_loss_arguments", "add_optimizer_arguments"},
-              "library/utils.py": {"add_logging_arguments"}, "library/sai_model_spec.py": {"add_model_spec_arguments"},
-              "library/deepspeed_utils.py": {"add_deepspeed_arguments"},
-              "library/config_util.py": {"add_config_arguments"},
-              "library/custom_train_functions.py": {"add_custom_train_arguments"},
-              "train_network.py": {"setup_parser"}}
+    wanted = {
+        "library/train_util.py": {
+            "add_sd_models_arguments",
+            "add_dataset_arguments",
+            "add_training_arguments",
+            "add_masked_loss_arguments",
+            "add_optimizer_arguments",
+        },
+        "library/utils.py": {"add_logging_arguments"},
+        "library/sai_model_spec.py": {"add_model_spec_arguments"},
+        "library/deepspeed_utils.py": {"add_deepspeed_arguments"},
+        "library/config_util.py": {"add_config_arguments"},
+        "library/custom_train_functions.py": {"add_custom_train_arguments"},
+        "train_network.py": {"setup_parser"},
+    }
     found = set()
     for path, functions in wanted.items():
         with open(os.path.join(root, path), encoding="utf-8") as f:
@@ -103,8 +138,13 @@ def test_the_list_matches_the_real_sd_scripts_parser():
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name in functions:
                 for call in ast.walk(node):
-                    if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument" and call.args \
-                            and isinstance(call.args[0], ast.Constant) and str(call.args[0].value).startswith("--"):
+                    if (
+                        isinstance(call, ast.Call)
+                        and getattr(call.func, "attr", "") == "add_argument"
+                        and call.args
+                        and isinstance(call.args[0], ast.Constant)
+                        and str(call.args[0].value).startswith("--")
+                    ):
                         found.add(call.args[0].value[2:])
     assert found == set(KOHYA_TRAIN_NETWORK_OPTIONS)
 
@@ -115,9 +155,27 @@ def test_kohya_command_line_trains_and_the_file_loads_through_the_network_module
 
     root, base, toml = world
     out = str(tmp_path / "out")
-    assert main(_kohya_command(base, toml, out, "--network_module", "networks.tsm_lora", "--network_args",
-                               "tsm_scales=8", "--optimizer_type", "AdamW8bit", "--network_dropout", "0.1",
-                               "--optimizer_args", "weight_decay=0.05", "betas=0.9,0.99")) == 0
+    assert (
+        main(
+            _kohya_command(
+                base,
+                toml,
+                out,
+                "--network_module",
+                "networks.tsm_lora",
+                "--network_args",
+                "tsm_scales=8",
+                "--optimizer_type",
+                "AdamW8bit",
+                "--network_dropout",
+                "0.1",
+                "--optimizer_args",
+                "weight_decay=0.05",
+                "betas=0.9,0.99",
+            )
+        )
+        == 0
+    )
     path = os.path.join(out, "mine.safetensors")
     tensors, meta = load_file(path)
     assert meta["ss_optimizer"] == "AdamW8bit" and meta["ss_network_dropout"] == "0.1"
@@ -137,9 +195,27 @@ def test_plain_kohya_interface_module_trains_through_the_same_loop(world, tmp_pa
 
     root, base, toml = world
     out = str(tmp_path / "out")
-    assert main(_kohya_command(base, toml, out, "--network_module", "tests.kohya_plain_lora", "--unet_lr", "2e-3",
-                               "--text_encoder_lr", "5e-4", "--save_precision", "fp16", "--save_every_n_steps", "1",
-                               "--save_state")) == 0
+    assert (
+        main(
+            _kohya_command(
+                base,
+                toml,
+                out,
+                "--network_module",
+                "tests.kohya_plain_lora",
+                "--unet_lr",
+                "2e-3",
+                "--text_encoder_lr",
+                "5e-4",
+                "--save_precision",
+                "fp16",
+                "--save_every_n_steps",
+                "1",
+                "--save_state",
+            )
+        )
+        == 0
+    )
     path = os.path.join(out, "mine.safetensors")
     tensors = load_file(path)
     assert all(v.dtype == torch.float16 for v in tensors.values())
@@ -152,8 +228,22 @@ def test_plain_kohya_interface_module_trains_through_the_same_loop(world, tmp_pa
     missing, unexpected = network.load_weights(path)
     assert not missing and not unexpected
     # resume from its state through the module's own save_weights / load_weights
-    assert main(_kohya_command(base, toml, out, "--network_module", "tests.kohya_plain_lora", "--max_train_steps", "3",
-                               "--resume", f"{out}/mine-state-2")) == 0
+    assert (
+        main(
+            _kohya_command(
+                base,
+                toml,
+                out,
+                "--network_module",
+                "tests.kohya_plain_lora",
+                "--max_train_steps",
+                "3",
+                "--resume",
+                f"{out}/mine-state-2",
+            )
+        )
+        == 0
+    )
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("lycoris"), reason="lycoris-lora is not installed")
@@ -165,8 +255,14 @@ def test_lycoris_module_trains(world, tmp_path):
 
     root, base, toml = world
     out = str(tmp_path / "out")
-    assert main(_kohya_command(base, toml, out, "--network_module", "lycoris.kohya", "--network_args",
-                               "algo=locon", "preset=attn-mlp")) == 0
+    assert (
+        main(
+            _kohya_command(
+                base, toml, out, "--network_module", "lycoris.kohya", "--network_args", "algo=locon", "preset=attn-mlp"
+            )
+        )
+        == 0
+    )
     path = os.path.join(out, "mine.safetensors")
     tensors = load_file(path)
     assert tensors and any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_up" in k)
@@ -224,15 +320,32 @@ def test_max_train_epochs_sets_the_steps(world, tmp_path):
     root, base, toml = world
     out = str(tmp_path / "out")
     # 4 images, batch 2: 2 steps an epoch
-    assert main(_kohya_command(base, toml, out, "--network_module", "tests.kohya_plain_lora", "--max_train_epochs",
-                               "2", "--save_every_n_epochs", "1", "--network_train_unet_only")) == 0
+    assert (
+        main(
+            _kohya_command(
+                base,
+                toml,
+                out,
+                "--network_module",
+                "tests.kohya_plain_lora",
+                "--max_train_epochs",
+                "2",
+                "--save_every_n_epochs",
+                "1",
+                "--network_train_unet_only",
+            )
+        )
+        == 0
+    )
     with safe_open(os.path.join(out, "mine.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "4" and f.metadata()["ss_epoch"] == "2"
     assert os.path.isfile(os.path.join(out, "mine-000001.safetensors"))  # the last epoch is the final file
 
 
-@pytest.mark.skipif(not hasattr(__import__("tsm_trainer.data", fromlist=["x"]), "folder_dataset_config"),
-                    reason="kohya folder datasets are not in this checkout yet")
+@pytest.mark.skipif(
+    not hasattr(__import__("tsm_trainer.data", fromlist=["x"]), "folder_dataset_config"),
+    reason="kohya folder datasets are not in this checkout yet",
+)
 def test_kohya_folder_dataset_command_line(world, tmp_path):
     import networks.tsm_lora as tsm_lora
 
@@ -243,13 +356,26 @@ def test_kohya_folder_dataset_command_line(world, tmp_path):
         Image.new("RGB", (16, 16), colour).save(concept / f"{i}.png")
         (concept / f"{i}.txt").write_text(f"a {colour} square")
     out = str(tmp_path / "out")
-    argv = _kohya_command(base, "", out, "--network_module", "networks.tsm_lora", "--network_args", "tsm_scales=8",
-                          "--optimizer_type", "AdamW8bit")
-    argv[argv.index("--dataset_config"):argv.index("--dataset_config") + 2] = ["--train_data_dir", str(concept.parent)]
+    argv = _kohya_command(
+        base,
+        "",
+        out,
+        "--network_module",
+        "networks.tsm_lora",
+        "--network_args",
+        "tsm_scales=8",
+        "--optimizer_type",
+        "AdamW8bit",
+    )
+    argv[argv.index("--dataset_config") : argv.index("--dataset_config") + 2] = [
+        "--train_data_dir",
+        str(concept.parent),
+    ]
     assert main(argv) == 0
     c = _components(base)
-    network, _ = tsm_lora.create_network_from_weights(1.0, os.path.join(out, "mine.safetensors"), c.vae,
-                                                      c.text_encoders[0], c.denoiser)
+    network, _ = tsm_lora.create_network_from_weights(
+        1.0, os.path.join(out, "mine.safetensors"), c.vae, c.text_encoders[0], c.denoiser
+    )
     assert network.config.scales == [8]
 
 
@@ -264,13 +390,17 @@ def test_unimplemented_and_misspelt_kohya_flags_are_refused_at_start(world, tmp_
     root, base, toml = world
     out = str(tmp_path / "never")
     common = _kohya_command(base, toml, out)
-    assert "--loraplus_lr_ratio is not supported by train_tsm.py: a network_args key of sd-scripts' networks.lora" \
+    assert (
+        "--loraplus_lr_ratio is not supported by train_tsm.py: a network_args key of sd-scripts' networks.lora"
         in _fails(capsys, common + ["--loraplus_lr_ratio", "4"])
-    assert "--in_json is not supported by train_tsm.py: fine-tuning metadata JSON" in \
-        _fails(capsys, common + ["--in_json", "meta.json"])
+    )
+    assert "--in_json is not supported by train_tsm.py: fine-tuning metadata JSON" in _fails(
+        capsys, common + ["--in_json", "meta.json"]
+    )
     assert "--full_fp16 is not supported" in _fails(capsys, common + ["--full_fp16"])
-    assert "unknown option --netwrok_dim; did you mean --network_dim?" in \
-        _fails(capsys, common + ["--netwrok_dim", "4"])
+    assert "unknown option --netwrok_dim; did you mean --network_dim?" in _fails(
+        capsys, common + ["--netwrok_dim", "4"]
+    )
     assert not os.path.exists(out)  # refused before anything was written
 
 
@@ -310,23 +440,35 @@ def _option_cases(tmp_path):
         (["--tsm_mixture", "symmetric"], "--tsm_mixture only applies with --tsm_stage assemble (not foster)"),
         (["--tsm_stage", "vanilla", "--tsm_scales", "4"], "--tsm_scales does not apply with --tsm_stage vanilla"),
         (["--tsm_stage", "assemble", "--tsm_scales", "8,1"], "--tsm_stage assemble needs --tsm_experts"),
-        (["--network_args", "tsm_scales=8", "--tsm_scales", "4"],
-         "--tsm_scales 4 and --network_args tsm_scales=8 disagree"),
+        (
+            ["--network_args", "tsm_scales=8", "--tsm_scales", "4"],
+            "--tsm_scales 4 and --network_args tsm_scales=8 disagree",
+        ),
         (["--network_args", "tsm_scales"], "--network_args 'tsm_scales': expected key=value"),
-        (["--network_args", "tsm_scale=8"],
-         "--network_args tsm_scale: unknown key for networks.tsm_lora; did you mean tsm_scales?"),
-        (["--network_module", "tests.kohya_plain_lora", "--tsm_scales", "4"],
-         "--tsm_scales only apply with --network_module networks.tsm_lora (not tests.kohya_plain_lora)"),
+        (
+            ["--network_args", "tsm_scale=8"],
+            "--network_args tsm_scale: unknown key for networks.tsm_lora; did you mean tsm_scales?",
+        ),
+        (
+            ["--network_module", "tests.kohya_plain_lora", "--tsm_scales", "4"],
+            "--tsm_scales only apply with --network_module networks.tsm_lora (not tests.kohya_plain_lora)",
+        ),
         (["--network_module", "no_such.module"], "--network_module no_such.module: cannot import it"),
         (["--cache_dir", str(tmp_path)], "--cache_dir needs --cache_latents_to_disk"),
-        (["--text_encoder_lr", "1e-4", "--network_train_unet_only"],
-         "--text_encoder_lr does not apply with --network_train_unet_only"),
+        (
+            ["--text_encoder_lr", "1e-4", "--network_train_unet_only"],
+            "--text_encoder_lr does not apply with --network_train_unet_only",
+        ),
         (["--validate_every_n_steps", "5"], "--validate_every_n_steps needs --validation_split"),
         (["--sample_every_n_steps", "1"], "--sample_every_n_steps needs --sample_prompts"),
-        (["--sample_prompts", str(tmp_path / "missing.txt"), "--sample_every_n_steps", "1"],
-         "missing.txt: no such file"),
-        (["--sample_prompts", str(prompts), "--sample_every_n_steps", "1"],
-         "prompts.txt line 1: --n (negative prompts) is not implemented yet"),
+        (
+            ["--sample_prompts", str(tmp_path / "missing.txt"), "--sample_every_n_steps", "1"],
+            "missing.txt: no such file",
+        ),
+        (
+            ["--sample_prompts", str(prompts), "--sample_every_n_steps", "1"],
+            "prompts.txt line 1: --n (negative prompts) is not implemented yet",
+        ),
         (["--dataset_config", str(tmp_path / "missing.toml")], "--dataset_config"),
         (["--output_dir", str(a_file)], f"--output_dir {a_file}: exists and is not a folder"),
         (["--output_dir", str(a_file / "sub")], "is a file, so the folder cannot be created"),
@@ -334,8 +476,10 @@ def _option_cases(tmp_path):
         (["--save_model_as", "ckpt"], "--save_model_as ckpt: only safetensors is written"),
         (["--optimizer_type", "AdamW9bit"], "--optimizer_type AdamW9bit: unknown"),
         (["--optimizer_args", "weight_decay"], "--optimizer_args 'weight_decay': expected key=value"),
-        (["--lr_scheduler_num_cycles", "2"], "--lr_scheduler_num_cycles only applies with --lr_scheduler "
-                                             "cosine_with_restarts (not constant)"),
+        (
+            ["--lr_scheduler_num_cycles", "2"],
+            "--lr_scheduler_num_cycles only applies with --lr_scheduler cosine_with_restarts (not constant)",
+        ),
         (["--lr_warmup_steps", "5"], "--lr_warmup_steps has no effect with --lr_scheduler constant"),
         (["--min_timestep", "500", "--max_timestep", "100"], "--min_timestep 500 must be < --max_timestep 100"),
         (["--clip_skip", "2"], "--clip_skip 2: only 1"),

@@ -12,8 +12,15 @@ from tsm_trainer.training.sample_prompts import read_sample_prompts
 
 def test_adamw8bit_trains_only_the_experts_its_samples_used(tiny_sd_base, tmp_path):
     pytest.importorskip("bitsandbytes")
-    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", tsm_interval=1, optimizer_type="AdamW8bit",
-                       network_train_unet_only=True, max_train_steps=3)
+    trainer = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        tsm_scales="4",
+        tsm_interval=1,
+        optimizer_type="AdamW8bit",
+        network_train_unet_only=True,
+        max_train_steps=3,
+    )
     assert type(trainer.optimizer).__name__ == "AdamW8bit"
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     batches = make_batches(0)
@@ -27,12 +34,26 @@ def test_adamw8bit_trains_only_the_experts_its_samples_used(tiny_sd_base, tmp_pa
 
 
 def test_a_new_learning_rate_takes_effect_on_resume(tiny_sd_base, tmp_path):
-    first = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=2, save_state=True, learning_rate=1e-2,
-                     lr_scheduler="linear")
+    first = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        tsm_scales="4",
+        max_train_steps=2,
+        save_state=True,
+        learning_rate=1e-2,
+        lr_scheduler="linear",
+    )
     first.run()
     logs = []
-    resumed = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=4, learning_rate=1e-3, lr_scheduler="linear",
-                       resume=str(tmp_path / "tsm-state-2"))
+    resumed = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        tsm_scales="4",
+        max_train_steps=4,
+        learning_rate=1e-3,
+        lr_scheduler="linear",
+        resume=str(tmp_path / "tsm-state-2"),
+    )
     resumed.log = logs.append
     resumed.resume(str(tmp_path / "tsm-state-2"))
     assert any("--learning_rate changed from 0.01 to 0.001" in line for line in logs)

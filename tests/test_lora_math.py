@@ -4,8 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsm_trainer.core.lora_math import EXPERT_KEY, PLAIN_KEY, experts_in, first_factor, lora_delta, module_names, module_ranks, \
-    pair_delta, split_key
+from tsm_trainer.core.lora_math import (
+    EXPERT_KEY,
+    PLAIN_KEY,
+    experts_in,
+    first_factor,
+    lora_delta,
+    module_names,
+    module_ranks,
+    pair_delta,
+    split_key,
+)
 
 
 @pytest.mark.parametrize("kernel", [None, 1, 3])
@@ -25,8 +34,13 @@ def test_pair_delta_applied_once_equals_the_two_factors_applied_in_turn(kernel):
 
 def test_lora_delta_uses_the_modules_alpha_for_plain_and_expert_pairs():
     down, up = torch.randn(4, 6), torch.randn(5, 4)
-    tensors = {"lora_unet_a.tsm.8.2.lora_down.weight": down, "lora_unet_a.tsm.8.2.lora_up.weight": up,
-               "lora_unet_a.alpha": torch.tensor(2.0), "lora_te_b.lora_down.weight": down, "lora_te_b.lora_up.weight": up}
+    tensors = {
+        "lora_unet_a.tsm.8.2.lora_down.weight": down,
+        "lora_unet_a.tsm.8.2.lora_up.weight": up,
+        "lora_unet_a.alpha": torch.tensor(2.0),
+        "lora_te_b.lora_down.weight": down,
+        "lora_te_b.lora_up.weight": up,
+    }
     torch.testing.assert_close(lora_delta(tensors, "lora_unet_a", "lora_unet_a.tsm.8.2"), (up @ down) * 0.5)
     torch.testing.assert_close(lora_delta(tensors, "lora_te_b"), up @ down)  # no alpha: alpha = r
     assert module_names(tensors) == ["lora_te_b", "lora_unet_a"]
@@ -44,6 +58,10 @@ def test_keys_split_into_name_and_part():
 
 
 def test_module_ranks_reads_the_first_down_factor_of_each_module():
-    tensors = {"lora_unet_a.tsm.4.0.lora_down.weight": torch.zeros(3, 8), "lora_unet_a.alpha": torch.tensor(3.0),
-               "lora_te_b.lora_down.weight": torch.zeros(2, 8), "lora_te_b.lora_up.weight": torch.zeros(8, 2)}
+    tensors = {
+        "lora_unet_a.tsm.4.0.lora_down.weight": torch.zeros(3, 8),
+        "lora_unet_a.alpha": torch.tensor(3.0),
+        "lora_te_b.lora_down.weight": torch.zeros(2, 8),
+        "lora_te_b.lora_up.weight": torch.zeros(8, 2),
+    }
     assert module_ranks(tensors) == {"lora_unet_a": 3, "lora_te_b": 2}

@@ -112,7 +112,9 @@ def test_assemble_starts_at_core_only_and_trains_only_routers():
     core = copy.deepcopy(org)
     m, ctx = _wrap(org, [8, 1], "asymmetric")
     with torch.no_grad():  # what the router's zero-init gives, after _randomise
-        m.router.fc.weight.zero_(); m.router.fc.bias.zero_(); m.router.embedding.zero_()
+        m.router.fc.weight.zero_()
+        m.router.fc.bias.zero_()
+        m.router.embedding.zero_()
     core_m = TSMLoRAModule("c", core, TimestepContext(), [8], 2, 3.0)
     core_m.tsm["8"].load_state_dict(m.tsm["8"].state_dict())
     core_m.apply_to()
@@ -162,7 +164,9 @@ def test_symmetric_at_init_is_the_base_model_asymmetric_is_core():
         org = _linear()
         m, ctx = _wrap(org, [8, 1], mixture)
         with torch.no_grad():
-            m.router.fc.weight.zero_(); m.router.fc.bias.zero_(); m.router.embedding.zero_()
+            m.router.fc.weight.zero_()
+            m.router.fc.bias.zero_()
+            m.router.embedding.zero_()
         x = torch.randn(2, 6)
         ctx.set(torch.tensor([1.0, 999.0]))
         base = x @ org.weight.T + org.bias

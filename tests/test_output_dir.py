@@ -12,7 +12,13 @@ import torch
 from tsm_trainer.core.file_format import save_file_atomic
 from tsm_trainer.training.cli import main
 from tsm_trainer.training.output_dir import (
-    OutputLockedError, check_final_file, check_output_dir, lock_path, remove_stale_temps, run_lock)
+    OutputLockedError,
+    check_final_file,
+    check_output_dir,
+    lock_path,
+    remove_stale_temps,
+    run_lock,
+)
 
 
 def _dead_pid() -> int:
@@ -50,8 +56,19 @@ def test_the_training_command_refuses_a_locked_output_before_loading_anything(tm
         # the model folder is empty (unloadable): the lock must be refused before it is read
         (tmp_path / "empty-model").mkdir()
         (tmp_path / "x.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'images'\n")
-        assert main(["--pretrained_model_name_or_path", str(tmp_path / "empty-model"), "--dataset_config",
-                     str(tmp_path / "x.toml"), "--output_dir", str(tmp_path)]) == 2
+        assert (
+            main(
+                [
+                    "--pretrained_model_name_or_path",
+                    str(tmp_path / "empty-model"),
+                    "--dataset_config",
+                    str(tmp_path / "x.toml"),
+                    "--output_dir",
+                    str(tmp_path),
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"PID {sleeper.pid}" in err and "tsm.lock" in err and "empty-model" not in err
     finally:
@@ -111,15 +128,18 @@ def test_a_read_only_output_dir_fails_at_start(tmp_path):
         check_output_dir(os.path.join(str(folder), "out"), "tsm")
 
 
-@pytest.mark.parametrize("held, steps, overwrite, refused", [
-    (10, 0, False, "holds 10 training steps and this run would replace it with 0"),
-    (10, -3, False, "holds 10 training steps"),
-    (10, 5, False, "holds 10 training steps"),
-    (10, 10, False, None),
-    (10, 20, False, None),
-    (10, 0, True, None),
-    (None, 20, False, "records no training steps"),
-])
+@pytest.mark.parametrize(
+    "held, steps, overwrite, refused",
+    [
+        (10, 0, False, "holds 10 training steps and this run would replace it with 0"),
+        (10, -3, False, "holds 10 training steps"),
+        (10, 5, False, "holds 10 training steps"),
+        (10, 10, False, None),
+        (10, 20, False, None),
+        (10, 0, True, None),
+        (None, 20, False, "records no training steps"),
+    ],
+)
 def test_a_final_file_with_more_training_is_not_replaced(tmp_path, held, steps, overwrite, refused):
     path = str(tmp_path / "tsm.safetensors")
     save_file_atomic({"w": torch.zeros(1)}, path, metadata={} if held is None else {"ss_steps": str(held)})
@@ -136,8 +156,15 @@ def _age(path, seconds=60):
 
 
 def test_stale_temps_of_this_run_are_removed_and_nothing_else(tmp_path):
-    names = {".tmp-tsm-state-4-abc": "dir", ".tmp-state-9-xyz": "dir", ".tmp-k2j3.safetensors": "file",
-             ".tmp-other-state-3-q": "dir", ".tmp-notes": "file", "tsm.safetensors": "file", ".tmp-probe-x": "file"}
+    names = {
+        ".tmp-tsm-state-4-abc": "dir",
+        ".tmp-state-9-xyz": "dir",
+        ".tmp-k2j3.safetensors": "file",
+        ".tmp-other-state-3-q": "dir",
+        ".tmp-notes": "file",
+        "tsm.safetensors": "file",
+        ".tmp-probe-x": "file",
+    }
     for name, kind in names.items():
         p = tmp_path / name
         if kind == "dir":
@@ -212,8 +239,13 @@ def test_the_temp_folder_of_a_killed_state_save_is_recognised_as_this_runs(tmp_p
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
     with pytest.raises(Killed):
-        checkpoint.save_state(str(tmp_path / "tsm-state-1"), Net(), optimizer,
-                              torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), {"step": 1})
+        checkpoint.save_state(
+            str(tmp_path / "tsm-state-1"),
+            Net(),
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+            {"step": 1},
+        )
     monkeypatch.undo()
     (left,) = os.listdir(tmp_path)
     _age(tmp_path / left)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from tsm_trainer.core.file_format import load_file
+from tsm_trainer.families import get_training_family
 from tsm_trainer.training.checkpoint import list_states
 from tsm_trainer.training.cli import main
 from tsm_trainer.training.config import TrainConfig
-from tsm_trainer.families import get_training_family
 from tsm_trainer.training.loop import NonFiniteLossError, Trainer
 
 
@@ -34,12 +34,26 @@ class CountingBatches(Sequence):
 
 def _trainer(tiny_sd_base, out, loads=None, log=None, **overrides):
     loads = [] if loads is None else loads
-    options = dict(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(out), learning_rate=1e-2,
-                   max_train_steps=7, family="sd1", tsm_scales="8")
+    options = dict(
+        pretrained_model_name_or_path=tiny_sd_base,
+        dataset_config="unused",
+        output_dir=str(out),
+        learning_rate=1e-2,
+        max_train_steps=7,
+        family="sd1",
+        tsm_scales="8",
+    )
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
-    trainer = Trainer(config, family, family.load(tiny_sd_base), lambda e: CountingBatches(e, loads), batch_size=2,
-                      log=log or (lambda s: None), batches_per_epoch=3)
+    trainer = Trainer(
+        config,
+        family,
+        family.load(tiny_sd_base),
+        lambda e: CountingBatches(e, loads),
+        batch_size=2,
+        log=log or (lambda s: None),
+        batches_per_epoch=3,
+    )
     trainer.data_identity = {"dataset_fingerprint": "fp", "dataset_config_sha256": "cfg"}
     return trainer
 
@@ -74,9 +88,25 @@ def test_resume_refuses_a_changed_seed_or_dataset_and_applies_a_new_learning_rat
 
 
 def test_two_output_names_in_one_folder_keep_their_own_states(tiny_sd_base, tmp_path):
-    f8 = _trainer(tiny_sd_base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f8")
-    f1 = _trainer(tiny_sd_base, tmp_path, max_train_steps=4, save_every_n_steps=1, save_last_n_steps=1, save_state=True, output_name="f1",
-                  tsm_stage="vanilla")
+    f8 = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        max_train_steps=4,
+        save_every_n_steps=1,
+        save_last_n_steps=1,
+        save_state=True,
+        output_name="f8",
+    )
+    f1 = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        max_train_steps=4,
+        save_every_n_steps=1,
+        save_last_n_steps=1,
+        save_state=True,
+        output_name="f1",
+        tsm_stage="vanilla",
+    )
     f8.run()
     f1.run()
     assert [os.path.basename(p) for p in list_states(str(tmp_path), "f8")] == ["f8-state-2", "f8-state-3", "f8-state-4"]
@@ -105,16 +135,29 @@ def data(tmp_path_factory):
         Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a {colour} square")
     toml = root / "data.toml"
-    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 2\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    toml.write_text(
+        f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 2\n\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{images}"\n'
+    )
     return images, str(toml)
 
 
 def test_command_line_guards_the_final_file_and_checks_the_dataset_on_resume(tiny_sd_base, data, tmp_path, capsys):
     images, toml = data
     out = str(tmp_path / "out")
-    args = ["--pretrained_model", tiny_sd_base, "--dataset_config", toml, "--output_dir", out, "--network_dim", "2",
-            "--save_every_n_steps", "1", "--save_state"]
+    args = [
+        "--pretrained_model",
+        tiny_sd_base,
+        "--dataset_config",
+        toml,
+        "--output_dir",
+        out,
+        "--network_dim",
+        "2",
+        "--save_every_n_steps",
+        "1",
+        "--save_state",
+    ]
     assert main(args + ["--max_train_steps", "2"]) == 0
     final = os.path.join(out, "tsm.safetensors")
     mtime = os.path.getmtime(final)
@@ -151,13 +194,23 @@ def test_resume_on_the_real_dataset_uses_the_next_batch_bit_for_bit_and_refuses_
         Image.new("RGB", (16, 16), colour).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a, {colour}, square")
     toml = tmp_path / "data.toml"  # caption shuffle and flips: the batch depends on (seed, epoch, index)
-    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\nshuffle_caption = true\nflip_aug = true\n'
-                    f'\n[[datasets]]\nbatch_size = 1\n\n  [[datasets.subsets]]\n  image_dir = "{images}"\n')
+    toml.write_text(
+        f'[general]\nresolution = 16\ncaption_extension = ".txt"\nshuffle_caption = true\nflip_aug = true\n'
+        f'\n[[datasets]]\nbatch_size = 1\n\n  [[datasets.subsets]]\n  image_dir = "{images}"\n'
+    )
 
     def run(out, steps, **options):
-        trainer = build(TrainConfig(pretrained_model_name_or_path=str(tiny_sd_base), dataset_config=str(toml),
-                                    output_dir=str(out), network_dim=2, max_train_steps=steps, **options),
-                        log=lambda m: None)
+        trainer = build(
+            TrainConfig(
+                pretrained_model_name_or_path=str(tiny_sd_base),
+                dataset_config=str(toml),
+                output_dir=str(out),
+                network_dim=2,
+                max_train_steps=steps,
+                **options,
+            ),
+            log=lambda m: None,
+        )
         dataset, used = trainer.make_batches.__self__, []
         load = dataset.batch
         dataset.batch = lambda epoch, index: used.append(load(epoch, index)) or used[-1]
@@ -175,6 +228,9 @@ def test_resume_on_the_real_dataset_uses_the_next_batch_bit_for_bit_and_refuses_
         assert torch.equal(resumed.network.state_dict()[key], value), key
 
     (images / "3.txt").write_text("a, yellow, circle")
-    with pytest.raises(ValueError, match=r"tsm-state-2/state.json: the dataset \(images, captions, repeats or "
-                                         r"buckets\) changed since this state was saved"):
+    with pytest.raises(
+        ValueError,
+        match=r"tsm-state-2/state.json: the dataset \(images, captions, repeats or "
+        r"buckets\) changed since this state was saved",
+    ):
         run(tmp_path / "b", 3, resume=str(tmp_path / "b" / "tsm-state-2"))

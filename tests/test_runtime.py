@@ -6,15 +6,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from tests.tiny_models import randomise as _randomise, tiny_unet, write_assembled_file
+from tests.tiny_models import randomise as _randomise
+from tests.tiny_models import tiny_unet, write_assembled_file
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm, diffusers_unet_to_sgm, lora_name
-from tsm_trainer.runtime.online import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_layer_index
 from tsm_trainer.core.targets import all_layers, layers_by_lora_name
-
-
+from tsm_trainer.runtime.online import ExpertSwitcher, OnlineTSM, resolve_layers, sgm_layer_index
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def _inputs():
     return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(path, t):
     unet = tiny_unet()
     net = TSMNetwork.from_file(path, unet)
@@ -78,20 +77,26 @@ def test_online_path_equals_the_network_for_assembled_files(tmp_path):
     for t in (10, 400, 990):
         online.set_timestep(float(t), 2)
         with torch.no_grad():
-            torch.testing.assert_close(target(x, torch.tensor([t, t]), c).sample, _reference(path, t),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                target(x, torch.tensor([t, t]), c).sample, _reference(path, t), rtol=1e-4, atol=1e-5
+            )
     online.restore()
     with torch.no_grad():
-        torch.testing.assert_close(target(x, torch.tensor([5, 5]), c).sample, tiny_unet()(x, torch.tensor([5, 5]), c).sample)
+        torch.testing.assert_close(
+            target(x, torch.tensor([5, 5]), c).sample, tiny_unet()(x, torch.tensor([5, 5]), c).sample
+        )
     with pytest.raises(TSMFileError, match="ExpertSwitcher takes fostered files"):
         ExpertSwitcher(tensors, meta, {})
 
 
 def test_sd1_file_names_resolve_on_an_sgm_layout_unet():
     # SD1 layout: 4 blocks, 2 layers each, attention in down 0-2 and up 1-3.
-    unet = tiny_unet(block_out_channels=(8, 8, 8, 8), layers_per_block=2,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet = tiny_unet(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
     for path, _ in all_layers(unet):
         try:
             sgm = diffusers_unet_to_sgm(path, 2, frozenset({1, 2, 3}))
@@ -101,10 +106,13 @@ def test_sd1_file_names_resolve_on_an_sgm_layout_unet():
     # An "SGM model" whose module paths are the SGM names resolves a diffusers-named file.
     sgm_model = torch.nn.Module()
     layer = torch.nn.Linear(8, 8)
-    sgm_model.add_module("input_blocks", torch.nn.ModuleDict({"4": torch.nn.ModuleDict({"1": torch.nn.ModuleDict({"proj_in": layer})})}))
+    sgm_model.add_module(
+        "input_blocks", torch.nn.ModuleDict({"4": torch.nn.ModuleDict({"1": torch.nn.ModuleDict({"proj_in": layer})})})
+    )
     index = sgm_layer_index(sgm_model)
-    assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == \
-        {"lora_unet_down_blocks_1_attentions_0_proj_in": layer}
+    assert resolve_layers(["lora_unet_down_blocks_1_attentions_0_proj_in"], index) == {
+        "lora_unet_down_blocks_1_attentions_0_proj_in": layer
+    }
     with pytest.raises(TSMFileError, match="not in this model"):
         resolve_layers(["lora_unet_nowhere"], index)
 
@@ -120,12 +128,17 @@ def test_switcher_rejects_a_file_whose_shapes_do_not_fit(foster_file):
 # ---------------------------------------------------------------------------------------------
 # the sampling-time session policy shared by the adapters (tsm_trainer.runtime.sampling_session)
 # ---------------------------------------------------------------------------------------------
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from tsm_trainer.core.torch_compat import autocast_enabled  # noqa: E402
 from tsm_trainer.runtime.online import cpu_timesteps  # noqa: E402
 from tsm_trainer.runtime.sampling_session import (  # noqa: E402
-    SamplingSession, SessionFile, TSMSamplingError, choose_path, weights_writable,
+    SamplingSession,
+    SessionFile,
+    TSMSamplingError,
+    choose_path,
+    weights_writable,
 )
-from tsm_trainer.core.torch_compat import autocast_enabled  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 
 def _session_file(path, unet, **kw):
@@ -189,8 +202,11 @@ def test_an_error_mid_merge_restores_every_weight_then_raises_and_closes(foster_
         return _orig(name, e)
 
     switcher._expert_delta = delta_then_oom  # fails after 2 layers of the next expert were written
-    with pytest.raises(TSMSamplingError, match=r"f8.safetensors: RuntimeError: CUDA out of memory "
-                                               r"\(at t=\[10.0\]; the base weights were restored"):
+    with pytest.raises(
+        TSMSamplingError,
+        match=r"f8.safetensors: RuntimeError: CUDA out of memory "
+        r"\(at t=\[10.0\]; the base weights were restored",
+    ):
         session.set_timestep(10.0)
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(TSMSamplingError, match="stopped by an earlier error"):
@@ -201,8 +217,9 @@ def test_an_error_mid_merge_restores_every_weight_then_raises_and_closes(foster_
 def test_restore_tries_every_file_and_reraises_the_first_failure(foster_file, tmp_path):
     unet = tiny_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    session = SamplingSession([_session_file(write_assembled_file(tmp_path, "a.safetensors"), unet),
-                               _session_file(foster_file, unet)])
+    session = SamplingSession(
+        [_session_file(write_assembled_file(tmp_path, "a.safetensors"), unet), _session_file(foster_file, unet)]
+    )
     session.set_timestep(500.0, 1)
     session.runs[0].runtime.restore = lambda: (_ for _ in ()).throw(OSError("boom"))
     with pytest.raises(OSError, match="boom"):
@@ -226,8 +243,7 @@ class _MPSRules(TorchFunctionMode):
         on_mps = any(isinstance(a, _OnMPS) for a in args)
         if on_mps and func is torch.Tensor.cpu:
             return args[0].as_subclass(torch.Tensor).clone()
-        wants64 = (kwargs.get("dtype") is torch.float64 or torch.float64 in args[1:]
-                   or func is torch.Tensor.double)
+        wants64 = kwargs.get("dtype") is torch.float64 or torch.float64 in args[1:] or func is torch.Tensor.double
         if on_mps and wants64:
             raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
         return func(*args, **kwargs)
@@ -256,6 +272,7 @@ def test_autocast_query_works_without_the_device_argument(monkeypatch):
         if args:
             raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
         return True
+
     monkeypatch.setattr(torch, "is_autocast_enabled", old_api)
     monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: False, raising=False)
     assert autocast_enabled("cuda") is True and autocast_enabled("cpu") is False and autocast_enabled("mps") is False
@@ -294,8 +311,10 @@ def test_policy_when_the_host_merges_judges_the_file_only(foster_file, tmp_path)
     """A1111's Lora writes the weights (layers=None): storage is not ours to judge; the file kind is."""
     f = load_file(foster_file)[1]
     assert choose_path(f, None) == (True, "")
-    assert choose_path(load_file(write_assembled_file(tmp_path, "a.safetensors"))[1], None) == \
-        (False, "an assembled file (routers) runs online")
+    assert choose_path(load_file(write_assembled_file(tmp_path, "a.safetensors"))[1], None) == (
+        False,
+        "an assembled file (routers) runs online",
+    )
     with pytest.raises(TSMFileError, match="ExpertSwitcher takes fostered files"):
         ExpertSwitcher(*load_file(write_assembled_file(tmp_path, "b.safetensors")), {}, path="b.safetensors")
 

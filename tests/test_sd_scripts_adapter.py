@@ -47,9 +47,9 @@ def test_train_network_call_order_trains_saves_and_reloads(tmp_path):
     g = torch.Generator().manual_seed(42)  # the evaluation draw: the loop overfits it
     t = torch.arange(len(latents)) * (1000 // len(latents)) + 7
     noise = torch.randn(latents.shape, generator=g)
-    for epoch in range(2):
+    for _epoch in range(2):
         network.on_epoch_start(te, unet)
-        for step in range(15):
+        for _step in range(15):
             network.on_step_start(te, unet)
             enc = te(ids)[0]
             pred = unet(sched.add_noise(latents, noise, t), t, enc).sample
@@ -126,8 +126,9 @@ def test_assemble_from_fostered_files(tmp_path):
     unet, te = tiny_unet(), tiny_clip()
     net8, f8 = _foster(tmp_path, "8", unet, te, 1)
     net1, f1 = _foster(tmp_path, "1", unet, te, 2)
-    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                      tsm_experts=f"{f8},{f1}")
+    network = tsm_lora.create_network(
+        1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=f"{f8},{f1}"
+    )
     state = network.state_dict()
     for k, v in net8.state_dict().items():
         assert torch.equal(state[k], v), k  # core scale file: experts and text-encoder LoRA
@@ -160,8 +161,9 @@ def test_assemble_from_fostered_files(tmp_path):
 
     with pytest.raises(TSMFileError, match="scale 4, which is not in tsm_scales"):
         _, f4 = _foster(tmp_path, "4", unet, te, 3)
-        tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                tsm_experts=f"{f8},{f4}")
+        tsm_lora.create_network(
+            1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=f"{f8},{f4}"
+        )
     with pytest.raises(TSMFileError, match="missing key"):
         tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=f8)
 
@@ -188,7 +190,7 @@ def test_static_network_merges_and_restores():
     w0 = {k: v.clone() for k, v in unet.state_dict().items()}
     network = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="1")
     with torch.no_grad():
-        for n, p in network.named_parameters():
+        for _n, p in network.named_parameters():
             p.add_(0.3)
     network.apply_to(None, unet)
     x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.tensor([3, 800])
@@ -208,7 +210,7 @@ def test_static_network_merges_and_restores():
 def test_max_norm_regularization():
     network = tsm_lora.create_network(1.0, 2, 2, None, tiny_clip(), tiny_unet(), tsm_scales="4")
     with torch.no_grad():
-        for n, p in network.named_parameters():
+        for _n, p in network.named_parameters():
             p.copy_(torch.randn(p.shape) * 3)
     keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(0.5, "cpu")
     assert keys_scaled > 0 and max_norm <= 0.5 + 1e-5 and 0 < mean_norm <= max_norm
@@ -220,15 +222,18 @@ def test_max_norm_regularization():
 
 def test_network_args_and_sizes_are_checked_first():
     unet = tiny_unet()
-    with pytest.raises(ValueError, match=r"unknown network_args key 'tsm_scale' for networks.tsm_lora \(did you mean 'tsm_scales'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown network_args key 'tsm_scale' for networks.tsm_lora \(did you mean 'tsm_scales'\?\)"
+    ):
         tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scale="8")
     with pytest.raises(ValueError, match=r"--network_dim 0: the LoRA rank must be >= 1"):
         tsm_lora.create_network(1.0, 0, 4, None, None, unet, tsm_scales="8")
     with pytest.raises(ValueError, match=r"--network_alpha nan: must be a finite number"):
         tsm_lora.create_network(1.0, 4, float("nan"), None, None, unet, tsm_scales="8")
     with pytest.raises(TSMFileError, match=r"missing.safetensors: no such file"):
-        tsm_lora.create_network(1.0, 4, 4, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                tsm_experts="missing.safetensors")
+        tsm_lora.create_network(
+            1.0, 4, 4, None, None, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts="missing.safetensors"
+        )
 
 
 def test_prepare_network_refuses_ckpt_and_records_the_resolution(tmp_path):
@@ -247,8 +252,14 @@ def test_prepare_network_refuses_ckpt_and_records_the_resolution(tmp_path):
     net.save_weights(path, None, {"modelspec.resolution": "512x512"})  # sd-scripts' guess without --resolution
     assert load_file(path)[1]["modelspec.resolution"] == "64x48"
     other = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8")
-    other.save_weights(path, None, {"modelspec.resolution": "512x512",
-                                    "ss_datasets": json.dumps([{"resolution": [32, 32]}, {"resolution": [64, 64]}])})
+    other.save_weights(
+        path,
+        None,
+        {
+            "modelspec.resolution": "512x512",
+            "ss_datasets": json.dumps([{"resolution": [32, 32]}, {"resolution": [64, 64]}]),
+        },
+    )
     assert load_file(path)[1]["modelspec.resolution"] == "64x64"  # from sd-scripts' dataset metadata
 
 
@@ -265,8 +276,9 @@ def test_assemble_after_a_unet_only_stage_1(tmp_path):
         paths.append(str(tmp_path / f"u{scales}.safetensors"))
         net.save_weights(paths[-1], None, None)
         net.remove()
-    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                      tsm_experts=",".join(paths))
+    network = tsm_lora.create_network(
+        1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=",".join(paths)
+    )
     assert network.text_encoder_loras == []
     network.apply_to(te, unet, True, True)  # stage 2 without the flag
     out = str(tmp_path / "a.safetensors")
@@ -280,12 +292,14 @@ def test_unet_only_assemble_carries_the_fostered_text_encoder_lora(tmp_path):
     unet, te = tiny_unet(), tiny_clip()
     net8, f8 = _foster(tmp_path, "8", unet, te, 1)
     _, f1 = _foster(tmp_path, "1", unet, te, 2)
-    network = tsm_lora.create_network(1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                      tsm_experts=f"{f8},{f1}")
+    network = tsm_lora.create_network(
+        1.0, 2, 2, None, te, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=f"{f8},{f1}"
+    )
     network.apply_to(te, unet, False, True)  # --network_train_unet_only at stage 2
     network.prepare_grad_etc(te, unet)
-    assert network.text_encoder_loras and not any(p.requires_grad for lo in network.text_encoder_loras
-                                                  for p in lo.parameters())
+    assert network.text_encoder_loras and not any(
+        p.requires_grad for lo in network.text_encoder_loras for p in lo.parameters()
+    )
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         carried = te(ids)[0]
@@ -309,16 +323,25 @@ def test_forged_scales_are_refused_before_anything_is_built(tmp_path):
     tensors, meta = load_file(path)
     forged = str(tmp_path / "forged.safetensors")
     save_file(tensors, forged, {**meta, "tsm.scales": "[1000000]"})
-    with pytest.raises(TSMFileError, match=r"forged.safetensors: tsm.scales=\[1000000\]: every scale must be in "
-                                           r"1..tsm.num_train_timesteps=1000"):
+    with pytest.raises(
+        TSMFileError,
+        match=r"forged.safetensors: tsm.scales=\[1000000\]: every scale must be in "
+        r"1..tsm.num_train_timesteps=1000",
+    ):
         tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
     save_file(tensors, forged, {**meta, "tsm.scales": "[999]"})
-    with pytest.raises(TSMFileError, match=r"forged.safetensors: keys '.tsm.8.\*' belong to scale 8, which is not in "
-                                           r"tsm.scales=\[999\]"):
+    with pytest.raises(
+        TSMFileError,
+        match=r"forged.safetensors: keys '.tsm.8.\*' belong to scale 8, which is not in "
+        r"tsm.scales=\[999\]",
+    ):
         tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
     save_file({k: v for k, v in tensors.items() if ".tsm.8.7." not in k}, forged, meta)
-    with pytest.raises(TSMFileError, match=r"forged.safetensors: tsm.scales says scale 8 has 8 experts, the keys "
-                                           r"hold 7 \(1 missing\)"):
+    with pytest.raises(
+        TSMFileError,
+        match=r"forged.safetensors: tsm.scales says scale 8 has 8 experts, the keys "
+        r"hold 7 \(1 missing\)",
+    ):
         tsm_lora.create_network_from_weights(1.0, forged, None, None, tiny_unet())
 
 
@@ -342,5 +365,8 @@ def test_pre_flight_check_of_network_options(capsys):
     assert "ok: stage foster, scales [8], rank 4, alpha 4.0" in capsys.readouterr().out
     assert tsm_lora.main(["--network_args", "tsm_scale=8"]) == 2
     assert "did you mean 'tsm_scales'?" in capsys.readouterr().err
-    assert tsm_lora.main(["--network_args", "tsm_scales=8,1", "tsm_stage=assemble", "tsm_experts=nowhere.safetensors"]) == 2
+    assert (
+        tsm_lora.main(["--network_args", "tsm_scales=8,1", "tsm_stage=assemble", "tsm_experts=nowhere.safetensors"])
+        == 2
+    )
     assert "nowhere.safetensors: no such file" in capsys.readouterr().err

@@ -36,8 +36,9 @@ def sd(tmp_path_factory):
         def load_target_model(self, args, weight_dtype, accelerator):
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, local_files_only=True,
-                                                           safety_checker=None, feature_extractor=None)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, local_files_only=True, safety_checker=None, feature_extractor=None
+            )
             version = model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization)
             return version, pipe.text_encoder, pipe.vae, pipe.unet
 
@@ -47,15 +48,45 @@ def sd(tmp_path_factory):
     data = write_colour_squares(root / "data", ["red", "green", "blue", "white"], size=64, batch_size=2)
 
     def train(name, *extra):
-        argv = ["--pretrained_model_name_or_path", base, "--dataset_config", data, "--output_dir", str(root / "out"),
-                "--output_name", name, "--tokenizer_cache_dir", str(root / "tokenizers"), "--max_train_steps", "2",
-                "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--network_module", "networks.tsm_lora",
-                "--network_dim", "2", "--network_alpha", "2", "--seed", "0", "--max_data_loader_n_workers", "0",
-                "--mixed_precision", "no", *extra]
+        argv = [
+            "--pretrained_model_name_or_path",
+            base,
+            "--dataset_config",
+            data,
+            "--output_dir",
+            str(root / "out"),
+            "--output_name",
+            name,
+            "--tokenizer_cache_dir",
+            str(root / "tokenizers"),
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--optimizer_type",
+            "AdamW",
+            "--network_module",
+            "networks.tsm_lora",
+            "--network_dim",
+            "2",
+            "--network_alpha",
+            "2",
+            "--seed",
+            "0",
+            "--max_data_loader_n_workers",
+            "0",
+            "--mixed_precision",
+            "no",
+            *extra,
+        ]
         parser = train_network.setup_parser()
         args = train_util.read_config_from_file(parser.parse_args(argv), parser)
-        for strategy in (strategy_base.TokenizeStrategy, strategy_base.TextEncodingStrategy,
-                         strategy_base.LatentsCachingStrategy, strategy_base.TextEncoderOutputsCachingStrategy):
+        for strategy in (
+            strategy_base.TokenizeStrategy,
+            strategy_base.TextEncodingStrategy,
+            strategy_base.LatentsCachingStrategy,
+            strategy_base.TextEncoderOutputsCachingStrategy,
+        ):
             strategy._strategy = None  # sd-scripts sets them once per process; each test trains anew
         TinyTrainer().train(args)
         return str(root / "out" / f"{name}.safetensors")
@@ -84,15 +115,20 @@ def test_stage_2_after_a_unet_only_stage_1(sd):
 
 
 def test_unet_only_stage_2_carries_the_text_encoder_lora(sd):
-    import torch
 
     from tsm_trainer.core.file_format import load_file
 
     train, _, _ = sd
     f8 = train("t8", "--network_args", "tsm_scales=8")
     f1 = train("t1", "--network_args", "tsm_scales=1")
-    out = train("t81", "--network_args", "tsm_scales=8,1", "tsm_stage=assemble", f"tsm_experts={f8},{f1}",
-                "--network_train_unet_only")
+    out = train(
+        "t81",
+        "--network_args",
+        "tsm_scales=8,1",
+        "tsm_stage=assemble",
+        f"tsm_experts={f8},{f1}",
+        "--network_train_unet_only",
+    )
     fostered, assembled = load_file(f8)[0], load_file(out)[0]
     keys = _te_keys(f8)
     assert keys and _te_keys(out) == keys
@@ -107,8 +143,9 @@ def test_ckpt_is_refused_before_training(sd):
 
 
 def test_files_are_readable_by_others_and_reload_through_create_network_from_weights(sd):
-    import networks.tsm_lora as tsm_lora
     from diffusers import StableDiffusionPipeline
+
+    import networks.tsm_lora as tsm_lora
 
     train, _, base = sd
     old = os.umask(0o022)
@@ -117,8 +154,9 @@ def test_files_are_readable_by_others_and_reload_through_create_network_from_wei
     finally:
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o644  # as sd-scripts' own networks.lora files
-    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, local_files_only=True, safety_checker=None, feature_extractor=None
+    )
     network, weights_sd = tsm_lora.create_network_from_weights(1.0, path, pipe.vae, pipe.text_encoder, pipe.unet)
     network.apply_to(pipe.text_encoder, pipe.unet)
     info = network.load_weights(path)
@@ -133,8 +171,9 @@ def test_key_names_match_sd_scripts_networks_lora(sd):
     import networks.tsm_lora as tsm_lora
 
     _, _, base = sd
-    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, local_files_only=True, safety_checker=None, feature_extractor=None
+    )
     theirs = kohya_lora.create_network(1.0, 2, 2, pipe.vae, pipe.text_encoder, pipe.unet)
     ours = tsm_lora.create_network(1.0, 2, 2, pipe.vae, pipe.text_encoder, pipe.unet, tsm_scales="8")
     their_names = {lora.lora_name for lora in theirs.text_encoder_loras + theirs.unet_loras}

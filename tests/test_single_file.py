@@ -13,8 +13,11 @@ from tsm_trainer.base_models.loading import BaseModelError, load_components
 from tsm_trainer.base_models.single_file import describe, find_bpe_file
 from tsm_trainer.families import get_training_family
 
-KOHYA_NAMES = ("openai_clip-vit-large-patch14", "stabilityai_stable-diffusion-2",
-               "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")
+KOHYA_NAMES = (
+    "openai_clip-vit-large-patch14",
+    "stabilityai_stable-diffusion-2",
+    "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +87,10 @@ def test_sd2_openclip_layout_and_v_prediction_sources(tmp_path, caplog):
     write_checkpoint(spec, "sd2", vocab=100, metadata={"modelspec.prediction_type": "v"})
     assert describe(spec).prediction_type == "v_prediction"
     (tmp_path / "sd21.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert (describe(path).prediction_type, describe(path).prediction_source) == ("v_prediction",
-                                                                                  str(tmp_path / "sd21.yaml"))
+    assert (describe(path).prediction_type, describe(path).prediction_source) == (
+        "v_prediction",
+        str(tmp_path / "sd21.yaml"),
+    )
     assert describe(path, "epsilon").prediction_type == "epsilon"  # given explicitly: wins
 
 
@@ -181,20 +186,28 @@ def test_missing_vocabulary_says_how_to_install_it(tmp_path, monkeypatch):
     path = str(tmp_path / "sd15.safetensors")
     write_checkpoint(path, "sd1", vocab=100)
     monkeypatch.setattr("tsm_trainer.base_models.single_file.tokenizers.find_bpe_file", lambda: None)
-    with pytest.raises(BaseModelError, match=r"bpe_simple_vocab_16e6.txt.gz\) is not installed: install .*"
-                                             r"pip install --no-deps open-clip-torch==3.3.0.*--tokenizer_cache_dir"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"bpe_simple_vocab_16e6.txt.gz\) is not installed: install .*"
+        r"pip install --no-deps open-clip-torch==3.3.0.*--tokenizer_cache_dir",
+    ):
         get_training_family("sd1").load(path)
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": (4, 4)},
-     r"SD3 / SD3.5 \(MM-DiT\) single-file checkpoint \(key 'model.diffusion_model.joint_blocks.0.context_block"
-     r".attn.qkv.weight'\).*diffusers folder"),
-    ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, r"a Flux single-file checkpoint .*diffusers folder"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (2, 4)}, r"this is a LoRA"),
-    ({"down_blocks.0.resnets.0.conv1.weight": (4, 4)}, r"diffusers-layout weights of one component"),
-    ({"foo.bar": (1,), "baz": (2,)}, r"unknown layout \(first keys: 'baz', 'foo.bar'\)"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (
+            {"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": (4, 4)},
+            r"SD3 / SD3.5 \(MM-DiT\) single-file checkpoint \(key 'model.diffusion_model.joint_blocks.0.context_block"
+            r".attn.qkv.weight'\).*diffusers folder",
+        ),
+        ({"double_blocks.0.img_attn.qkv.weight": (4, 4)}, r"a Flux single-file checkpoint .*diffusers folder"),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (2, 4)}, r"this is a LoRA"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (4, 4)}, r"diffusers-layout weights of one component"),
+        ({"foo.bar": (1,), "baz": (2,)}, r"unknown layout \(first keys: 'baz', 'foo.bar'\)"),
+    ],
+)
 def test_unreadable_layouts_are_named(tmp_path, keys, message):
     path = str(tmp_path / "model.safetensors")
     save_file({k: torch.zeros(s) for k, s in keys.items()}, path)

@@ -29,12 +29,32 @@ def text_config(v2: bool):
     from transformers import CLIPTextConfig
 
     if v2:
-        return CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                              num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-                              projection_dim=512, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                          projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
 
 
 def outputs(unet, text_encoder, vae, v2: bool) -> dict[str, torch.Tensor]:
@@ -44,8 +64,7 @@ def outputs(unet, text_encoder, vae, v2: bool) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, 49408, (1, 77), generator=g)
     image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     with torch.no_grad():
-        return {"unet": unet(x, t, ctx).sample, "text": text_encoder(ids)[0],
-                "vae": vae.encode(image).latent_dist.mean}
+        return {"unet": unet(x, t, ctx).sample, "text": text_encoder(ids)[0], "vae": vae.encode(image).latent_dist.mean}
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["sd1", "sd2"])
@@ -54,7 +73,13 @@ def test_file_saved_by_sd_scripts_loads_like_sd_scripts_loads_it(tmp_path, v2):
     from library import model_util
     from transformers import CLIPTextModel
 
-    from tsm_trainer.base_models.single_file import build_text_encoder, build_unet, build_vae, describe, settle_prediction_type
+    from tsm_trainer.base_models.single_file import (
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        describe,
+        settle_prediction_type,
+    )
 
     torch.manual_seed(0)
     unet = model_util.UNet2DConditionModel(**model_util.create_unet_diffusers_config(v2, v2))

@@ -37,20 +37,50 @@ def setup(tmp_path_factory):
     (images / "broken.png").write_bytes(b"not a png")
     (images / "broken.txt").write_text("a broken square")
     toml = root / "data.toml"
-    toml.write_text(f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 2\n\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{images}"\n  num_repeats = 1\n')
+    toml.write_text(
+        f'[general]\nresolution = 16\ncaption_extension = ".txt"\n\n[[datasets]]\nbatch_size = 2\n\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{images}"\n  num_repeats = 1\n'
+    )
     return root, base, str(toml)
 
 
 def test_trains_foster_then_assemble_from_the_command_line(setup, capsys):
     root, base, toml = setup
     out = str(root / "out")
-    common = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "3",
-              "--network_dim", "2", "--learning_rate", "1e-3", "--validation_split", "0.34"]
+    common = [
+        "--pretrained_model",
+        base,
+        "--dataset_config",
+        toml,
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        "3",
+        "--network_dim",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--validation_split",
+        "0.34",
+    ]
     assert main(common + ["--tsm_scales", "8", "--output_name", "f8"]) == 0
     assert main(common + ["--tsm_stage", "vanilla", "--output_name", "f1"]) == 0
-    assert main(common + ["--tsm_stage", "assemble", "--tsm_scales", "8,1", "--output_name", "a",
-                          "--tsm_experts", f"{out}/f8.safetensors,{out}/f1.safetensors"]) == 0
+    assert (
+        main(
+            common
+            + [
+                "--tsm_stage",
+                "assemble",
+                "--tsm_scales",
+                "8,1",
+                "--output_name",
+                "a",
+                "--tsm_experts",
+                f"{out}/f8.safetensors,{out}/f1.safetensors",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "broken.png" in printed  # reported before training, then skipped
     assert "3 steps x batch 2: 6 samples, about 1 per expert (1/8 each)" in printed
@@ -65,7 +95,9 @@ def test_trains_foster_then_assemble_from_the_command_line(setup, capsys):
 def test_config_file_and_command_line(setup, tmp_path):
     root, base, toml = setup
     cfg = tmp_path / "train.toml"
-    cfg.write_text(f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_train_steps = 9\nlearning_rate = 3e-4\n')
+    cfg.write_text(
+        f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_train_steps = 9\nlearning_rate = 3e-4\n'
+    )
     config = load_config(["--config", str(cfg), "--max_train_steps", "5"])
     assert config.max_train_steps == 5 and config.learning_rate == 3e-4  # the command line wins
     cfg.write_text(f'pretrained_model = "{base}"\ndataset_config = "{toml}"\nmax_steps = 9\n')
@@ -84,8 +116,12 @@ def test_bad_input_stops_with_clear_messages(setup, tmp_path, capsys):
     data.write_text(f'[[datasets]]\nresolution = 16\n  [[datasets.subsets]]\n  image_dir = "{empty}"\n')
     assert main(["--pretrained_model", base, "--dataset_config", str(data), "--output_dir", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(tmp_path),
-                 "--no-skip_bad_files"]) == 2
+    assert (
+        main(
+            ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", str(tmp_path), "--no-skip_bad_files"]
+        )
+        == 2
+    )
     assert "broken.png" in capsys.readouterr().err
     assert main(["--pretrained_model", base, "--dataset_config", toml, "--family", "flux"]) == 2
     err = capsys.readouterr().err
@@ -94,9 +130,26 @@ def test_bad_input_stops_with_clear_messages(setup, tmp_path, capsys):
 
 def test_script_runs_from_the_repo_root(setup):
     root, base, toml = setup
-    result = subprocess.run([sys.executable, "train_tsm.py", "--pretrained_model", base, "--dataset_config", toml,
-                             "--output_dir", str(root / "script"), "--max_train_steps", "1", "--tsm_scales", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_tsm.py",
+            "--pretrained_model",
+            base,
+            "--dataset_config",
+            toml,
+            "--output_dir",
+            str(root / "script"),
+            "--max_train_steps",
+            "1",
+            "--tsm_scales",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(root / "script" / "tsm.safetensors")
 
@@ -104,9 +157,27 @@ def test_script_runs_from_the_repo_root(setup):
 def test_paper_recipe_runs_all_stages_and_resumes_between_them(setup, capsys):
     root, base, toml = setup
     out = str(root / "recipe")
-    args = ["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
-            "--network_dim", "2", "--tsm_recipe", "paper", "--output_name", "r", "--save_every_n_steps", "1", "--save_state",
-            "--resume", "latest"]
+    args = [
+        "--pretrained_model",
+        base,
+        "--dataset_config",
+        toml,
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        "2",
+        "--network_dim",
+        "2",
+        "--tsm_recipe",
+        "paper",
+        "--output_name",
+        "r",
+        "--save_every_n_steps",
+        "1",
+        "--save_state",
+        "--resume",
+        "latest",
+    ]
     assert main(args) == 0
     _, meta = load_file(os.path.join(out, "r-assembled", "r.safetensors"))
     assert meta["tsm.stage"] == "assemble" and meta["tsm.scales"] == "[8, 1]"
@@ -116,7 +187,6 @@ def test_paper_recipe_runs_all_stages_and_resumes_between_them(setup, capsys):
     printed = capsys.readouterr().out
     assert "stage 1/3 (foster 8) already done" in printed and "stage 2/3 (foster 1) already done" in printed
     assert "resumed from" in printed and "state-2" in printed  # stage 3 continued from its last state
-
 
 
 def test_video_family_trains_on_frame_folders(tmp_path):
@@ -130,16 +200,34 @@ def test_video_family_trains_on_frame_folders(tmp_path):
             Image.new("RGB", (16, 16), colour).save(clips / f"clip{c}" / f"{f:04d}.png")
         (clips / f"clip{c}.txt").write_text(f"a {colour} square moving")
     toml = tmp_path / "video.toml"
-    toml.write_text(f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 16\nbatch_size = 2\n'
-                    f'  [[datasets.subsets]]\n  image_dir = "{clips}"\n  video_frames = 2\n')
+    toml.write_text(
+        f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 16\nbatch_size = 2\n'
+        f'  [[datasets.subsets]]\n  image_dir = "{clips}"\n  video_frames = 2\n'
+    )
     out = str(tmp_path / "out")
-    assert main(["--pretrained_model", base, "--dataset_config", str(toml), "--output_dir", out,
-                 "--max_train_steps", "2", "--network_dim", "2", "--tsm_scales", "4"]) == 0
+    assert (
+        main(
+            [
+                "--pretrained_model",
+                base,
+                "--dataset_config",
+                str(toml),
+                "--output_dir",
+                out,
+                "--max_train_steps",
+                "2",
+                "--network_dim",
+                "2",
+                "--tsm_scales",
+                "4",
+            ]
+        )
+        == 0
+    )
     tensors, meta = load_file(os.path.join(out, "tsm.safetensors"))
     _reloads(base, os.path.join(out, "tsm.safetensors"))
     assert meta["modelspec.architecture"] == "text-to-video-unet3d/lora"
     assert any(".tsm.4." in k and "temp_attentions" in k and "attn1_to_k" in k for k in tensors)
-
 
 
 def test_flow_timesteps_are_logit_normal_and_respect_intervals():
@@ -157,14 +245,34 @@ def test_flow_timesteps_are_logit_normal_and_respect_intervals():
 
 
 FAMILIES = {  # builder, sample size, metadata that must be written, a key the file must hold, text encoders
-    "sdxl": ("tiny_sdxl_pipeline_folder", 32, {"ss_base_model_version": "sdxl_base_v1-0"},
-             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.", {"te1", "te2"}),
-    "sd3": ("tiny_sd3_pipeline_folder", 16, {"tsm.timestep_space": "flow", "modelspec.prediction_type": "rectified_flow"},
-            "lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.", {"te1", "te2", "te3"}),
-    "pixart": ("tiny_pixart_pipeline_folder", 16, {"ss_base_model_version": "pixart_alpha"},
-               "lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.", {"te"}),
-    "flux": ("tiny_flux_pipeline_folder", 16, {"tsm.timestep_space": "flow", "ss_base_model_version": "flux1"},
-             "lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.", {"te1", "te3"}),
+    "sdxl": (
+        "tiny_sdxl_pipeline_folder",
+        32,
+        {"ss_base_model_version": "sdxl_base_v1-0"},
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.tsm.4.",
+        {"te1", "te2"},
+    ),
+    "sd3": (
+        "tiny_sd3_pipeline_folder",
+        16,
+        {"tsm.timestep_space": "flow", "modelspec.prediction_type": "rectified_flow"},
+        "lora_transformer_transformer_blocks_0_attn_to_q.tsm.4.",
+        {"te1", "te2", "te3"},
+    ),
+    "pixart": (
+        "tiny_pixart_pipeline_folder",
+        16,
+        {"ss_base_model_version": "pixart_alpha"},
+        "lora_transformer_transformer_blocks_0_attn1_to_q.tsm.4.",
+        {"te"},
+    ),
+    "flux": (
+        "tiny_flux_pipeline_folder",
+        16,
+        {"tsm.timestep_space": "flow", "ss_base_model_version": "flux1"},
+        "lora_transformer_single_transformer_blocks_0_attn_to_q.tsm.4.",
+        {"te1", "te3"},
+    ),
 }
 
 
@@ -178,10 +286,34 @@ def test_family_trains_saves_reloads_and_samples(setup, tmp_path, family):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
     out = str(tmp_path / "out")
-    assert main(["--pretrained_model", base, "--dataset_config", toml, "--output_dir", out, "--max_train_steps", "2",
-                 "--network_dim", "2", "--tsm_scales", "4", "--sample_every_n_steps", "2",
-                 "--sample_prompts", str(prompts), "--sample_steps", "2", "--sample_resolution", str(size)]
-                + (["--network_args", "train_t5xxl=true"] if "te3" in encoders or family == "pixart" else [])) == 0
+    assert (
+        main(
+            [
+                "--pretrained_model",
+                base,
+                "--dataset_config",
+                toml,
+                "--output_dir",
+                out,
+                "--max_train_steps",
+                "2",
+                "--network_dim",
+                "2",
+                "--tsm_scales",
+                "4",
+                "--sample_every_n_steps",
+                "2",
+                "--sample_prompts",
+                str(prompts),
+                "--sample_steps",
+                "2",
+                "--sample_resolution",
+                str(size),
+            ]
+            + (["--network_args", "train_t5xxl=true"] if "te3" in encoders or family == "pixart" else [])
+        )
+        == 0
+    )
     path = os.path.join(out, "tsm.safetensors")
     tensors, meta = load_file(path)
     _reloads(base, path)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tsm_trainer.core.file_format import load_file
-from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.families import get_training_family
+from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.loop import NonFiniteLossError, Trainer, sample_timesteps
 
 
@@ -18,19 +18,40 @@ def make_batches(epoch):
 
 
 def _trainer(tiny_sd_base, tmp_path, **overrides):
-    options = dict(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(tmp_path), learning_rate=1e-2,
-                   max_train_steps=7, family="sd1")
+    options = dict(
+        pretrained_model_name_or_path=tiny_sd_base,
+        dataset_config="unused",
+        output_dir=str(tmp_path),
+        learning_rate=1e-2,
+        max_train_steps=7,
+        family="sd1",
+    )
     config = TrainConfig(**{**options, **overrides})
     family = get_training_family("sd1")
     components = family.load(tiny_sd_base)
     validation = list(make_batches(99))[:1]
-    return Trainer(config, family, components, make_batches, batch_size=2, validation=validation, log=lambda s: None,
-                   batches_per_epoch=3)
+    return Trainer(
+        config,
+        family,
+        components,
+        make_batches,
+        batch_size=2,
+        validation=validation,
+        log=lambda s: None,
+        batches_per_epoch=3,
+    )
 
 
 def test_training_reduces_validation_loss_and_saves(tiny_sd_base, tmp_path):
-    trainer = _trainer(tiny_sd_base, tmp_path, max_train_steps=25, tsm_scales="4", save_every_n_steps=10,
-                       save_last_n_steps=1, save_state=True)
+    trainer = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        max_train_steps=25,
+        tsm_scales="4",
+        save_every_n_steps=10,
+        save_last_n_steps=1,
+        save_state=True,
+    )
     before = trainer.validate()
     path = trainer.run()
     after = trainer.validate()
@@ -102,8 +123,14 @@ def test_logging_dir_writes_tensorboard_scalars(tiny_sd_base, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="4", max_train_steps=3, logging_dir=str(tmp_path / "logs"),
-                       log_prefix="tsm4-")
+    trainer = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        tsm_scales="4",
+        max_train_steps=3,
+        logging_dir=str(tmp_path / "logs"),
+        log_prefix="tsm4-",
+    )
     trainer.run()
     (run,) = (tmp_path / "logs").iterdir()
     assert run.name.startswith("tsm4-")
@@ -120,21 +147,41 @@ def test_logging_dir_without_tensorboard_is_a_clear_error(tiny_sd_base, tmp_path
     from tsm_trainer.training import validate
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(validate.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
-    config = TrainConfig(pretrained_model_name_or_path=tiny_sd_base, dataset_config="unused", output_dir=str(tmp_path),
-                         family="sd1", logging_dir=str(tmp_path / "logs"))
-    with pytest.raises(ValueError, match=r"^--logging_dir: TensorBoard logging needs the tensorboard package "
-                                         r"\(pip install tensorboard"):
+    monkeypatch.setattr(
+        validate.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
+    )
+    config = TrainConfig(
+        pretrained_model_name_or_path=tiny_sd_base,
+        dataset_config="unused",
+        output_dir=str(tmp_path),
+        family="sd1",
+        logging_dir=str(tmp_path / "logs"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^--logging_dir: TensorBoard logging needs the tensorboard package "
+        r"\(pip install tensorboard",
+    ):
         validate.check_config(config)
 
 
 def test_sample_images_and_epoch_checkpoints(tiny_sd_base, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# a comment\na red circle\na blue square\n")
-    trainer = _trainer(tiny_sd_base, tmp_path, tsm_scales="8", max_train_steps=4, sample_every_n_steps=2,
-                       sample_prompts=str(prompts), sample_steps=2, sample_resolution=16, save_every_n_epochs=1,
-                       save_state=True)
+    trainer = _trainer(
+        tiny_sd_base,
+        tmp_path,
+        tsm_scales="8",
+        max_train_steps=4,
+        sample_every_n_steps=2,
+        sample_prompts=str(prompts),
+        sample_steps=2,
+        sample_resolution=16,
+        save_every_n_epochs=1,
+        save_state=True,
+    )
     trainer.run()
     from PIL import Image
 

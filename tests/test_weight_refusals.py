@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import networks.tsm_lora as tsm_lora
 from tests.tiny_models import tiny_sd_pipeline_folder
-from tests.tool_scripts import tool_main as _tool, tool_path
+from tests.tool_scripts import tool_main as _tool
+from tests.tool_scripts import tool_path
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.core.file_format import TSMFileError, load_file, save_file_atomic
@@ -48,11 +49,17 @@ def setup(tmp_path_factory):
     down = f"{KEY}.tsm.4.1.lora_down.weight"
     bad = {
         "nan": (variant("nan", lambda t: t[down].__setitem__((0, 0), float("nan"))), down, "NaN or Inf"),
-        "inf_alpha": (variant("inf_alpha", set_(f"{KEY}.alpha", torch.tensor(float("inf")))), f"{KEY}.alpha",
-                      "NaN or Inf"),
+        "inf_alpha": (
+            variant("inf_alpha", set_(f"{KEY}.alpha", torch.tensor(float("inf")))),
+            f"{KEY}.alpha",
+            "NaN or Inf",
+        ),
         "int8": (variant("int8", set_(down, tensors[down].to(torch.int8))), down, "dtype int8"),
-        "rank": (variant("rank", set_(down, torch.zeros(3, tensors[down].shape[1]))),
-                 f"{KEY}.tsm.4.1.lora_up.weight", "does not match the rank"),
+        "rank": (
+            variant("rank", set_(down, torch.zeros(3, tensors[down].shape[1]))),
+            f"{KEY}.tsm.4.1.lora_up.weight",
+            "does not match the rank",
+        ),
         "empty": (variant("empty", lambda t: t.clear()), None, "holds no tensors"),
     }
     return base, path, bad, variant
@@ -112,8 +119,11 @@ def test_bad_numbers_and_missing_scales_are_one_line_errors(setup, tmp_path, cap
         ("merge_experts", [path, "--scale", "4", "--rank", "0", "--out", out], "--rank 0: must be >= 1"),
         ("merge_experts", [path, "--scale", "3", "--out", out], "no experts of scale 3 (--scale); it holds scales [4]"),
         ("merge_experts", [path, "--scale", "4", "--experts", "0,9", "--out", out], "expert 9 of scale 4 is not in"),
-        ("bake", ["--base", base, "--lora", path, "--expert", "1", "--multiplier", "nan", "--out", str(tmp_path / "b")],
-         "--multiplier nan: must be a finite number"),
+        (
+            "bake",
+            ["--base", base, "--lora", path, "--expert", "1", "--multiplier", "nan", "--out", str(tmp_path / "b")],
+            "--multiplier nan: must be a finite number",
+        ),
     ]
     for tool, argv, message in cases:
         assert _tool(tool)(argv) == 2, argv
@@ -126,8 +136,9 @@ def test_missing_alpha_is_named_not_a_key_error_repr(setup, capsys, tmp_path):
     _, _, _, variant = setup
     path = variant("noalpha", lambda t: t.pop(f"{KEY}.alpha"))
     assert _tool("export_experts")([path, "--out_dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == (f"error: {path}: key '{KEY}.alpha' is missing (every module of a TSM file "
-                                       "has one alpha)\n")
+    assert capsys.readouterr().err == (
+        f"error: {path}: key '{KEY}.alpha' is missing (every module of a TSM file has one alpha)\n"
+    )
 
 
 def test_outputs_never_overwrite_an_input(setup, tmp_path, capsys):
@@ -154,8 +165,10 @@ def test_outputs_never_overwrite_an_input(setup, tmp_path, capsys):
 
 def test_inspect_check_refuses_zero_timesteps_and_forged_scales(setup, tmp_path, capsys):
     base, _, _, variant = setup
-    for name, meta, message in (("t0", {"tsm.num_train_timesteps": "0"}, "tsm.num_train_timesteps=0 must be >= 1"),
-                                ("huge", {"tsm.scales": "[1000000]"}, "every scale must be in 1..")):
+    for name, meta, message in (
+        ("t0", {"tsm.num_train_timesteps": "0"}, "tsm.num_train_timesteps=0 must be >= 1"),
+        ("huge", {"tsm.scales": "[1000000]"}, "every scale must be in 1.."),
+    ):
         path = variant(name, meta_change=meta)
         assert _tool("inspect_lora")([path, "--check", "--base", base]) == 1
         assert message in capsys.readouterr().out
@@ -187,8 +200,7 @@ def test_unreadable_file_says_permission_denied(setup):
 
 def test_debug_shows_the_traceback(setup, tmp_path):
     _, path, _, _ = setup
-    argv = [sys.executable, tool_path("merge_experts"), path, "--scale", "3", "--out",
-            str(tmp_path / "m.safetensors")]
+    argv = [sys.executable, tool_path("merge_experts"), path, "--scale", "3", "--out", str(tmp_path / "m.safetensors")]
     plain = subprocess.run(argv, capture_output=True, text=True)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and plain.stderr.startswith("error: ")
     debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)

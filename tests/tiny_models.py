@@ -13,9 +13,16 @@ def tiny_unet(cross_attention_dim: int = 16, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     config.update(overrides)
     return UNet2DConditionModel(**config).eval()
@@ -25,9 +32,18 @@ def tiny_clip(hidden_size: int = 16, seed: int = 0, with_projection: bool = Fals
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=100, hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden_size,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=hidden_size,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden_size,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return cls(config).eval()
 
@@ -38,11 +54,20 @@ def tiny_sdxl_unet(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(8, 16, 16),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 16,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 16,
     )
     config.update(overrides)
     return UNet2DConditionModel(**config).eval()
@@ -54,9 +79,16 @@ def tiny_unet3d(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     config.update(overrides)
     return UNet3DConditionModel(**config).eval()
@@ -66,9 +98,19 @@ def tiny_sd3(seed: int = 0, **overrides):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
-                  pos_embed_max_size=16)
+    config = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=16,
+    )
     config.update(overrides)
     return SD3Transformer2DModel(**config).eval()
 
@@ -78,9 +120,18 @@ def tiny_flux(seed: int = 0, **overrides):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=False,
-                  axes_dims_rope=(2, 2, 4))
+    config = dict(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    )
     config.update(overrides)
     return FluxTransformer2DModel(**config).eval()
 
@@ -89,9 +140,18 @@ def tiny_pixart(seed: int = 0, **overrides):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                  cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16,
-                  use_additional_conditions=False)
+    config = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=16,
+        use_additional_conditions=False,
+    )
     config.update(overrides)
     return PixArtTransformer2DModel(**config).eval()
 
@@ -113,20 +173,34 @@ def tiny_sd_pipeline_folder(folder, seed: int = 0):
 
     unet, te = tiny_unet(seed=seed), tiny_clip(seed=seed)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+    )
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
     tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
@@ -175,8 +249,9 @@ def write_assembled_file(folder, name: str = "a81.safetensors") -> str:
         randomise(net, seed)
         parts.append(os.path.join(str(folder), f"_part{scales}.safetensors"))
         net.save_weights(parts[-1], None, None)
-    net = tsm_lora.create_network(1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble",
-                                  tsm_experts=",".join(parts))
+    net = tsm_lora.create_network(
+        1.0, 2, 2, None, None, unet, tsm_scales="8,1", tsm_stage="assemble", tsm_experts=",".join(parts)
+    )
     with torch.no_grad():
         for lora in net.denoiser_loras:
             lora.router.embedding.normal_(0, 0.5)
@@ -196,25 +271,46 @@ def tiny_sdxl_pipeline_folder(folder, seed: int = 0):
 
     unet = tiny_sdxl_unet(seed=seed)  # cross_attention_dim 16 = 8 + 8; pooled 16 + 6 * 4 time ids
     torch.manual_seed(seed)
-    common = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    common = dict(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     te1 = CLIPTextModel(CLIPTextConfig(**common)).eval()
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **common)).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+    )
     os.makedirs(folder, exist_ok=True)
     for name, module in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2), ("vae", vae)):
         module.save_pretrained(os.path.join(folder, name))
     DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
     for name in ("tokenizer", "tokenizer_2"):
         tiny_tokenizer().save_pretrained(os.path.join(folder, name))
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
@@ -258,29 +354,58 @@ def tiny_sd3_pipeline_folder(folder, seed: int = 0):
 
     transformer = tiny_sd3(seed=seed)  # joint_attention_dim 16, pooled_projection_dim 16
     torch.manual_seed(seed)
-    common = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=8)
+    common = dict(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=8,
+    )
     te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**common)).eval() for _ in range(2))
     te3 = tiny_t5(d_model=16, seed=seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+    )
     os.makedirs(folder, exist_ok=True)
-    for name, module in (("transformer", transformer), ("text_encoder", te1), ("text_encoder_2", te2),
-                         ("text_encoder_3", te3), ("vae", vae)):
+    for name, module in (
+        ("transformer", transformer),
+        ("text_encoder", te1),
+        ("text_encoder_2", te2),
+        ("text_encoder_3", te3),
+        ("vae", vae),
+    ):
         module.save_pretrained(os.path.join(folder, name))
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
     for name in ("tokenizer", "tokenizer_2"):
         tiny_tokenizer().save_pretrained(os.path.join(folder, name))
     tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_3"))
-    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
-             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "text_encoder_3": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "tokenizer_3": ["transformers", "T5Tokenizer"],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
@@ -294,18 +419,30 @@ def tiny_pixart_pipeline_folder(folder, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+    )
     os.makedirs(folder, exist_ok=True)
     for name, module in (("transformer", tiny_pixart(seed=seed)), ("text_encoder", tiny_t5(16, seed)), ("vae", vae)):
         module.save_pretrained(os.path.join(folder, name))
     DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
     tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
-    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
-             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "PixArtAlphaPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
@@ -320,21 +457,40 @@ def tiny_flux_pipeline_folder(folder, seed: int = 0):
 
     transformer = tiny_flux(seed=seed, in_channels=16)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=4, sample_size=8, shift_factor=0.1, scaling_factor=1.5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+    )
     os.makedirs(folder, exist_ok=True)
-    for name, module in (("transformer", transformer), ("text_encoder", tiny_clip(hidden_size=16, seed=seed)),
-                         ("text_encoder_2", tiny_t5(16, seed)), ("vae", vae)):
+    for name, module in (
+        ("transformer", transformer),
+        ("text_encoder", tiny_clip(hidden_size=16, seed=seed)),
+        ("text_encoder_2", tiny_t5(16, seed)),
+        ("vae", vae),
+    ):
         module.save_pretrained(os.path.join(folder, name))
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
     tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
     tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_2"))
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5Tokenizer"],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder

@@ -3,8 +3,8 @@ a shim's ``sys.path`` line and import are exercised too)."""
 
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import sys
 # lets `python tools/bake.py` run from a clone without `pip install -e .` (the repo root holds tsm_trainer/)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsm_trainer.cli.bake import main  # noqa: E402
+from tsm_trainer.cli.bake import main
 
 if __name__ == "__main__":
     sys.exit(main())

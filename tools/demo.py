@@ -21,14 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERTS = 4  # docs/results.md: n = 4 beats vanilla at the paper's budget and ties it at equal total steps
-PROMPTS = ["a pink circle on a white background", "a cyan star on a black background",
-           "a brown square on a gray background", "a pink triangle on a striped background",
-           "a cyan cross on a checkered background", "a brown star on a white background"]
+PROMPTS = [
+    "a pink circle on a white background",
+    "a cyan star on a black background",
+    "a brown square on a gray background",
+    "a pink triangle on a striped background",
+    "a cyan cross on a checkered background",
+    "a brown star on a white background",
+]
 
 
 def write_data(folder: str, n: int, seed: int) -> str:
-    from tsm_trainer.data import write_dataset_config
     from demo_world.shapes import write_dataset
+    from tsm_trainer.data import write_dataset_config
 
     images = os.path.join(folder, "images")
     if not os.path.isdir(images):
@@ -55,11 +60,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tsm_trainer.evaluation import labelled_grid
     from tsm_trainer.core.intervals import interval_timestep_range
+    from tsm_trainer.evaluation import labelled_grid
+    from tsm_trainer.families import get_training_family
     from tsm_trainer.training.build import build
     from tsm_trainer.training.config import TrainConfig
-    from tsm_trainer.families import get_training_family
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
@@ -75,16 +80,29 @@ def main(argv=None) -> int:
     rows = [("base model", base_images)]
     losses, accuracy = {}, {"base model": colour_accuracy(base_images, PROMPTS)}
     n = EXPERTS
-    runs = ((f"vanilla, S/{n}", "vanilla_per_expert", "vanilla", max(1, args.steps // n)),
-            (f"TSM n={n}", f"tsm{n}", "foster", args.steps),
-            ("vanilla, S", "vanilla", "vanilla", args.steps))
+    runs = (
+        (f"vanilla, S/{n}", "vanilla_per_expert", "vanilla", max(1, args.steps // n)),
+        (f"TSM n={n}", f"tsm{n}", "foster", args.steps),
+        ("vanilla, S", "vanilla", "vanilla", args.steps),
+    )
     for label, name, stage, steps in runs:
-        config = TrainConfig(pretrained_model_name_or_path=base, dataset_config=toml, output_dir=args.output_dir,
-                             output_name=name, tsm_stage=stage, max_train_steps=steps,
-                             learning_rate=args.learning_rate, network_dim=4, network_alpha=4,
-                             network_train_unet_only=True, cache_latents=True, validation_split=0.2, seed=0,
-                             overwrite=True,  # a rerun with other --steps replaces the demo's own files
-                             **({"tsm_scales": str(n)} if stage == "foster" else {}))
+        config = TrainConfig(
+            pretrained_model_name_or_path=base,
+            dataset_config=toml,
+            output_dir=args.output_dir,
+            output_name=name,
+            tsm_stage=stage,
+            max_train_steps=steps,
+            learning_rate=args.learning_rate,
+            network_dim=4,
+            network_alpha=4,
+            network_train_unet_only=True,
+            cache_latents=True,
+            validation_split=0.2,
+            seed=0,
+            overwrite=True,  # a rerun with other --steps replaces the demo's own files
+            **({"tsm_scales": str(n)} if stage == "foster" else {}),
+        )
         print(f"\n== {label}: {steps} steps")
         trainer = build(config, log=print)
         losses["base model"] = losses.get("base model") or _base_losses(trainer)
@@ -94,15 +112,19 @@ def main(argv=None) -> int:
         rows.append((label, images))
         accuracy[label] = colour_accuracy(images, PROMPTS)
 
-    print(f"\nHeld-out denoising loss per timestep interval on the target domain (same held-out images, noise "
-          f"and timesteps for every row). S = {args.steps} steps; each of the {n} TSM experts saw ~1/{n} of the "
-          f"batches, as many as 'vanilla, S/{n}' (the paper's budget); 'vanilla, S' costs what TSM cost:")
+    print(
+        f"\nHeld-out denoising loss per timestep interval on the target domain (same held-out images, noise "
+        f"and timesteps for every row). S = {args.steps} steps; each of the {n} TSM experts saw ~1/{n} of the "
+        f"batches, as many as 'vanilla, S/{n}' (the paper's budget); 'vanilla, S' costs what TSM cost:"
+    )
     heads = [f"[{lo},{hi})" for lo, hi in (interval_timestep_range(i, 8) for i in range(8))]
     print(f"{'':<16}" + "".join(f"{h:>11}" for h in heads) + f"{'mean':>9}")
     for label, values in losses.items():
         print(f"{label:<16}" + "".join(f"{v:>11.4f}" for v in values) + f"{sum(values) / len(values):>9.4f}")
-    print("\nColour asked for = colour seen (attribute detector, 6 target prompts): "
-          + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
+    print(
+        "\nColour asked for = colour seen (attribute detector, 6 target prompts): "
+        + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items())
+    )
     grid_path = os.path.join(args.output_dir, "samples_before_after.png")
     labelled_grid(rows).save(grid_path)
     files = ", ".join(f"{args.output_dir}/{name}.safetensors" for _, name, _, _ in runs)

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import networks.tsm_lora as tsm_lora  # noqa: E402
-from tsm_trainer.core.intervals import expert_index, interval_timestep_range  # noqa: E402
+import networks.tsm_lora as tsm_lora
+from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 
 
 def build_models(seed: int = 0):
@@ -31,9 +31,17 @@ def build_models(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     unet.requires_grad_(False)
     return unet, DDPMScheduler(num_train_timesteps=1000)
 
@@ -99,8 +107,10 @@ def main(argv=None):
 
     unet, sched = build_models()
     rows["base"] = per_interval_loss(unet, sched, *held_out)
-    runs = [("vanilla (n=1)", {"tsm_scales": "1"}, "vanilla.safetensors"),
-            ("TSM foster n=8", {"tsm_scales": "8"}, "tsm_foster8.safetensors")]
+    runs = [
+        ("vanilla (n=1)", {"tsm_scales": "1"}, "vanilla.safetensors"),
+        ("TSM foster n=8", {"tsm_scales": "8"}, "tsm_foster8.safetensors"),
+    ]
     files = {}
     for label, net_args, name in runs:
         unet, sched = build_models()
@@ -112,19 +122,36 @@ def main(argv=None):
 
     unet, sched = build_models()
     path = os.path.join(args.output_dir, "tsm_assembled.safetensors")
-    train(unet, sched, *train_set, args.steps, args.lr, args.batch, 0, path, tsm_scales="8,1",
-          tsm_stage="assemble", tsm_experts=f"{files['8']},{files['1']}")
+    train(
+        unet,
+        sched,
+        *train_set,
+        args.steps,
+        args.lr,
+        args.batch,
+        0,
+        path,
+        tsm_scales="8,1",
+        tsm_stage="assemble",
+        tsm_experts=f"{files['8']},{files['1']}",
+    )
     rows["TSM assembled [8,1]"] = per_interval_loss(unet, sched, *held_out)
 
-    print(f"\nHeld-out denoising loss per timestep interval ({args.steps} steps per stage, batch {args.batch}; "
-          "vanilla and fostering use equal total steps, so each n=8 expert saw ~1/8 of them):")
-    header = f"{'method':<22}" + "".join(f"{f'[{lo},{hi})':>11}" for lo, hi in
-                                         (interval_timestep_range(i, 8) for i in range(8))) + f"{'mean':>9}"
+    print(
+        f"\nHeld-out denoising loss per timestep interval ({args.steps} steps per stage, batch {args.batch}; "
+        "vanilla and fostering use equal total steps, so each n=8 expert saw ~1/8 of them):"
+    )
+    header = (
+        f"{'method':<22}"
+        + "".join(f"{f'[{lo},{hi})':>11}" for lo, hi in (interval_timestep_range(i, 8) for i in range(8)))
+        + f"{'mean':>9}"
+    )
     print(header)
     for label, losses in rows.items():
         print(f"{label:<22}" + "".join(f"{v:>11.4f}" for v in losses) + f"{sum(losses) / len(losses):>9.4f}")
-    print(f"\nwrote {', '.join(sorted(os.listdir(args.output_dir)))} to {args.output_dir} "
-          f"in {time.time() - start:.0f} s")
+    print(
+        f"\nwrote {', '.join(sorted(os.listdir(args.output_dir)))} to {args.output_dir} in {time.time() - start:.0f} s"
+    )
     assert expert_index(999, 8) == 7
 
 

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from demo_world.make_assets import main  # noqa: E402
+from demo_world.make_assets import main
 
 if __name__ == "__main__":
     main()

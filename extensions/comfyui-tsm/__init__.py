@@ -10,7 +10,7 @@ import os
 import sys
 
 try:
-    import tsm_trainer  # noqa: F401
+    import tsm_trainer
 except ImportError:
     _repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
     if os.path.isdir(os.path.join(_repo, "tsm_trainer")) and _repo not in sys.path:

@@ -36,8 +36,8 @@ import folder_paths
 import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-from tsm_trainer.files.export import module_names, text_encoder_lora
 from tsm_trainer.core.file_format import check_tsm_metadata, load_file
+from tsm_trainer.files.export import module_names, text_encoder_lora
 from tsm_trainer.runtime.online import resolve_layers, sgm_layer_index
 from tsm_trainer.runtime.sampling_session import SamplingSession, SessionFile
 
@@ -115,7 +115,9 @@ def patch_clip(clip, tensors, strength: float, path: str = "<file>"):
     applied = set(new_clip.add_patches(loaded, strength))
     missing = [k for k in loaded if k not in applied]
     if missing or not loaded:
-        log.warning("%s: %d text-encoder module(s) not applied to this CLIP", path, len(missing) or len(module_names(te)))
+        log.warning(
+            "%s: %d text-encoder module(s) not applied to this CLIP", path, len(missing) or len(module_names(te))
+        )
     return new_clip
 
 
@@ -124,8 +126,10 @@ def patch_model(model, tensors, metadata, strength: float, path: str = "<file>")
     if strength == 0:
         return model
     if model.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-        raise ValueError(f"{path}: this MODEL already went through a `Load TSM LoRA` node; one TSM file per model "
-                         "(plain LoRAs before or after it are fine)")
+        raise ValueError(
+            f"{path}: this MODEL already went through a `Load TSM LoRA` node; one TSM file per model "
+            "(plain LoRAs before or after it are fine)"
+        )
     state = TSMSampling(tensors, metadata, strength, path)
     # Fail at the node, not mid-sampling, when the file doesn't fit this model.
     resolve_layers(state.names, sgm_layer_index(model.model.diffusion_model), path)
@@ -158,20 +162,40 @@ class LoadTSMLoRA:
                 "model": ("MODEL", {"tooltip": "The diffusion model the TSM LoRA will be applied to."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP model its text-encoder LoRA will be applied to."}),
                 "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A native TSM .safetensors file."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                             "tooltip": "How strongly to modify the diffusion model."}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                            "tooltip": "How strongly to modify the CLIP model."}),
+                "strength_model": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -100.0,
+                        "max": 100.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly to modify the diffusion model.",
+                    },
+                ),
+                "strength_clip": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -100.0,
+                        "max": 100.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly to modify the CLIP model.",
+                    },
+                ),
             }
         }
 
     RETURN_TYPES = ("MODEL", "CLIP")
-    OUTPUT_TOOLTIPS = ("The diffusion model, expert selected per step from the noise level.",
-                       "The CLIP model with the file's static text-encoder LoRA.")
+    OUTPUT_TOOLTIPS = (
+        "The diffusion model, expert selected per step from the noise level.",
+        "The CLIP model with the file's static text-encoder LoRA.",
+    )
     FUNCTION = "load_tsm_lora"
     CATEGORY = "loaders"
-    DESCRIPTION = ("TimeStep Master LoRA: the expert of each denoising step is chosen from "
-                   "model_sampling.timestep(sigma); assembled files run their routers.")
+    DESCRIPTION = (
+        "TimeStep Master LoRA: the expert of each denoising step is chosen from "
+        "model_sampling.timestep(sigma); assembled files run their routers."
+    )
 
     def load_tsm_lora(self, model, clip, lora_name, strength_model, strength_clip):
         if strength_model == 0 and strength_clip == 0:
@@ -184,8 +208,10 @@ class LoadTSMLoRA:
             self.loaded = (path, mtime, tensors, metadata)
         tensors, metadata = self.loaded[2], self.loaded[3]
         check_tsm_metadata(metadata, path)
-        return (patch_model(model, tensors, metadata, strength_model, path),
-                patch_clip(clip, tensors, strength_clip, path))
+        return (
+            patch_model(model, tensors, metadata, strength_model, path),
+            patch_clip(clip, tensors, strength_clip, path),
+        )
 
 
 NODE_CLASS_MAPPINGS = {"LoadTSMLoRA": LoadTSMLoRA}

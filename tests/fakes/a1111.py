@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "extensions" / "sd-webui-tsm"))
-from tsm_a1111 import LoraHost  # noqa: E402
+from tsm_a1111 import LoraHost
 
 
 class ExtraNetworkParams:
@@ -39,7 +39,7 @@ class ExtraNetworkParams:
         self.positional = []
         self.named = {}
         for item in self.items:
-            parts = item.split('=', 2) if isinstance(item, str) else [item]
+            parts = item.split("=", 2) if isinstance(item, str) else [item]
             if len(parts) == 2:
                 self.named[parts[0]] = parts[1]
             else:
@@ -63,7 +63,9 @@ def parse_prompt(prompt):
 class CFGDenoiserParams:
     """modules/script_callbacks.py CFGDenoiserParams."""
 
-    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+    def __init__(
+        self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None
+    ):
         self.x = x
         self.image_cond = image_cond
         self.sigma = sigma
@@ -91,8 +93,8 @@ class DiscreteSchedule(torch.nn.Module):
 
     def __init__(self, sigmas, quantize):
         super().__init__()
-        self.register_buffer('sigmas', sigmas)
-        self.register_buffer('log_sigmas', sigmas.log())
+        self.register_buffer("sigmas", sigmas)
+        self.register_buffer("log_sigmas", sigmas.log())
         self.quantize = quantize
 
     def get_sigmas(self, n=None):
@@ -131,7 +133,7 @@ class CompVisDenoiser(DiscreteSchedule):
         self.inner_model = model
 
     def forward(self, input, sigma, **kwargs):
-        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        c_in = 1 / (sigma**2 + 1) ** 0.5
         eps = self.inner_model.apply_model(input * c_in[:, None, None, None], self.sigma_to_t(sigma), **kwargs)
         return input + eps * -sigma[:, None, None, None]
 
@@ -173,7 +175,7 @@ class CFGDenoiser:
 
 def alphas_cumprod_sd():
     """ldm make_beta_schedule("linear", 1000, 0.00085, 0.012): SD's scaled-linear schedule (float32 buffer)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
 
 
@@ -239,7 +241,12 @@ class NetworkModule:
     and a same-size delta to the weight's shape, then scales by multiplier() (scale/alpha unset: 1)."""
 
     def __init__(self, net, weights):
-        self.network, self.network_key, self.sd_key, self.sd_module = net, weights.network_key, weights.sd_key, weights.sd_module
+        self.network, self.network_key, self.sd_key, self.sd_module = (
+            net,
+            weights.network_key,
+            weights.sd_key,
+            weights.sd_module,
+        )
 
     def multiplier(self):
         return self.network.te_multiplier if "transformer" in self.sd_key[:20] else self.network.unet_multiplier
@@ -263,7 +270,9 @@ class FakeLora:
     def __init__(self):
         self.loaded_networks = []
         self.errors = {}
-        self.network = types.SimpleNamespace(Network=Network, NetworkModule=NetworkModule, NetworkWeights=NetworkWeights)
+        self.network = types.SimpleNamespace(
+            Network=Network, NetworkModule=NetworkModule, NetworkWeights=NetworkWeights
+        )
         self.host = LoraHost(self.network, self)
         self._handles = []
 
@@ -272,9 +281,11 @@ class FakeLora:
             m.network_layer_name = name.replace(".", "_")
         for name, m in sd.model.named_modules():
             m.network_layer_name = name.replace(".", "_")
-        self._handles += [m.register_forward_pre_hook(lambda m, a: self.network_apply_weights(m))
-                          for m in [*sd.model.modules(), *sd.cond_stage_model.modules()]
-                          if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention))]
+        self._handles += [
+            m.register_forward_pre_hook(lambda m, a: self.network_apply_weights(m))
+            for m in [*sd.model.modules(), *sd.cond_stage_model.modules()]
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention))
+        ]
 
     def network_apply_weights(self, layer):
         name = getattr(layer, "network_layer_name", None)
@@ -295,7 +306,9 @@ class FakeLora:
                     if name in net.modules:
                         params[0].add_(net.modules[name].calc_updown(params[0])[0])
                     elif mha and name + "_q_proj" in net.modules:
-                        parts = [net.modules[name + s].calc_updown(params[0])[0] for s in ("_q_proj", "_k_proj", "_v_proj")]
+                        parts = [
+                            net.modules[name + s].calc_updown(params[0])[0] for s in ("_q_proj", "_k_proj", "_v_proj")
+                        ]
                         params[0].add_(torch.vstack(parts))
                         params[1].add_(net.modules[name + "_out_proj"].calc_updown(params[1])[0])
                 except RuntimeError:

@@ -90,7 +90,7 @@ def copy_nested_dicts(input_dict):  # comfy/patcher_extension.py
 class EPS:  # comfy/model_sampling.py
     def calculate_input(self, sigma, noise):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
-        return noise / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+        return noise / (sigma**2 + self.sigma_data**2) ** 0.5
 
     def calculate_denoised(self, sigma, model_output, model_input):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
@@ -130,7 +130,7 @@ class BaseModel(torch.nn.Module):  # comfy/model_base.py
 
 
 def calculate_weight(patches, weight, key):  # comfy/lora.py, the "lora" patch type only
-    for strength, v, strength_model, offset, function in patches:
+    for strength, v, strength_model, _offset, _function in patches:
         if strength_model != 1.0:
             weight *= strength_model
         kind, (up, down, alpha, mid) = v
@@ -203,19 +203,24 @@ class ModelPatcher:  # comfy/model_patcher.py
             callback(self)
 
 
-LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                 "self_attn.out_proj": "self_attn_out_proj"}
+LORA_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
 
 
 def model_lora_keys_clip(model, key_map={}):  # comfy/lora.py (the CLIP-L part)
     sdk = model.state_dict().keys()
     for b in range(32):
         for c in LORA_CLIP_MAP:
-            k = "clip_l.transformer.text_model.encoder.layers.{}.{}.weight".format(b, c)
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
             if k in sdk:
-                key_map["lora_te_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c])] = k
-                key_map["lora_te1_text_model_encoder_layers_{}_{}".format(b, LORA_CLIP_MAP[c])] = k
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}"] = k
     return key_map
 
 
@@ -275,7 +280,9 @@ def simple_scheduler(model_sampling, steps):  # comfy/samplers.py
 
 def calculate_sigmas(model_sampling, scheduler_name, steps):  # comfy/samplers.py
     if scheduler_name == "karras":
-        return get_sigmas_karras(n=steps, sigma_min=float(model_sampling.sigma_min), sigma_max=float(model_sampling.sigma_max))
+        return get_sigmas_karras(
+            n=steps, sigma_min=float(model_sampling.sigma_min), sigma_max=float(model_sampling.sigma_max)
+        )
     return simple_scheduler(model_sampling, steps)
 
 
@@ -295,8 +302,12 @@ def outer_sample(patcher, noise, sigmas, cond, uncond, cfg=4.0):
                 sigma = sigmas[i] * x.new_ones([x.shape[0]])
                 to = model_options["transformer_options"].copy()
                 to["sigmas"] = sigma
-                out = model.apply_model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                        c_crossattn=torch.cat([cond, uncond]), transformer_options=to)
+                out = model.apply_model(
+                    torch.cat([x, x]),
+                    torch.cat([sigma, sigma]),
+                    c_crossattn=torch.cat([cond, uncond]),
+                    transformer_options=to,
+                )
                 cond_out, uncond_out = out.chunk(2)
                 denoised = uncond_out + (cond_out - uncond_out) * cfg
                 d = (x - denoised) / sigmas[i]
@@ -334,5 +345,10 @@ def comfy_modules(lora_dir) -> dict[str, types.ModuleType]:
     mp = types.ModuleType("comfy.model_patcher")
     mp.ModelPatcher = ModelPatcher
     pkg.patcher_extension, pkg.lora, pkg.model_patcher = ext, lora, mp
-    return {"folder_paths": folder_paths, "comfy": pkg, "comfy.patcher_extension": ext, "comfy.lora": lora,
-            "comfy.model_patcher": mp}
+    return {
+        "folder_paths": folder_paths,
+        "comfy": pkg,
+        "comfy.patcher_extension": ext,
+        "comfy.lora": lora,
+        "comfy.model_patcher": mp,
+    }

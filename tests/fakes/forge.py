@@ -33,7 +33,7 @@ class Prediction(DiscreteSigmas):
 
     def calculate_input(self, sigma, noise):  # AbstractPrediction, sigma_data = 1
         sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
-        return noise / (sigma ** 2 + 1.0) ** 0.5
+        return noise / (sigma**2 + 1.0) ** 0.5
 
     def calculate_denoised(self, sigma, model_output, model_input):  # eps prediction
         sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
@@ -94,8 +94,9 @@ def denoise(unet_patcher, x, sigma, cond, uncond):
     c = {"c_crossattn": torch.cat([cond, uncond])}
     cond_or_uncond = [0, 1]
     if "model_function_wrapper" in model_options:
-        output = model_options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timestep_, "c": c,
-                                                                            "cond_or_uncond": cond_or_uncond})
+        output = model_options["model_function_wrapper"](
+            model.apply_model, {"input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": cond_or_uncond}
+        )
     else:
         output = model.apply_model(input_x, timestep_, **c)
     return output.chunk(2)
@@ -151,9 +152,10 @@ QuantLinear.__name__ = "Linear"
 
 def forge_unet(linear_cls=ForgeLinear, seed=0):
     """A tiny SD-shaped UNet in Forge's form: every nn.Linear replaced by a Forge-style Linear, called as
-    backend/nn/unet.py ``IntegratedUNet2DConditionModel.forward(x, timesteps, context, control, transformer_options)``."""
+    backend/nn/unet.py
+    ``IntegratedUNet2DConditionModel.forward(x, timesteps, context, control, transformer_options)``."""
     unet = tiny_unet(seed=seed)
-    for path, module in list(unet.named_modules()):
+    for _path, module in list(unet.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, child_name, linear_cls(child))
@@ -206,9 +208,14 @@ class CLIPHolder(nn.Module):
 
 
 # -- text encoder and the processing lifecycle ------------------------------------------------------
-LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-                 "self_attn.out_proj": "self_attn_out_proj"}
+LORA_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
 
 
 def model_lora_keys_clip(model, key_map=None):
@@ -231,7 +238,10 @@ def load_lora(lora, to_load):
         alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
         loaded.add(f"{x}.alpha")
         if f"{x}.lora_up.weight" in lora:
-            patch_dict[to_load[x]] = ("lora", (lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"], alpha, None, None))
+            patch_dict[to_load[x]] = (
+                "lora",
+                (lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"], alpha, None, None),
+            )
             loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
     return patch_dict, {k: v for k, v in lora.items() if k not in loaded}
 

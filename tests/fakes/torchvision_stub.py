@@ -24,8 +24,9 @@ def install() -> None:
         return
     try:
         import torchvision  # noqa: F401
+
         return
-    except Exception:  # noqa: BLE001 - absent, or present but unloadable
+    except Exception:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
     root = _Missing("torchvision")

@@ -34,8 +34,9 @@ class BaseModelError(ValueError):
     """A base model folder that can't be read; the message names the file or folder."""
 
 
-def load_components(path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
-                    ) -> tuple[str, nn.Module, list[tuple[str, nn.Module | None]]]:
+def load_components(
+    path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
+) -> tuple[str, nn.Module, list[tuple[str, nn.Module | None]]]:
     """(denoiser component name, denoiser, [(text encoder component name, module or None), ...]).
 
     Text encoders keep their pipeline positions (a missing one is None; trailing ones are
@@ -52,31 +53,38 @@ def load_components(path: str, weights: bool = False, torch_dtype: torch.dtype |
     if os.path.isfile(path):
         return _single_file_components(path, weights, torch_dtype)
     if not os.path.isdir(path):
-        raise BaseModelError(f"{path}: not a folder or a checkpoint file (give a local diffusers model folder: "
-                             "model_index.json with unet/ or transformer/, text_encoder/ ...; or a single-file "
-                             ".safetensors checkpoint)")
+        raise BaseModelError(
+            f"{path}: not a folder or a checkpoint file (give a local diffusers model folder: "
+            "model_index.json with unet/ or transformer/, text_encoder/ ...; or a single-file "
+            ".safetensors checkpoint)"
+        )
     specs = _component_classes(path)
     if not any(n in specs for n in DENOISER_COMPONENTS):
         bare = _class_from_config(path)
         if bare is not None and bare[0] == "diffusers":
             name = "transformer" if "Transformer" in bare[1] else "unet"
             return name, _build(path, bare, weights, torch_dtype), []
-        why = ("model_index.json names no unet/, transformer/ or prior/ subfolder"
-               if os.path.isfile(os.path.join(path, "model_index.json")) else
-               "not a diffusers pipeline folder (no model_index.json), and no unet/ or transformer/ subfolder "
-               "with a config.json")
+        why = (
+            "model_index.json names no unet/, transformer/ or prior/ subfolder"
+            if os.path.isfile(os.path.join(path, "model_index.json"))
+            else "not a diffusers pipeline folder (no model_index.json), and no unet/ or transformer/ subfolder "
+            "with a config.json"
+        )
         raise BaseModelError(f"{path}: no unet or transformer found: {why}")
     name = next(n for n in DENOISER_COMPONENTS if n in specs)
     denoiser = _build(os.path.join(path, name), specs[name], weights, torch_dtype)
-    encoders = [(c, _build(os.path.join(path, c), specs[c], weights, torch_dtype) if c in specs else None)
-                for c in TEXT_ENCODER_COMPONENTS]
+    encoders = [
+        (c, _build(os.path.join(path, c), specs[c], weights, torch_dtype) if c in specs else None)
+        for c in TEXT_ENCODER_COMPONENTS
+    ]
     while encoders and encoders[-1][1] is None:
         encoders.pop()
     return name, denoiser, encoders
 
 
-def load_base_model(path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
-                    ) -> tuple[nn.Module, list[nn.Module | None]]:
+def load_base_model(
+    path: str, weights: bool = False, torch_dtype: torch.dtype | None = None
+) -> tuple[nn.Module, list[nn.Module | None]]:
     """(denoiser, [text_encoder, text_encoder_2, ...]) of :func:`load_components`, without the names."""
     _, denoiser, encoders = load_components(path, weights, torch_dtype)
     return denoiser, [m for _, m in encoders]
@@ -87,8 +95,10 @@ def _single_file_components(path: str, weights: bool, torch_dtype: torch.dtype |
 
     model = describe(path)
     dtype = torch_dtype or torch.float32
-    encoders = [(name, build_text_encoder(model, i, weights, dtype))
-                for i, name in enumerate(TEXT_ENCODER_COMPONENTS[:len(model.text_encoders)])]
+    encoders = [
+        (name, build_text_encoder(model, i, weights, dtype))
+        for i, name in enumerate(TEXT_ENCODER_COMPONENTS[: len(model.text_encoders)])
+    ]
     return "unet", build_unet(model, weights, dtype), encoders
 
 
@@ -114,8 +124,13 @@ def _component_classes(path: str) -> dict[str, tuple[str, str]]:
     specs = {}
     for name in wanted:
         value = index.get(name)
-        if (isinstance(value, (list, tuple)) and len(value) == 2 and value[0] and value[1]
-                and os.path.isdir(os.path.join(path, name))):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and value[0]
+            and value[1]
+            and os.path.isdir(os.path.join(path, name))
+        ):
             specs[name] = (str(value[0]), str(value[1]))
     return specs
 
@@ -165,7 +180,7 @@ def _build(where: str, library_class: tuple[str, str], weights: bool, torch_dtyp
                     from transformers import AutoConfig
 
                     model = cls(AutoConfig.from_pretrained(where, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise BaseModelError(f"{where}: cannot load {cls_name} ({type(e).__name__}: {first})") from None
     return model.eval()

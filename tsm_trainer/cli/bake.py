@@ -28,13 +28,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python tools/bake.py --base models/sd15 --lora tsm8.safetensors --expert 3 --out models/sd15-e3\n"
-               "  python tools/bake.py --base sd15.safetensors --lora merged.safetensors --out sd15-merged.safetensors\n"
-               "  # un-bake (within float rounding):\n"
-               "  python tools/bake.py --base models/sd15-e3 --lora tsm8.safetensors --expert 3 --multiplier -1 "
-               "--out models/sd15-again")
-    p.add_argument("--base", required=True,
-                   help="diffusers pipeline folder, or an SD1/SD2/SDXL original-layout .safetensors checkpoint")
+        "  python tools/bake.py --base models/sd15 --lora tsm8.safetensors --expert 3 --out models/sd15-e3\n"
+        "  python tools/bake.py --base sd15.safetensors --lora merged.safetensors --out sd15-merged.safetensors\n"
+        "  # un-bake (within float rounding):\n"
+        "  python tools/bake.py --base models/sd15-e3 --lora tsm8.safetensors --expert 3 --multiplier -1 "
+        "--out models/sd15-again",
+    )
+    p.add_argument(
+        "--base",
+        required=True,
+        help="diffusers pipeline folder, or an SD1/SD2/SDXL original-layout .safetensors checkpoint",
+    )
     p.add_argument("--lora", required=True, help="native TSM file (with --expert) or a plain kohya LoRA .safetensors")
     p.add_argument("--expert", type=int, help="native TSM file: the expert to bake (0-based)")
     p.add_argument("--scale", type=int, help="native TSM file: the scale of --expert (default: the core scale)")

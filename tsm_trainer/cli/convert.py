@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if "ss_network_alpha" in meta:
         meta["ss_network_alpha"] = str(rank)
     save_file_atomic(out, args.out, meta, add_hashes=args.to == "kohya")
-    print(f"{args.file} -> {args.out} ({args.to}, {sum(k.endswith(('lora_A.weight', 'lora_down.weight')) for k in out)} modules)")
+    print(
+        f"{args.file} -> {args.out} ({args.to}, "
+        f"{sum(k.endswith(('lora_A.weight', 'lora_down.weight')) for k in out)} modules)"
+    )
     return 0
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from tsm_trainer.core.file_format import TSMFileError
 
@@ -31,7 +31,7 @@ def run_tool(body: Callable[[argparse.Namespace], int], args: argparse.Namespace
     """``body(args)``; any exception becomes ``error: <message>`` and exit status 2."""
     try:
         return body(args)
-    except Exception as e:  # noqa: BLE001 - every failure of a tool is reported the same way
+    except Exception as e:
         if getattr(args, "debug", False):
             raise
         print(f"error: {error_message(e)}", file=sys.stderr)

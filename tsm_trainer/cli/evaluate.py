@@ -30,9 +30,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model", required=True, help="base model: a local diffusers folder")
     p.add_argument("--dataset_config", required=True, help="kohya dataset TOML of the evaluation images")
-    p.add_argument("--validation_split", type=float, default=0.0,
-                   help="evaluate on the split train_tsm.py held out with this --validation_split and --seed "
-                        "(default 0: every image of the dataset config)")
+    p.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.0,
+        help="evaluate on the split train_tsm.py held out with this --validation_split and --seed "
+        "(default 0: every image of the dataset config)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the training run's --seed (for the split)")
     p.add_argument("--files", nargs="+", default=[], help="LoRA / TSM .safetensors files to compare")
     p.add_argument("--labels", nargs="+", help="a label per file (default: file names)")
@@ -43,8 +47,12 @@ def main(argv=None) -> int:
     p.add_argument("--sample_steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--sample_seed", type=int, default=0)
-    p.add_argument("--attribute_score", choices=["none", "heldout", "all"], default="none",
-                   help="demo world only: score samples of the target domain's held-out (or all) combinations")
+    p.add_argument(
+        "--attribute_score",
+        choices=["none", "heldout", "all"],
+        default="none",
+        help="demo world only: score samples of the target domain's held-out (or all) combinations",
+    )
     p.add_argument("--score_seeds", type=int, default=1, help="images per prompt for --attribute_score")
     p.add_argument("--output_dir", default="outputs/evaluate")
     args = p.parse_args(argv)
@@ -57,13 +65,15 @@ def main(argv=None) -> int:
         p.error(f"--files: not found: {', '.join(missing)}")
     if args.attribute_score != "none" and importlib.util.find_spec("demo_world") is None:
         # demo_world/ is in a clone, not in the installed package
-        p.error("--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone, which is not "
-                "installed with the package); run tools/evaluate.py from a clone")
+        p.error(
+            "--attribute_score: needs the demo world (demo_world/ of a tsm-trainer clone, which is not "
+            "installed with the package); run tools/evaluate.py from a clone"
+        )
 
+    from tsm_trainer.core.file_format import TSMFileError
     from tsm_trainer.evaluation import evaluate_files, labelled_grid, plot_loss_curves
     from tsm_trainer.evaluation.heldout import heldout_batches
     from tsm_trainer.evaluation.report import loss_table, score_table
-    from tsm_trainer.core.file_format import TSMFileError
     from tsm_trainer.families import detect_folder_family, get_training_family
 
     try:
@@ -89,25 +99,46 @@ def main(argv=None) -> int:
         seeds = [args.sample_seed + 1000 * k for k in range(args.score_seeds)]
         score = lambda generate: attribute_score(generate, combos, seeds)  # noqa: E731
     try:
-        result = evaluate_files(family, components, batches, args.files, args.labels, not args.no_base, args.bins,
-                                args.draw_seed, prompts, args.sample_steps, args.guidance, size, args.sample_seed,
-                                score)
+        result = evaluate_files(
+            family,
+            components,
+            batches,
+            args.files,
+            args.labels,
+            not args.no_base,
+            args.bins,
+            args.draw_seed,
+            prompts,
+            args.sample_steps,
+            args.guidance,
+            size,
+            args.sample_seed,
+            score,
+        )
     except TSMFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     os.makedirs(args.output_dir, exist_ok=True)
     n_images = sum(len(b["captions"]) for b in batches)
-    print(f"\nHeld-out denoising loss per timestep interval ({n_images} images, same noise and timesteps for "
-          f"every model):\n" + loss_table(result))
-    report = {"images": n_images, "bins": args.bins, "draw_seed": args.draw_seed,
-              "losses_per_bin": result.losses,
-              "losses_per_interval": {k: result.interval_losses(k) for k in result.losses},
-              "mean_loss": {k: result.mean_loss(k) for k in result.losses}}
+    print(
+        f"\nHeld-out denoising loss per timestep interval ({n_images} images, same noise and timesteps for "
+        f"every model):\n" + loss_table(result)
+    )
+    report = {
+        "images": n_images,
+        "bins": args.bins,
+        "draw_seed": args.draw_seed,
+        "losses_per_bin": result.losses,
+        "losses_per_interval": {k: result.interval_losses(k) for k in result.losses},
+        "mean_loss": {k: result.mean_loss(k) for k in result.losses},
+    }
     markdown = loss_table(result, markdown=True)
     if result.scores:
-        print("\nAttribute score (fraction of samples whose detected attribute is the one asked for):\n"
-              + score_table(result))
+        print(
+            "\nAttribute score (fraction of samples whose detected attribute is the one asked for):\n"
+            + score_table(result)
+        )
         report["attribute_scores"] = result.scores
         markdown += "\n\n" + score_table(result, markdown=True)
     with open(os.path.join(args.output_dir, "losses.json"), "w") as f:

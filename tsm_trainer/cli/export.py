@@ -29,11 +29,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out_dir", required=True, help="folder for the exported files")
     parser.add_argument("--scale", type=int, action="append", help="export only this scale (repeatable)")
     parser.add_argument("--name", help="file name stem (default: the input's)")
-    parser.add_argument("--fold_alpha", action="store_true",
-                        help="fold alpha/r into lora_up and write alpha = rank (for diffusers/PEFT loaders)")
+    parser.add_argument(
+        "--fold_alpha",
+        action="store_true",
+        help="fold alpha/r into lora_up and write alpha = rank (for diffusers/PEFT loaders)",
+    )
     parser.add_argument("--comfyui-workflow", dest="workflow", help="also write a ComfyUI workflow JSON here")
-    parser.add_argument("--checkpoint", default="model.safetensors",
-                        help="workflow: checkpoint name as ComfyUI lists it (models/checkpoints)")
+    parser.add_argument(
+        "--checkpoint",
+        default="model.safetensors",
+        help="workflow: checkpoint name as ComfyUI lists it (models/checkpoints)",
+    )
     parser.add_argument("--prompt", default="a photo", help="workflow: positive prompt")
     parser.add_argument("--negative", default="", help="workflow: negative prompt")
     parser.add_argument("--steps", type=int, default=30)
@@ -61,8 +67,19 @@ def run(args: argparse.Namespace) -> int:
             print("error: a workflow schedules the experts of one scale; pass --scale N", file=sys.stderr)
             return 2
         te = next((os.path.basename(w["path"]) for w in written if w["kind"] == "text_encoder"), None)
-        workflow = build_workflow(experts, args.checkpoint, te, args.prompt, args.negative, args.steps, args.cfg,
-                                  args.seed, args.width, args.height, args.strength)
+        workflow = build_workflow(
+            experts,
+            args.checkpoint,
+            te,
+            args.prompt,
+            args.negative,
+            args.steps,
+            args.cfg,
+            args.seed,
+            args.width,
+            args.height,
+            args.strength,
+        )
         write_workflow(args.workflow, workflow)
         print(f"ComfyUI workflow: {args.workflow} (copy the LoRA files into ComfyUI/models/loras)")
     return 0

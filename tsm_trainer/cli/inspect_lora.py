@@ -33,10 +33,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", metavar="FILE", help=".safetensors LoRA or TSM file(s)")
     parser.add_argument("--json", action="store_true", help="print a JSON list (one object per file) instead of text")
-    parser.add_argument("--check", action="store_true", help="validate each file against --base (exit 1 if one doesn't fit)")
-    parser.add_argument("--base", metavar="PATH", help="local diffusers model folder (model_index.json, unet/ or "
-                                                       "transformer/, text_encoder*/; configs only, no weights are "
-                                                       "loaded); implies --check")
+    parser.add_argument(
+        "--check", action="store_true", help="validate each file against --base (exit 1 if one doesn't fit)"
+    )
+    parser.add_argument(
+        "--base",
+        metavar="PATH",
+        help="local diffusers model folder (model_index.json, unet/ or "
+        "transformer/, text_encoder*/; configs only, no weights are "
+        "loaded); implies --check",
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.check and not args.base:
@@ -70,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(summary))
             if reasons is not None:
                 if reasons:
-                    print(f"  check:       DOES NOT FIT {args.base} ({len(reasons)} reason{'s' if len(reasons) != 1 else ''})")
+                    print(
+                        f"  check:       DOES NOT FIT {args.base} "
+                        f"({len(reasons)} reason{'s' if len(reasons) != 1 else ''})"
+                    )
                     for r in reasons[:MAX_REASONS]:
                         print(f"    - {r}")
                     if len(reasons) > MAX_REASONS:

@@ -12,7 +12,8 @@ kohya q/v-only text-encoder LoRA in the same file (convert.py --to peft loads it
 Example:
     python tools/merge_experts.py output/tsm8.safetensors --scale 8 --out merged.safetensors
     python tools/merge_experts.py output/tsm8.safetensors --scale 8 --weights interval --rank 16 --out m16.safetensors
-    python tools/merge_experts.py output/tsm8.safetensors --scale 8 --experts 4,5,6,7 --weights 0.4,0.3,0.2,0.1 --out late.safetensors
+    python tools/merge_experts.py output/tsm8.safetensors --scale 8 --experts 4,5,6,7 \\
+        --weights 0.4,0.3,0.2,0.1 --out late.safetensors
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ from tsm_trainer.cli.errors import about_file, add_debug_flag, run_tool
 from tsm_trainer.cli.python_version import require_python_311
 from tsm_trainer.core.file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic
 from tsm_trainer.core.tensor_checks import check_tsm_file
-from tsm_trainer.files.export import (experts_in, fold_alpha, merge_experts, merge_weights, plain_metadata,
-                                      svd_truncate, text_encoder_lora)
+from tsm_trainer.files.export import (
+    experts_in,
+    fold_alpha,
+    merge_experts,
+    merge_weights,
+    plain_metadata,
+    svd_truncate,
+    text_encoder_lora,
+)
 
 
 def text_encoder_path(out: str) -> str:
@@ -45,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     with about_file(args.file):
         available = experts_in(tensors)
         if args.scale not in available:
-            raise TSMFileError(f"{args.file}: no experts of scale {args.scale} (--scale); it holds scales "
-                               f"{sorted(available)}")
+            raise TSMFileError(
+                f"{args.file}: no experts of scale {args.scale} (--scale); it holds scales {sorted(available)}"
+            )
         experts = [int(e) for e in args.experts.split(",")] if args.experts else available[args.scale]
         weighting = args.weights if args.weights in ("uniform", "interval") else args.weights.split(",")
         weights = merge_weights(args.scale, experts, weighting, info["num_train_timesteps"])
@@ -59,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
     stem = os.path.splitext(os.path.basename(args.out))[0]
     # a merge writes alpha = rank in every module: its alpha is always folded
     meta = plain_metadata(metadata, stem, stem, merged, alpha_folded=True)
-    meta.update({"tsm.source": os.path.basename(args.file),
-                 "tsm.merged_from": f"scale {args.scale} experts {experts} weights {[round(w, 6) for w in weights]}"})
+    meta.update(
+        {
+            "tsm.source": os.path.basename(args.file),
+            "tsm.merged_from": f"scale {args.scale} experts {experts} weights {[round(w, 6) for w in weights]}",
+        }
+    )
     te = text_encoder_lora(tensors)
     save_file_atomic(merged, args.out, meta)
     print(f"merged experts {experts} of scale {args.scale} with weights {[round(w, 4) for w in weights]} -> {args.out}")
@@ -80,11 +93,17 @@ def main(argv=None) -> int:
     parser.add_argument("file", help="native TSM .safetensors file")
     parser.add_argument("--scale", type=int, required=True, help="the scale whose experts are merged")
     parser.add_argument("--experts", help="comma-separated experts to merge (default: all of the scale)")
-    parser.add_argument("--weights", default="uniform",
-                        help="uniform, interval (share of timesteps) or comma-separated numbers, one per expert")
+    parser.add_argument(
+        "--weights",
+        default="uniform",
+        help="uniform, interval (share of timesteps) or comma-separated numbers, one per expert",
+    )
     parser.add_argument("--rank", type=int, help="SVD-truncate the merge to this rank (>= 1)")
-    parser.add_argument("--fold_alpha", action="store_true",
-                        help="also fold alpha/r into the text-encoder LoRA (the merge always has alpha = rank)")
+    parser.add_argument(
+        "--fold_alpha",
+        action="store_true",
+        help="also fold alpha/r into the text-encoder LoRA (the merge always has alpha = rank)",
+    )
     parser.add_argument("--out", required=True, help="output .safetensors")
     add_debug_flag(parser)
     return run_tool(run, parser.parse_args(argv))

@@ -10,8 +10,11 @@ import sys
 
 def require_python_311() -> None:
     """Exit with status 2 and one line on stderr when this interpreter is older than 3.11."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (the point: a clear line instead of a SyntaxError later)
         major, minor, micro = sys.version_info[:3]
-        print(f"tsm-trainer needs Python 3.11 or newer (this is {major}.{minor}.{micro}): make the virtual "
-              "environment with python3.11 (or newer) and install tsm-trainer into it again", file=sys.stderr)
+        print(
+            f"tsm-trainer needs Python 3.11 or newer (this is {major}.{minor}.{micro}): make the virtual "
+            "environment with python3.11 (or newer) and install tsm-trainer into it again",
+            file=sys.stderr,
+        )
         raise SystemExit(2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,7 +31,7 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     """
     data = serialize(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
     header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
@@ -47,8 +47,9 @@ def tensor_data_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
-                     add_hashes: bool = True) -> dict[str, str]:
+def save_file_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None, add_hashes: bool = True
+) -> dict[str, str]:
     """Write tensors to ``path`` via a temp file in the same folder and an atomic rename.
 
     Returns the metadata written (with ``sshs_*`` hashes when ``add_hashes``).
@@ -70,8 +71,9 @@ def check_not_an_input(out: str, inputs: Sequence[str], flag: str = "--out") -> 
         if not same and os.path.exists(out) and os.path.exists(path):
             same = os.path.samefile(out, path)
         if same:
-            raise TSMFileError(f"{flag} {out} is the input file {path}: choose another output path "
-                               "(the input would be overwritten)")
+            raise TSMFileError(
+                f"{flag} {out} is the input file {path}: choose another output path (the input would be overwritten)"
+            )
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -112,7 +114,9 @@ def check_tsm_metadata(metadata: Mapping[str, str], path: str) -> dict:
     if version is None:
         raise TSMFileError(f"{path}: no 'tsm.format_version' metadata: not a TSM file (a plain LoRA?)")
     if version != FORMAT_VERSION:
-        raise TSMFileError(f"{path}: tsm.format_version {version!r} is not supported (this version reads {FORMAT_VERSION!r})")
+        raise TSMFileError(
+            f"{path}: tsm.format_version {version!r} is not supported (this version reads {FORMAT_VERSION!r})"
+        )
     try:
         scales = [int(n) for n in json.loads(metadata["tsm.scales"])]
         info = {
@@ -149,11 +153,12 @@ def check_state_dict(expected: Mapping[str, torch.Size], tensors: Mapping[str, t
     if missing:
         problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
     if unknown:
-        problems.append(f"{len(unknown)} unknown key(s) (a file for another base model or targets?), e.g. {unknown[:3]}")
+        problems.append(
+            f"{len(unknown)} unknown key(s) (a file for another base model or targets?), e.g. {unknown[:3]}"
+        )
     for k, shape in expected.items():
         if k in tensors and tuple(tensors[k].shape) != tuple(shape):
             problems.append(f"key {k!r} has shape {tuple(tensors[k].shape)}, the model needs {tuple(shape)}")
             break
     if problems:
         raise TSMFileError(f"{path}: does not fit this model: " + "; ".join(problems))
-

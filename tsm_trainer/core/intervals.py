@@ -9,7 +9,7 @@ is ``clamp(floor(t * n / T), 0, n - 1)``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

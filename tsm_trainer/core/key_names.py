@@ -36,7 +36,9 @@ _TOP_LEVEL = {
 }
 
 
-def diffusers_unet_to_sgm(path: str, layers_per_block: int = 2, up_blocks_with_attention: frozenset[int] = frozenset({0, 1})) -> str:
+def diffusers_unet_to_sgm(
+    path: str, layers_per_block: int = 2, up_blocks_with_attention: frozenset[int] = frozenset({0, 1})
+) -> str:
     """Translate a diffusers SDXL UNet module path to its SGM name.
 
     ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
@@ -54,14 +56,16 @@ def diffusers_unet_to_sgm(path: str, layers_per_block: int = 2, up_blocks_with_a
     L = layers_per_block
     for src, dst in _TOP_LEVEL.items():
         if path == src or path.startswith(src + "."):
-            return dst + path[len(src):]
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$", path)
+            return dst + path[len(src) :]
+    m = re.match(
+        r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$", path
+    )
     if m:
         kind, block, part, idx, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5) or ""
         if kind == "down_blocks":
             if part == "downsamplers":
                 head = f"input_blocks.{(L + 1) * (block + 1)}.0"
-                rest = "op" + rest[len("conv"):] if rest == "conv" or rest.startswith("conv.") else rest
+                rest = "op" + rest[len("conv") :] if rest == "conv" or rest.startswith("conv.") else rest
             else:
                 head = f"input_blocks.{(L + 1) * block + idx + 1}.{0 if part == 'resnets' else 1}"
         else:
@@ -89,8 +93,9 @@ def _join(head: str, rest: str) -> str:
     return f"{head}.{rest}" if rest else head
 
 
-def diffusers_lora_name_to_sgm(name: str, layers_per_block: int = 2,
-                               up_blocks_with_attention: frozenset[int] = frozenset({1, 2, 3})) -> str:
+def diffusers_lora_name_to_sgm(
+    name: str, layers_per_block: int = 2, up_blocks_with_attention: frozenset[int] = frozenset({1, 2, 3})
+) -> str:
     """``lora_unet_down_blocks_1_attentions_0_...`` (SD1/SD2 files) -> ``lora_unet_input_blocks_4_1_...``.
 
     UIs hold the UNet in the original (SGM/LDM) layout. Defaults are SD1/SD2's (up blocks
@@ -98,10 +103,13 @@ def diffusers_lora_name_to_sgm(name: str, layers_per_block: int = 2,
     """
     if not name.startswith(PREFIX_UNET + "_"):
         return name
-    body = name[len(PREFIX_UNET) + 1:]
-    patterns = (r"((?:down|up)_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_(.+)$",
-                r"(mid_block)_(resnets|attentions)_(\d+)_(.+)$", r"(time_embedding|add_embedding)_(linear_\d)$",
-                r"(conv_in|conv_out)$")
+    body = name[len(PREFIX_UNET) + 1 :]
+    patterns = (
+        r"((?:down|up)_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_(.+)$",
+        r"(mid_block)_(resnets|attentions)_(\d+)_(.+)$",
+        r"(time_embedding|add_embedding)_(linear_\d)$",
+        r"(conv_in|conv_out)$",
+    )
     for pattern in patterns:
         m = re.match(pattern, body)
         if m:

@@ -10,7 +10,7 @@ Delta: ``(alpha / r) B A`` in the base weight's layout, alpha missing meaning al
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

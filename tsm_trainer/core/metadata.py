@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from tsm_trainer.core.file_format import FORMAT_VERSION
 from tsm_trainer.families.base import FamilySpec
@@ -15,8 +15,14 @@ MODELSPEC_VERSION = "1.0.1"
 IMPLEMENTATION = "https://github.com/tsm-trainer/tsm-trainer"
 
 
-def tsm_metadata(scales: list[int], stage: str, mixture: str, num_train_timesteps: int, timestep_space: str,
-                 interval: int | None = None) -> dict[str, str]:
+def tsm_metadata(
+    scales: list[int],
+    stage: str,
+    mixture: str,
+    num_train_timesteps: int,
+    timestep_space: str,
+    interval: int | None = None,
+) -> dict[str, str]:
     meta = {
         "tsm.format_version": FORMAT_VERSION,
         "tsm.scales": json.dumps(list(scales)),
@@ -30,8 +36,9 @@ def tsm_metadata(scales: list[int], stage: str, mixture: str, num_train_timestep
     return meta
 
 
-def kohya_metadata(family: FamilySpec, network_module: str, rank: int, alpha: float, network_args: Mapping[str, str],
-                   output_name: str) -> dict[str, str]:
+def kohya_metadata(
+    family: FamilySpec, network_module: str, rank: int, alpha: float, network_args: Mapping[str, str], output_name: str
+) -> dict[str, str]:
     """The ``ss_*`` keys sd-scripts writes and readers (A1111, Civitai, kohya tools) expect."""
     return {
         "ss_network_module": network_module,
@@ -44,9 +51,13 @@ def kohya_metadata(family: FamilySpec, network_module: str, rank: int, alpha: fl
     }
 
 
-def modelspec_metadata(family: FamilySpec, title: str, prediction_type: str | None = None,
-                       resolution: int | Sequence[int] | None = None,
-                       timestep_range: tuple[int, int] | None = None) -> dict[str, str]:
+def modelspec_metadata(
+    family: FamilySpec,
+    title: str,
+    prediction_type: str | None = None,
+    resolution: int | Sequence[int] | None = None,
+    timestep_range: tuple[int, int] | None = None,
+) -> dict[str, str]:
     """``modelspec.*``. ``resolution``: the training resolution, one side or (width, height);
     None only when it is unknown (the family's native size is written then)."""
     if resolution is None:

@@ -47,9 +47,17 @@ class LoRAPair(nn.Module):
 class _WrappedModule(nn.Module):
     """What both wrappers share: forward replacement, dropout, weight merging."""
 
-    def __init__(self, lora_name: str, org_module: nn.Module, rank: int, alpha: float | None,
-                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
-                 module_dropout: float | None = None):
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        rank: int,
+        alpha: float | None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
         super().__init__()
         if not isinstance(org_module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"{lora_name}: LoRA targets nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
@@ -91,8 +99,9 @@ class _WrappedModule(nn.Module):
         if self._org_forward is None:
             return
         if self.org_module.__dict__.get("forward") != self.forward:
-            raise RuntimeError(f"{self.lora_name}: another wrapper was installed on this layer after this one; "
-                               "remove that one first")
+            raise RuntimeError(
+                f"{self.lora_name}: another wrapper was installed on this layer after this one; remove that one first"
+            )
         if self._previous_forward is None:
             del self.org_module.forward  # back to the class method
         else:
@@ -191,9 +200,18 @@ class TSMLoRAModule(_WrappedModule):
             scales[1:] gated) or "symmetric" (all gated) while assembling.
     """
 
-    def __init__(self, lora_name: str, org_module: nn.Module, context: TimestepContext, scales: list[int],
-                 rank: int, alpha: float | None, experts: dict[int, list[int]] | None = None,
-                 mixture: str | None = None, **kwargs):
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        context: TimestepContext,
+        scales: list[int],
+        rank: int,
+        alpha: float | None,
+        experts: dict[int, list[int]] | None = None,
+        mixture: str | None = None,
+        **kwargs,
+    ):
         super().__init__(lora_name, org_module, rank, alpha, **kwargs)
         if mixture is None and len(scales) != 1:
             raise ValueError(f"{lora_name}: fostering trains one scale at a time, got scales {scales}")
@@ -203,9 +221,9 @@ class TSMLoRAModule(_WrappedModule):
         self.scales = list(scales)
         self.mixture = mixture
         experts = experts or {n: list(range(n)) for n in scales}
-        self.tsm = nn.ModuleDict({
-            str(n): nn.ModuleDict({str(e): LoRAPair(org_module, rank) for e in experts[n]}) for n in scales
-        })
+        self.tsm = nn.ModuleDict(
+            {str(n): nn.ModuleDict({str(e): LoRAPair(org_module, rank) for e in experts[n]}) for n in scales}
+        )
         self._pairs = {(n, int(e)): pair for n in scales for e, pair in self.tsm[str(n)].items()}
         self.router = None
         if mixture is not None:
@@ -271,17 +289,34 @@ class TSMLoRAModule(_WrappedModule):
             n, i = e.args[0]
             return [self._expert_or_error(n, i)]  # raises with the experts this module holds
 
-    def _plan(self, x: torch.Tensor) -> "_Plan":
+    def _plan(self, x: torch.Tensor) -> _Plan:
         """Experts in use and the routing mask for this call, shared by modules of one shape."""
         ctx = self.context
         rows = x.shape[0]
         layout = 4 if self.is_conv else x.dim()
-        key = ("plan", tuple(self.scales), self.router is not None, self.lora_dim, rows, layout, x.device,
-               self.multiplier * self.scale)
+        key = (
+            "plan",
+            tuple(self.scales),
+            self.router is not None,
+            self.lora_dim,
+            rows,
+            layout,
+            x.device,
+            self.multiplier * self.scale,
+        )
         plan = ctx.cache.get(key)
         if plan is None:
-            plan = ctx.cache[key] = _Plan.build(ctx, self.scales, self.router is not None, self.lora_dim, rows,
-                                                 layout, x.device, self.multiplier * self.scale, self.lora_name)
+            plan = ctx.cache[key] = _Plan.build(
+                ctx,
+                self.scales,
+                self.router is not None,
+                self.lora_dim,
+                rows,
+                layout,
+                x.device,
+                self.multiplier * self.scale,
+                self.lora_name,
+            )
         return plan
 
     def expert_delta(self, n: int, e: int) -> torch.Tensor:
@@ -308,11 +343,26 @@ class _Plan:
 
     def __init__(self, experts, single, mask, column_scale, per_sample):
         self.experts, self.single, self.mask, self.column_scale, self.per_sample = (
-            experts, single, mask, column_scale, per_sample)
+            experts,
+            single,
+            mask,
+            column_scale,
+            per_sample,
+        )
 
     @classmethod
-    def build(cls, ctx: TimestepContext, scales, has_router: bool, rank: int, rows: int, layout: int,
-              device: torch.device, scale: float, lora_name: str) -> "_Plan":
+    def build(
+        cls,
+        ctx: TimestepContext,
+        scales,
+        has_router: bool,
+        rank: int,
+        rows: int,
+        layout: int,
+        device: torch.device,
+        scale: float,
+        lora_name: str,
+    ) -> _Plan:
         routings = [ctx.routing(n) for n in scales]
         batch = routings[0].slot.shape[0]
         if rows % batch:
@@ -326,8 +376,9 @@ class _Plan:
             mask = onehot.repeat_interleave(rank, 1).repeat_interleave(per_sample, 0)
             shape = (rows, -1, 1, 1) if layout == 4 else (rows, *([1] * (layout - 2)), -1)
             mask = mask.view(shape).to(device)
-            column_scale = torch.tensor([j for j, r in enumerate(routings) for _ in range(len(r.experts) * rank)],
-                                        device=device)
+            column_scale = torch.tensor(
+                [j for j, r in enumerate(routings) for _ in range(len(r.experts) * rank)], device=device
+            )
         return cls(experts, single, mask, column_scale, per_sample)
 
 

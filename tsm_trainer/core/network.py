@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from tsm_trainer.core import lora_math
 from tsm_trainer.core.file_format import TSMFileError, check_state_dict, check_tsm_metadata, load_file, save_file_atomic
-from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
 from tsm_trainer.core.intervals import parse_scales
 from tsm_trainer.core.metadata import tsm_metadata
 from tsm_trainer.core.modules import MIXTURES, LoRAModule, TSMLoRAModule
-from tsm_trainer.core.targets import (CONV_TARGETS, all_layers, compile_patterns, denoiser_naming, find_targets,
-                      lora_name, text_encoder_key_path, text_encoder_kind,
-                      text_encoder_prefixes)
+from tsm_trainer.core.targets import (
+    CONV_TARGETS,
+    all_layers,
+    compile_patterns,
+    denoiser_naming,
+    find_targets,
+    lora_name,
+    text_encoder_key_path,
+    text_encoder_kind,
+    text_encoder_prefixes,
+)
+from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
 from tsm_trainer.core.timestep import TimestepCapture, TimestepContext
 from tsm_trainer.families import detect_family, unwrap_denoiser
 from tsm_trainer.families.base import FamilySpec
@@ -72,17 +80,23 @@ class TSMConfig:
         if self.mixture not in MIXTURES:
             raise ValueError(f"tsm_mixture must be one of {MIXTURES}, got {self.mixture!r}")
         if self.stage == "foster" and len(self.scales) != 1:
-            raise ValueError(f"tsm_stage=foster trains one scale at a time; got tsm_scales={self.scales} "
-                             "(foster each scale separately, then assemble with tsm_scales=8,1)")
+            raise ValueError(
+                f"tsm_stage=foster trains one scale at a time; got tsm_scales={self.scales} "
+                "(foster each scale separately, then assemble with tsm_scales=8,1)"
+            )
         if self.stage == "assemble" and self.mixture == "asymmetric" and len(self.scales) < 2:
-            raise ValueError(f"tsm_stage=assemble with the asymmetric mixture needs a core and at least one context "
-                             f"scale (e.g. tsm_scales=8,1); got {self.scales}")
+            raise ValueError(
+                f"tsm_stage=assemble with the asymmetric mixture needs a core and at least one context "
+                f"scale (e.g. tsm_scales=8,1); got {self.scales}"
+            )
         if self.interval is not None:
             if self.stage != "foster":
                 raise ValueError("tsm_interval applies to tsm_stage=foster only")
             if not 0 <= self.interval < self.scales[0]:
-                raise ValueError(f"tsm_interval={self.interval} is not an expert of scale {self.scales[0]} "
-                                 f"(valid: 0..{self.scales[0] - 1})")
+                raise ValueError(
+                    f"tsm_interval={self.interval} is not an expert of scale {self.scales[0]} "
+                    f"(valid: 0..{self.scales[0] - 1})"
+                )
         if self.rank < 1:
             raise ValueError(f"network_dim must be >= 1, got {self.rank}")
         if self.conv_rank is not None and self.conv_rank < 1:
@@ -117,8 +131,15 @@ class TSMNetwork(nn.Module):
         multiplier: the user's strength ``s``.
     """
 
-    def __init__(self, config: TSMConfig, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
-                 family: FamilySpec | None = None, multiplier: float = 1.0, module_ranks: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        config: TSMConfig,
+        denoiser: nn.Module,
+        text_encoders: Sequence[nn.Module | None] = (),
+        family: FamilySpec | None = None,
+        multiplier: float = 1.0,
+        module_ranks: Mapping[str, int] | None = None,
+    ):
         super().__init__()
         denoiser = unwrap_denoiser(denoiser)
         self.config = config
@@ -129,8 +150,12 @@ class TSMNetwork(nn.Module):
             self.context.allowed_interval = (config.interval, config.scales[0])
         self._capture: TimestepCapture | None = None
         self._pre_calculated = False
-        common = dict(multiplier=multiplier, dropout=config.dropout, rank_dropout=config.rank_dropout,
-                      module_dropout=config.module_dropout)
+        common = dict(
+            multiplier=multiplier,
+            dropout=config.dropout,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+        )
         experts = {config.scales[0]: [config.interval]} if config.interval is not None else None
 
         def rank_alpha(name: str, module: nn.Module) -> tuple[int, float]:
@@ -152,8 +177,19 @@ class TSMNetwork(nn.Module):
             if module_ranks is not None and name not in module_ranks:
                 continue
             rank, alpha = rank_alpha(name, module)
-            self.denoiser_loras.append(TSMLoRAModule(name, module, self.context, config.scales, rank, alpha,
-                                                     experts=experts, mixture=config.mixture_or_none, **common))
+            self.denoiser_loras.append(
+                TSMLoRAModule(
+                    name,
+                    module,
+                    self.context,
+                    config.scales,
+                    rank,
+                    alpha,
+                    experts=experts,
+                    mixture=config.mixture_or_none,
+                    **common,
+                )
+            )
         if not self.denoiser_loras and module_ranks is None:
             raise ValueError(f"no module of {type(denoiser).__name__} matches the targets {patterns.pattern!r}")
 
@@ -175,8 +211,12 @@ class TSMNetwork(nn.Module):
                 rank, alpha = rank_alpha(name, module)
                 self.text_encoder_loras.append(LoRAModule(name, module, rank, alpha, **common))
 
-        if config.text_encoder_targets and module_ranks is None and any(te is not None for te in text_encoders) \
-                and not self.text_encoder_loras:
+        if (
+            config.text_encoder_targets
+            and module_ranks is None
+            and any(te is not None for te in text_encoders)
+            and not self.text_encoder_loras
+        ):
             raise ValueError(f"no text-encoder module matches the targets {list(config.text_encoder_targets)}")
         names = set()
         for lora in self.all_loras:
@@ -187,15 +227,24 @@ class TSMNetwork(nn.Module):
         if module_ranks is not None:
             unmatched = sorted(set(module_ranks) - names)
             if unmatched:
-                raise TSMFileError(f"{len(unmatched)} module(s) of the file are not in this model (a file for another "
-                                   f"base model?), e.g. {unmatched[:3]}")
+                raise TSMFileError(
+                    f"{len(unmatched)} module(s) of the file are not in this model (a file for another "
+                    f"base model?), e.g. {unmatched[:3]}"
+                )
         self.set_stage_trainable()
 
     @classmethod
-    def from_file(cls, path: str, denoiser: nn.Module, text_encoders: Sequence[nn.Module | None] = (),
-                  multiplier: float = 1.0, family: FamilySpec | None = None,
-                  tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                  load: bool = True) -> "TSMNetwork":
+    def from_file(
+        cls,
+        path: str,
+        denoiser: nn.Module,
+        text_encoders: Sequence[nn.Module | None] = (),
+        multiplier: float = 1.0,
+        family: FamilySpec | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+        metadata: dict[str, str] | None = None,
+        load: bool = True,
+    ) -> TSMNetwork:
         """Build the network a native file describes (scales, stage, modules, ranks) and load it.
 
         Raises:
@@ -207,9 +256,14 @@ class TSMNetwork(nn.Module):
         module_ranks = lora_math.module_ranks(tensors)
         if not module_ranks:
             raise TSMFileError(f"{path}: holds no lora_down weights")
-        config = TSMConfig(scales=info["scales"], stage=info["stage"], mixture=info["mixture"],
-                           interval=info["interval"], rank=next(iter(module_ranks.values())),
-                           num_train_timesteps=info["num_train_timesteps"])
+        config = TSMConfig(
+            scales=info["scales"],
+            stage=info["stage"],
+            mixture=info["mixture"],
+            interval=info["interval"],
+            rank=next(iter(module_ranks.values())),
+            num_train_timesteps=info["num_train_timesteps"],
+        )
         network = cls(config, denoiser, text_encoders, family=family, multiplier=multiplier, module_ranks=module_ranks)
         if load:
             network.load_weights(path, tensors, metadata)
@@ -288,10 +342,18 @@ class TSMNetwork(nn.Module):
     # -- files ------------------------------------------------------------------------------
     def tsm_metadata(self) -> dict[str, str]:
         c = self.config
-        return tsm_metadata(c.scales, c.stage, c.mixture if c.stage == "assemble" else "asymmetric",
-                            c.num_train_timesteps, self.family.timestep_space, c.interval)
+        return tsm_metadata(
+            c.scales,
+            c.stage,
+            c.mixture if c.stage == "assemble" else "asymmetric",
+            c.num_train_timesteps,
+            self.family.timestep_space,
+            c.interval,
+        )
 
-    def save(self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    def save(
+        self, path: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """Write the native file atomically; returns the metadata written."""
         state = self.state_dict()
         if dtype is not None:
@@ -303,8 +365,9 @@ class TSMNetwork(nn.Module):
     def expected_shapes(self) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in self.state_dict().items()}
 
-    def load_weights(self, path: str, tensors: dict[str, torch.Tensor] | None = None,
-                     metadata: dict[str, str] | None = None) -> dict:
+    def load_weights(
+        self, path: str, tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None
+    ) -> dict:
         """Load a native file saved from a network of this shape, strictly.
 
         Raises:
@@ -316,8 +379,12 @@ class TSMNetwork(nn.Module):
         info = check_tsm_metadata(metadata or {}, path)
         check_lora_tensors(tensors, path)
         c = self.config
-        mine = {"scales": c.scales, "stage": c.stage, "interval": c.interval,
-                "num_train_timesteps": c.num_train_timesteps}
+        mine = {
+            "scales": c.scales,
+            "stage": c.stage,
+            "interval": c.interval,
+            "num_train_timesteps": c.num_train_timesteps,
+        }
         if c.stage == "assemble":
             mine["mixture"] = c.mixture
         for key, value in mine.items():
@@ -343,14 +410,18 @@ class TSMNetwork(nn.Module):
             tensors, metadata = load_file(path)
             info = check_tsm_file(tensors, metadata, path)
             if info["stage"] != "foster" or len(info["scales"]) != 1:
-                raise TSMFileError(f"{path}: tsm_experts takes fostered files of one scale, this one is "
-                                   f"stage={info['stage']} scales={info['scales']}")
+                raise TSMFileError(
+                    f"{path}: tsm_experts takes fostered files of one scale, this one is "
+                    f"stage={info['stage']} scales={info['scales']}"
+                )
             n = info["scales"][0]
             if n not in self.config.scales:
                 raise TSMFileError(f"{path}: holds scale {n}, which is not in tsm_scales={self.config.scales}")
             if info["num_train_timesteps"] != self.config.num_train_timesteps:
-                raise TSMFileError(f"{path}: tsm.num_train_timesteps={info['num_train_timesteps']}, "
-                                   f"this network has {self.config.num_train_timesteps}")
+                raise TSMFileError(
+                    f"{path}: tsm.num_train_timesteps={info['num_train_timesteps']}, "
+                    f"this network has {self.config.num_train_timesteps}"
+                )
             is_core = n == self.config.scales[0]
             core_has_text_encoder |= is_core and any(k.startswith("lora_te") for k in tensors)
             for key, value in tensors.items():
@@ -361,14 +432,18 @@ class TSMNetwork(nn.Module):
                         raise TSMFileError(f"{path}: key {key!r} is also in another tsm_experts file")
                 elif key.endswith(".alpha"):
                     if key in loaded and not torch.equal(loaded[key].float(), value.float()):
-                        raise TSMFileError(f"{path}: {key}={float(value)} differs from another tsm_experts file "
-                                           f"({float(loaded[key])}); experts of one module share one alpha")
+                        raise TSMFileError(
+                            f"{path}: {key}={float(value)} differs from another tsm_experts file "
+                            f"({float(loaded[key])}); experts of one module share one alpha"
+                        )
                 if key not in own:
                     raise TSMFileError(f"{path}: unknown key {key!r} (a file for another base model or targets?)")
                 loaded[key] = value
         if not core_has_text_encoder and self.text_encoder_loras:
-            logger.info("tsm_experts: the core scale's file has no text-encoder LoRA (fostered with the denoiser "
-                        "only); the assembled network has none either")
+            logger.info(
+                "tsm_experts: the core scale's file has no text-encoder LoRA (fostered with the denoiser "
+                "only); the assembled network has none either"
+            )
             self.drop_text_encoder_loras()
             own = self.state_dict()
         expected = {k: v.shape for k, v in own.items() if ".router." not in k}
@@ -398,4 +473,3 @@ class TSMNetwork(nn.Module):
     def restore_weights(self) -> None:
         for lora in self.all_loras:
             lora.restore_weights()
-

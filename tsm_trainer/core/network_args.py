@@ -8,7 +8,8 @@ lists the valid keys, and a bad value names its key.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from tsm_trainer.core.intervals import parse_scales
 from tsm_trainer.core.modules import MIXTURES
@@ -36,6 +37,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
         if value not in choices:
             raise ValueError(f"expected one of {list(choices)}, got {value!r}")
         return value
+
     return parse
 
 

@@ -12,18 +12,33 @@ A pattern is a regular expression that must match a whole trailing part of the m
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Iterator
 
 from torch import nn
 
-from tsm_trainer.core.key_names import PREFIX_TEXT_ENCODER, PREFIX_TRANSFORMER, PREFIX_UNET, diffusers_unet_to_sgm, lora_name
+from tsm_trainer.core.key_names import (
+    PREFIX_TEXT_ENCODER,
+    PREFIX_TRANSFORMER,
+    PREFIX_UNET,
+    diffusers_unet_to_sgm,
+    lora_name,
+)
 from tsm_trainer.families import detect_family
 from tsm_trainer.families.base import FamilySpec
 
 # Convolutions of ResNet blocks and down/up samplers (kohya's conv_dim), diffusers and SGM names.
-CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", r"(down|up)samplers\.0\.conv",
-                r"in_layers\.2", r"out_layers\.3", "skip_connection", r"\d+\.op", r"\d+\.\d+\.conv")
+CONV_TARGETS = (
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    r"(down|up)samplers\.0\.conv",
+    r"in_layers\.2",
+    r"out_layers\.3",
+    "skip_connection",
+    r"\d+\.op",
+    r"\d+\.\d+\.conv",
+)
 
 
 def denoiser_naming(denoiser: nn.Module, family: FamilySpec) -> tuple[str, Callable[[str], str]]:
@@ -39,8 +54,9 @@ def denoiser_naming(denoiser: nn.Module, family: FamilySpec) -> tuple[str, Calla
     if family.sgm_unet_names and cls == "UNet2DConditionModel":
         cfg = denoiser.config
         with_attn = frozenset(i for i, t in enumerate(cfg.up_block_types) if "CrossAttn" in t)
-        return PREFIX_UNET, partial(diffusers_unet_to_sgm, layers_per_block=cfg.layers_per_block,
-                                    up_blocks_with_attention=with_attn)
+        return PREFIX_UNET, partial(
+            diffusers_unet_to_sgm, layers_per_block=cfg.layers_per_block, up_blocks_with_attention=with_attn
+        )
     if cls in family.transformer_classes:
         return PREFIX_TRANSFORMER, _identity
     return PREFIX_UNET, _identity
@@ -64,8 +80,12 @@ def text_encoder_prefixes(text_encoders: list[nn.Module | None]) -> list[str]:
     ``lora_te3`` (sd-scripts' SD3 and Flux layout). None entries keep their position."""
     if len(text_encoders) == 1:
         return [PREFIX_TEXT_ENCODER]
-    return [f"{PREFIX_TEXT_ENCODER}3" if te is not None and text_encoder_kind(te) == "t5"
-            else f"{PREFIX_TEXT_ENCODER}{i + 1}" for i, te in enumerate(text_encoders)]
+    return [
+        f"{PREFIX_TEXT_ENCODER}3"
+        if te is not None and text_encoder_kind(te) == "t5"
+        else f"{PREFIX_TEXT_ENCODER}{i + 1}"
+        for i, te in enumerate(text_encoders)
+    ]
 
 
 def text_encoder_key_path(text_encoder: nn.Module, path: str) -> str:
@@ -88,7 +108,9 @@ def compile_patterns(patterns: tuple[str, ...] | list[str]) -> re.Pattern:
     return re.compile(r"(?:^|\.)(?:" + "|".join(f"(?:{p})" for p in patterns) + r")$")
 
 
-def find_targets(root: nn.Module, patterns: re.Pattern, conv_patterns: re.Pattern | None = None) -> Iterator[tuple[str, nn.Module]]:
+def find_targets(
+    root: nn.Module, patterns: re.Pattern, conv_patterns: re.Pattern | None = None
+) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every Linear, 1x1 Conv2d matching ``patterns`` and kxk Conv2d matching ``conv_patterns``."""
     for path, module in root.named_modules():
         if isinstance(module, nn.Linear):
@@ -107,8 +129,9 @@ def all_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def lora_name_index(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
-                    family: FamilySpec | None = None) -> dict[str, tuple[int, str, nn.Module]]:
+def lora_name_index(
+    denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (), family: FamilySpec | None = None
+) -> dict[str, tuple[int, str, nn.Module]]:
     """``{lora_name: (component, module path, module)}`` for every layer of a model, named as
     this family's files name them; component is -1 for the denoiser, else the text encoder's
     position. Resolves the keys of any kohya-style LoRA (ours or another trainer's).
@@ -129,7 +152,8 @@ def lora_name_index(denoiser: nn.Module | None, text_encoders: list[nn.Module | 
     return index
 
 
-def layers_by_lora_name(denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (),
-                        family: FamilySpec | None = None) -> dict[str, nn.Module]:
+def layers_by_lora_name(
+    denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (), family: FamilySpec | None = None
+) -> dict[str, nn.Module]:
     """``{lora_name: module}``: :func:`lora_name_index` without the paths."""
     return {name: module for name, (_, _, module) in lora_name_index(denoiser, text_encoders, family).items()}

@@ -8,7 +8,7 @@ The metadata check runs before a network is built from a file: a forged ``tsm.sc
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -30,24 +30,29 @@ def check_lora_tensors(tensors: Mapping[str, torch.Tensor], path: str) -> None:
         raise TSMFileError(f"{path}: holds no tensors (an empty or unfinished file)")
     for key, t in tensors.items():
         if not t.is_floating_point():
-            raise TSMFileError(f"{path}: key {key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA weights "
-                               "must be floating point (quantized files are not supported)")
+            raise TSMFileError(
+                f"{path}: key {key!r} has dtype {str(t.dtype).replace('torch.', '')}; LoRA weights "
+                "must be floating point (quantized files are not supported)"
+            )
         if not bool(torch.isfinite(t).all()):
-            raise TSMFileError(f"{path}: key {key!r} holds NaN or Inf values (a diverged training? use an earlier "
-                               "checkpoint)")
+            raise TSMFileError(
+                f"{path}: key {key!r} holds NaN or Inf values (a diverged training? use an earlier checkpoint)"
+            )
         if key.endswith(".alpha") and t.numel() != 1:
             raise TSMFileError(f"{path}: key {key!r} has shape {tuple(t.shape)}; an alpha is one number")
         for down_suffix, up_suffix in _PAIR_SUFFIXES:
             if key.endswith(down_suffix):
-                up_key = key[:-len(down_suffix)] + up_suffix
+                up_key = key[: -len(down_suffix)] + up_suffix
                 up = tensors.get(up_key)
                 if up is None:
                     raise TSMFileError(f"{path}: key {key!r} has no matching {up_key!r}")
                 if t.dim() < 2 or up.dim() < 2 or up.shape[1] != t.shape[0]:
-                    raise TSMFileError(f"{path}: key {up_key!r} has shape {tuple(up.shape)}, which does not match "
-                                       f"the rank of {key!r} {tuple(t.shape)}")
-            elif key.endswith(up_suffix) and key[:-len(up_suffix)] + down_suffix not in tensors:
-                raise TSMFileError(f"{path}: key {key!r} has no matching {key[:-len(up_suffix)] + down_suffix!r}")
+                    raise TSMFileError(
+                        f"{path}: key {up_key!r} has shape {tuple(up.shape)}, which does not match "
+                        f"the rank of {key!r} {tuple(t.shape)}"
+                    )
+            elif key.endswith(up_suffix) and key[: -len(up_suffix)] + down_suffix not in tensors:
+                raise TSMFileError(f"{path}: key {key!r} has no matching {key[: -len(up_suffix)] + down_suffix!r}")
 
 
 def experts_by_scale(tensors: Mapping[str, torch.Tensor]) -> dict[int, set[int]]:
@@ -75,9 +80,11 @@ def check_keys_match_metadata(tensors: Mapping[str, torch.Tensor], info: Mapping
                 raise TSMFileError(f"{path}: tsm.interval={interval} but scale {n} holds experts {sorted(found)}")
         elif len(found) != n or max(found, default=-1) != n - 1:
             missing = n - len(found) if len(found) < n else 0
-            raise TSMFileError(f"{path}: tsm.scales says scale {n} has {n} experts, the keys hold {len(found)}"
-                               + (f" ({missing} missing)" if missing else f" (e.g. expert {max(found)})")
-                               + ": the metadata does not describe these tensors")
+            raise TSMFileError(
+                f"{path}: tsm.scales says scale {n} has {n} experts, the keys hold {len(found)}"
+                + (f" ({missing} missing)" if missing else f" (e.g. expert {max(found)})")
+                + ": the metadata does not describe these tensors"
+            )
     for key, t in tensors.items():
         if key.endswith(".router.embedding") and t.shape[0] != T:
             raise TSMFileError(f"{path}: key {key!r} has {t.shape[0]} rows, tsm.num_train_timesteps={T}")

@@ -138,15 +138,23 @@ class TimestepCapture:
         arg_name: name of the timestep parameter; None finds it in the forward signature.
     """
 
-    def __init__(self, denoiser: nn.Module, context: TimestepContext, timestep_scale: float | None = None,
-                 arg_name: str | None = None):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        context: TimestepContext,
+        timestep_scale: float | None = None,
+        arg_name: str | None = None,
+    ):
         self.context = context
         cls = type(denoiser).__name__
         if timestep_scale is None:
             timestep_scale = float(context.num_train_timesteps) if cls in sigma_input_classes() else 1.0
         self.timestep_scale = timestep_scale
-        params = [p for p in inspect.signature(denoiser.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        params = [
+            p
+            for p in inspect.signature(denoiser.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
         names = [p.name for p in params]
         if arg_name is None:
             arg_name = next((a for a in TIMESTEP_ARG_NAMES if a in names), None)
@@ -156,7 +164,9 @@ class TimestepCapture:
                 f"{TIMESTEP_ARG_NAMES} (pass arg_name=...)"
             )
         self.arg_name = arg_name
-        self.arg_pos = names.index(arg_name) if params[names.index(arg_name)].kind != inspect.Parameter.KEYWORD_ONLY else None
+        self.arg_pos = (
+            names.index(arg_name) if params[names.index(arg_name)].kind != inspect.Parameter.KEYWORD_ONLY else None
+        )
         sample = next((a for a in SAMPLE_ARG_NAMES if a in names), names[0] if names else None)
         self.sample_name = sample
         self.sample_pos = names.index(sample) if sample in names else None

@@ -9,6 +9,7 @@ Sizes here are (width, height), kohya's order; the dataset turns them into (H, W
   if its area exceeds resolution^2, then floored to multiples of bucket_reso_steps and cropped.
 - enable_bucket = false: one bucket, the resolution; scale to cover, crop.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 Size = tuple[int, int]  # (width, height)
 
 
-def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int = 1024,
-                            divisible: int = 64) -> list[Size]:
+def make_bucket_resolutions(
+    max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64
+) -> list[Size]:
     """Bucket sizes (w, h) whose area is at most max_reso's area, sides in [min_size, max_size],
     multiples of `divisible`, sorted. Always contains the largest square that fits the area."""
     area = max_reso[0] * max_reso[1]
@@ -36,6 +38,7 @@ def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int =
 class BucketChoice:
     """bucket: final (w, h) of the sample; resized: (w, h) the image is scaled to before cropping
     (each side >= the bucket's side)."""
+
     bucket: Size
     resized: Size
 
@@ -43,8 +46,15 @@ class BucketChoice:
 class BucketSelector:
     """Chooses the bucket of an image size for one dataset's settings."""
 
-    def __init__(self, resolution: Size, enable_bucket: bool = False, min_bucket_reso: int = 256,
-                 max_bucket_reso: int = 1024, bucket_reso_steps: int = 64, bucket_no_upscale: bool = False):
+    def __init__(
+        self,
+        resolution: Size,
+        enable_bucket: bool = False,
+        min_bucket_reso: int = 256,
+        max_bucket_reso: int = 1024,
+        bucket_reso_steps: int = 64,
+        bucket_no_upscale: bool = False,
+    ):
         self.max_area = resolution[0] * resolution[1]
         self.steps = bucket_reso_steps
         self.no_upscale = enable_bucket and bucket_no_upscale

@@ -10,12 +10,13 @@ No model is imported here: the caller passes the encode functions.
   Valid only while the text encoder is frozen; with static captions (DataConfig.captions_static)
   `prepare` can encode every caption before training.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,8 +71,13 @@ class LatentCache:
     """encode_fn: pixels (B, 3, H, W) or (B, F, 3, H, W) in [-1, 1] -> latents (B, ...); may be None
     once every needed entry is cached (the VAE can then be freed)."""
 
-    def __init__(self, encode_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-                 cache_dir: str | Path | None = None, namespace: str = "", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        encode_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        cache_dir: str | Path | None = None,
+        namespace: str = "",
+        dtype: torch.dtype | None = None,
+    ):
         self.encode_fn = encode_fn
         self.namespace = namespace
         self.dtype = dtype
@@ -79,8 +85,15 @@ class LatentCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, path: str, stamp: str, bucket: tuple[int, int], resized: tuple[int, int],
-            offset: tuple[int, int], flip: bool) -> str:
+    def key(
+        self,
+        path: str,
+        stamp: str,
+        bucket: tuple[int, int],
+        resized: tuple[int, int],
+        offset: tuple[int, int],
+        flip: bool,
+    ) -> str:
         return _digest("latent", self.namespace, os.path.abspath(path), stamp, bucket, resized, offset, flip)
 
     def __contains__(self, key: str) -> bool:
@@ -98,8 +111,10 @@ class LatentCache:
         self.misses += len(miss)
         if miss:
             if self.encode_fn is None:
-                raise RuntimeError(f"latent cache miss for {len(miss)} sample(s) and no encode function "
-                                   "(cache all latents before freeing the VAE)")
+                raise RuntimeError(
+                    f"latent cache miss for {len(miss)} sample(s) and no encode function "
+                    "(cache all latents before freeing the VAE)"
+                )
             with torch.no_grad():
                 enc = self.encode_fn(load_pixels(miss))
             if self.dtype is not None:
@@ -119,8 +134,12 @@ class TextEncoderCache:
     they are read back on the CPU.
     """
 
-    def __init__(self, encode_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None,
-                 cache_dir: str | Path | None = None, namespace: str = ""):
+    def __init__(
+        self,
+        encode_fn: Callable[[list[str]], dict[str, torch.Tensor]] | None,
+        cache_dir: str | Path | None = None,
+        namespace: str = "",
+    ):
         self.encode_fn = encode_fn
         self.namespace = namespace
         self.store = _TensorStore(cache_dir, keep_device=True)
@@ -134,15 +153,17 @@ class TextEncoderCache:
     def clear(self) -> None:
         """Forget every entry held in memory (the text encoder changed, e.g. another LoRA file)."""
         if self.store.dir is not None:
-            raise ValueError(f"{self.store.dir}: a text-encoder cache on disk is not cleared; use another "
-                             "namespace or delete the folder")
+            raise ValueError(
+                f"{self.store.dir}: a text-encoder cache on disk is not cleared; use another "
+                "namespace or delete the folder"
+            )
         self.store.mem.clear()
 
     def prepare(self, captions: list[str], batch_size: int = 16) -> int:
         """Encode every caption not cached yet, in batches. Returns the number encoded."""
         todo = sorted({c for c in captions if c not in self})
         for k in range(0, len(todo), batch_size):
-            self._encode_and_store(todo[k:k + batch_size])
+            self._encode_and_store(todo[k : k + batch_size])
         return len(todo)
 
     def _encode_and_store(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:

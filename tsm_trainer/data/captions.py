@@ -3,12 +3,13 @@
 All randomness comes from the `rng` argument (numpy Generator), so a (seed, epoch, position)
 -derived generator reproduces the same caption after a resume.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def process_caption(caption: str, subset: SubsetConfig, rng: np.random.Generator
             fixed, flex = _split(fixed_part, sep), _split(flex_part, sep)
         else:
             tokens = [t.strip() for t in caption.strip().split(sep)]
-            fixed, flex = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
+            fixed, flex = tokens[: subset.keep_tokens], tokens[subset.keep_tokens :]
         if subset.shuffle_caption:
             flex = [flex[i] for i in rng.permutation(len(flex))]
         if subset.caption_tag_dropout_rate > 0:
@@ -100,6 +101,7 @@ def process_caption(caption: str, subset: SubsetConfig, rng: np.random.Generator
 class CaptionLength:
     """How long a caption may be: ``count(text)`` tokens (no special tokens) against the ``limit``
     that ``reader`` (a text encoder, named in messages) reads; the rest is cut."""
+
     count: Callable[[str], int]
     limit: int
     reader: str
@@ -123,8 +125,11 @@ def tokenizer_caption_length(tokenizer, max_length: int = 512) -> CaptionLength:
     ``max_length``) less the special tokens it adds (CLIP: 77 - 2 = 75)."""
     specials = len(tokenizer("").input_ids)
     limit = min(int(tokenizer.model_max_length), max_length) - specials
-    return CaptionLength(lambda text: len(tokenizer(text, add_special_tokens=False).input_ids), limit,
-                         type(tokenizer).__name__.replace("TokenizerFast", "").replace("Tokenizer", ""))
+    return CaptionLength(
+        lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
+        limit,
+        type(tokenizer).__name__.replace("TokenizerFast", "").replace("Tokenizer", ""),
+    )
 
 
 def caption_too_long(caption: str, subset: SubsetConfig, length: CaptionLength) -> str | None:
@@ -138,7 +143,9 @@ def caption_too_long(caption: str, subset: SubsetConfig, length: CaptionLength) 
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if length.count(" ".join(words[:mid])) <= length.limit else (lo, mid - 1)
-            kept = " ".join(words[max(0, lo - 3):lo])
-            return (f"caption has {n} tokens, {length.reader} reads {length.limit}: everything after "
-                    f"'...{kept}' is ignored; shorten it")
+            kept = " ".join(words[max(0, lo - 3) : lo])
+            return (
+                f"caption has {n} tokens, {length.reader} reads {length.limit}: everything after "
+                f"'...{kept}' is ignored; shorten it"
+            )
     return None

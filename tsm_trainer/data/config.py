@@ -15,11 +15,13 @@ image_dir one video clip whose first N frames (sorted by file name) form a sampl
 
 Every error is a :class:`DatasetConfigError` naming the key, the file and what is valid.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from tsm_trainer.data.errors import DatasetConfigError
 
@@ -37,6 +39,7 @@ def _int(lo=None):
         if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
             raise ValueError
         return v
+
     return check
 
 
@@ -75,8 +78,11 @@ def _resolution(v):
     """int r -> (r, r); [w, h] -> (w, h). Returned as (width, height), kohya's order."""
     if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(
-            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+    if (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+    ):
         return (int(v[0]), int(v[1]))
     raise ValueError
 
@@ -95,7 +101,7 @@ DATASET_KEYS: dict[str, Spec] = {
 }
 SUBSET_KEYS: dict[str, Spec] = {  # valid at every level, inherited downward
     "num_repeats": (_int(1), "an integer >= 1"),
-    "caption_extension": (_extension, "a string such as \".txt\""),
+    "caption_extension": (_extension, 'a string such as ".txt"'),
     "class_tokens": (_str, "a string"),
     "shuffle_caption": (_bool, "true or false"),
     "caption_separator": (_str, "a string"),
@@ -110,8 +116,10 @@ SUBSET_KEYS: dict[str, Spec] = {  # valid at every level, inherited downward
     "caption_tag_dropout_rate": (_float01, "a number in [0, 1]"),
     "flip_aug": (_bool, "true or false"),
     "random_crop": (_bool, "true or false"),
-    "cache_info": (_false, "false: kohya's image-size cache is not implemented (sizes are read at each scan); "
-                           "remove the key"),
+    "cache_info": (
+        _false,
+        "false: kohya's image-size cache is not implemented (sizes are read at each scan); remove the key",
+    ),
 }
 SUBSET_ONLY_KEYS: dict[str, Spec] = {
     "image_dir": (_str, "a folder path"),
@@ -120,28 +128,59 @@ SUBSET_ONLY_KEYS: dict[str, Spec] = {
 }
 # Valid in kohya but not implemented here: named as such instead of "unknown".
 KOHYA_UNSUPPORTED = (
-    "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "custom_attributes",
-    "resize_interpolation", "validation_seed", "validation_split", "metadata_file", "conditioning_data_dir",
-    "alpha_mask", "debug_dataset", "prior_loss_weight",
+    "color_aug",
+    "face_crop_aug_range",
+    "token_warmup_min",
+    "token_warmup_step",
+    "custom_attributes",
+    "resize_interpolation",
+    "validation_seed",
+    "validation_split",
+    "metadata_file",
+    "conditioning_data_dir",
+    "alpha_mask",
+    "debug_dataset",
+    "prior_loss_weight",
 )
 GENERAL_VALID = {**DATASET_KEYS, **SUBSET_KEYS}
 DATASET_VALID = {**DATASET_KEYS, **SUBSET_KEYS, "subsets": None}
 SUBSET_VALID = {**SUBSET_KEYS, **SUBSET_ONLY_KEYS}
 
 KOHYA_DEFAULTS: dict[str, Any] = {
-    "resolution": None, "batch_size": 1, "enable_bucket": False, "min_bucket_reso": 256,
-    "max_bucket_reso": 1024, "bucket_reso_steps": 64, "bucket_no_upscale": False, "network_multiplier": 1.0,
-    "num_repeats": 1, "caption_extension": ".caption", "class_tokens": None, "shuffle_caption": False,
-    "caption_separator": ",", "keep_tokens": 0, "keep_tokens_separator": None, "secondary_separator": None,
-    "enable_wildcard": False, "caption_prefix": None, "caption_suffix": None, "caption_dropout_rate": 0.0,
-    "caption_dropout_every_n_epochs": 0, "caption_tag_dropout_rate": 0.0, "flip_aug": False,
-    "random_crop": False, "cache_info": False, "is_reg": False, "video_frames": None,
+    "resolution": None,
+    "batch_size": 1,
+    "enable_bucket": False,
+    "min_bucket_reso": 256,
+    "max_bucket_reso": 1024,
+    "bucket_reso_steps": 64,
+    "bucket_no_upscale": False,
+    "network_multiplier": 1.0,
+    "num_repeats": 1,
+    "caption_extension": ".caption",
+    "class_tokens": None,
+    "shuffle_caption": False,
+    "caption_separator": ",",
+    "keep_tokens": 0,
+    "keep_tokens_separator": None,
+    "secondary_separator": None,
+    "enable_wildcard": False,
+    "caption_prefix": None,
+    "caption_suffix": None,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0,
+    "flip_aug": False,
+    "random_crop": False,
+    "cache_info": False,
+    "is_reg": False,
+    "video_frames": None,
 }
 
 
 @dataclass(frozen=True)
 class SubsetConfig:
     """One `[[datasets.subsets]]` table after inheritance. `where` locates it in the file for messages."""
+
     image_dir: Path
     where: str
     num_repeats: int = 1
@@ -167,13 +206,19 @@ class SubsetConfig:
     @property
     def captions_static(self) -> bool:
         """True when the processed caption never changes between epochs (text-encoder cache is valid)."""
-        return not (self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_dropout_every_n_epochs > 0
-                    or self.caption_tag_dropout_rate > 0 or self.enable_wildcard)
+        return not (
+            self.shuffle_caption
+            or self.caption_dropout_rate > 0
+            or self.caption_dropout_every_n_epochs > 0
+            or self.caption_tag_dropout_rate > 0
+            or self.enable_wildcard
+        )
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
     """One `[[datasets]]` table. resolution is (width, height) as in kohya."""
+
     resolution: tuple[int, int]
     where: str
     subsets: tuple[SubsetConfig, ...]
@@ -193,6 +238,7 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """The whole file: `datasets` in file order, `source` the TOML path."""
+
     datasets: tuple[DatasetConfig, ...]
     source: str = "<dict>"
 
@@ -209,7 +255,8 @@ def _check_table(table: Any, valid: Mapping[str, Spec | None], level: str, where
         if key not in valid:
             if key in KOHYA_UNSUPPORTED:
                 raise DatasetConfigError(
-                    f"{file}: {where}: key '{key}' is a kohya option that tsm-trainer does not support; remove it")
+                    f"{file}: {where}: key '{key}' is a kohya option that tsm-trainer does not support; remove it"
+                )
             hint = ""
             if key in SUBSET_ONLY_KEYS:
                 hint = " (it is valid only inside [[datasets.subsets]])"
@@ -217,7 +264,8 @@ def _check_table(table: Any, valid: Mapping[str, Spec | None], level: str, where
                 hint = " (it is a dataset-level key: put it in [[datasets]] or [general])"
             raise DatasetConfigError(
                 f"{file}: {where}: unknown key '{key}'{hint}; valid keys at the {level} level: "
-                + ", ".join(sorted(valid)))
+                + ", ".join(sorted(valid))
+            )
         spec = valid[key]
         if spec is None:
             continue
@@ -226,12 +274,14 @@ def _check_table(table: Any, valid: Mapping[str, Spec | None], level: str, where
             out[key] = checker(value)
         except ValueError:
             raise DatasetConfigError(
-                f"{file}: {where}: key '{key}' = {value!r} is invalid; expected {expected}") from None
+                f"{file}: {where}: key '{key}' = {value!r} is invalid; expected {expected}"
+            ) from None
     return out
 
 
-def parse_dataset_config(raw: Mapping[str, Any], file: str = "<dict>",
-                         defaults: Mapping[str, Any] | None = None) -> DataConfig:
+def parse_dataset_config(
+    raw: Mapping[str, Any], file: str = "<dict>", defaults: Mapping[str, Any] | None = None
+) -> DataConfig:
     """Validate a parsed TOML mapping. `defaults` plays kohya's argparse role (e.g. resolution, batch_size)."""
     top = {"general": None, "datasets": None}
     for key in raw:
@@ -266,12 +316,14 @@ def parse_dataset_config(raw: Mapping[str, Any], file: str = "<dict>",
         if dvals["resolution"] is None:
             raise DatasetConfigError(
                 f"{file}: {dwhere}: key 'resolution' is missing; set it in [[datasets]] or [general] "
-                "(a positive integer or [width, height])")
+                "(a positive integer or [width, height])"
+            )
         frames = {s.video_frames for s in subsets}
         if len(frames) > 1:
             raise DatasetConfigError(
                 f"{file}: {dwhere}: key 'video_frames' differs between its subsets ({sorted(map(str, frames))}); "
-                "a batch holds one shape: put clips with another frame count in a separate [[datasets]]")
+                "a batch holds one shape: put clips with another frame count in a separate [[datasets]]"
+            )
         _check_buckets(dvals, dwhere, file)
         datasets.append(DatasetConfig(where=f"{file}: {dwhere}", subsets=tuple(subsets), **dvals))
     return DataConfig(datasets=tuple(datasets), source=file)
@@ -279,20 +331,27 @@ def parse_dataset_config(raw: Mapping[str, Any], file: str = "<dict>",
 
 def _check_buckets(d: dict, where: str, file: str) -> None:
     if d["bucket_reso_steps"] % 8:
-        raise DatasetConfigError(f"{file}: {where}: key 'bucket_reso_steps' = {d['bucket_reso_steps']} must be a "
-                                 "multiple of 8 (latents are 1/8 of the image)")
+        raise DatasetConfigError(
+            f"{file}: {where}: key 'bucket_reso_steps' = {d['bucket_reso_steps']} must be a "
+            "multiple of 8 (latents are 1/8 of the image)"
+        )
     w, h = d["resolution"]
     step = d["bucket_reso_steps"] if d["enable_bucket"] else 8
     if w % step or h % step:
-        raise DatasetConfigError(f"{file}: {where}: key 'resolution' = {list(d['resolution'])} must be a multiple "
-                                 f"of {step}")
+        raise DatasetConfigError(
+            f"{file}: {where}: key 'resolution' = {list(d['resolution'])} must be a multiple of {step}"
+        )
     if d["enable_bucket"] and not d["bucket_no_upscale"]:
         if d["min_bucket_reso"] > d["max_bucket_reso"]:
-            raise DatasetConfigError(f"{file}: {where}: key 'min_bucket_reso' ({d['min_bucket_reso']}) must be <= "
-                                     f"'max_bucket_reso' ({d['max_bucket_reso']})")
+            raise DatasetConfigError(
+                f"{file}: {where}: key 'min_bucket_reso' ({d['min_bucket_reso']}) must be <= "
+                f"'max_bucket_reso' ({d['max_bucket_reso']})"
+            )
         if max(w, h) > d["max_bucket_reso"]:
-            raise DatasetConfigError(f"{file}: {where}: key 'max_bucket_reso' ({d['max_bucket_reso']}) must be >= "
-                                     f"the resolution's width and height {list(d['resolution'])}")
+            raise DatasetConfigError(
+                f"{file}: {where}: key 'max_bucket_reso' ({d['max_bucket_reso']}) must be >= "
+                f"the resolution's width and height {list(d['resolution'])}"
+            )
 
 
 def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = None) -> DataConfig:
@@ -309,10 +368,13 @@ def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = N
     return parse_dataset_config(raw, str(path), defaults)
 
 
-def write_dataset_config(path: str | Path, image_dir: str | Path, resolution: int, batch_size: int,
-                         caption_extension: str = ".txt") -> str:
+def write_dataset_config(
+    path: str | Path, image_dir: str | Path, resolution: int, batch_size: int, caption_extension: str = ".txt"
+) -> str:
     """Write the simplest kohya dataset TOML: one dataset with one subset of ``image_dir``; returns ``path``."""
-    Path(path).write_text(f'[general]\ncaption_extension = "{caption_extension}"\n\n[[datasets]]\n'
-                          f'resolution = {resolution}\nbatch_size = {batch_size}\n\n'
-                          f'  [[datasets.subsets]]\n  image_dir = "{image_dir}"\n')
+    Path(path).write_text(
+        f'[general]\ncaption_extension = "{caption_extension}"\n\n[[datasets]]\n'
+        f"resolution = {resolution}\nbatch_size = {batch_size}\n\n"
+        f'  [[datasets.subsets]]\n  image_dir = "{image_dir}"\n'
+    )
     return str(path)

@@ -15,12 +15,13 @@ function of (seed, epoch, index), so the dataset holds no position: a training s
 trainer's (epoch, position) and :func:`fingerprint` (checked on resume by training/run_record.py),
 and a resume continues with exactly the batch the uninterrupted run would have used.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +49,14 @@ def item_repeats(items: list[Item], subsets, where: str = "dataset") -> list[int
     reg = [i for i, it in enumerate(items) if subsets[it.subset].is_reg]
     num_train = sum(repeats)
     if reg and num_train == 0:
-        raise DatasetConfigError(f"{where}: only regularisation images (is_reg); kohya balances them against "
-                                 "training images, so add a training subset (or set is_reg = false)")
+        raise DatasetConfigError(
+            f"{where}: only regularisation images (is_reg); kohya balances them against "
+            "training images, so add a training subset (or set is_reg = false)"
+        )
     if reg and sum(subsets[items[i].subset].num_repeats for i in reg) > num_train:
-        logger.warning("%s: more regularisation images (with repeats) than training images; some are not used, "
-                       "as in kohya", where)
+        logger.warning(
+            "%s: more regularisation images (with repeats) than training images; some are not used, as in kohya", where
+        )
     n, first = 0, True
     while reg and n < num_train:
         for i in reg:
@@ -66,8 +70,7 @@ def item_repeats(items: list[Item], subsets, where: str = "dataset") -> list[int
 
 
 class TrainDataset:
-    def __init__(self, scan: ScanResult, seed: int = 0, shuffle: bool = True,
-                 latent_cache: LatentCache | None = None):
+    def __init__(self, scan: ScanResult, seed: int = 0, shuffle: bool = True, latent_cache: LatentCache | None = None):
         self.config: DataConfig = scan.config
         self.items = scan.items
         self.seed = int(seed)
@@ -77,19 +80,24 @@ class TrainDataset:
             for d in self.config.datasets:
                 for s in d.subsets:
                     if s.random_crop:
-                        raise DatasetConfigError(f"{s.where}: key 'random_crop' = true cannot be used with latent "
-                                                 "caching (the crop changes every epoch); set it false or "
-                                                 "disable latent caching")
+                        raise DatasetConfigError(
+                            f"{s.where}: key 'random_crop' = true cannot be used with latent "
+                            "caching (the crop changes every epoch); set it false or "
+                            "disable latent caching"
+                        )
         self._batch_sizes = [d.batch_size for d in self.config.datasets]
-        self._repeats = [item_repeats(ds_items, d.subsets, d.where)
-                         for ds_items, d in zip(self.items, self.config.datasets)]
+        self._repeats = [
+            item_repeats(ds_items, d.subsets, d.where) for ds_items, d in zip(self.items, self.config.datasets)
+        ]
         self._plan_cache: tuple[int, list[PlannedBatch]] | None = None
 
     # ----- plan and identity -------------------------------------------------------------------
     def plan(self, epoch: int) -> list[PlannedBatch]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            self._plan_cache = (epoch, plan_epoch(self.items, self._batch_sizes, self._repeats,
-                                                  self.seed, epoch, self.shuffle))
+            self._plan_cache = (
+                epoch,
+                plan_epoch(self.items, self._batch_sizes, self._repeats, self.seed, epoch, self.shuffle),
+            )
         return self._plan_cache[1]
 
     def __len__(self) -> int:
@@ -113,7 +121,7 @@ class TrainDataset:
                 h.update(repr((names, it.stamp, it.caption, it.choice, it.dataset, it.subset)).encode())
         return h.hexdigest()
 
-    def epoch_batches(self, epoch: int) -> "EpochBatches":
+    def epoch_batches(self, epoch: int) -> EpochBatches:
         """The batches of `epoch` as a lazy sequence: a batch is loaded only when indexed, so a
         resumed run skips to its position without loading the batches before it."""
         return EpochBatches(self, epoch)
@@ -137,17 +145,26 @@ class TrainDataset:
             captions.append(process_caption(it.caption, sub, rng, epoch))
 
         def pixels(which: list[int]) -> torch.Tensor:
-            return torch.stack([load_sample(items[i].frames, video, items[i].choice, offsets[i], flips[i])
-                                for i in which])
+            return torch.stack(
+                [load_sample(items[i].frames, video, items[i].choice, offsets[i], flips[i]) for i in which]
+            )
 
-        out = {"captions": captions, "keys": [it.path for it in items], "bucket": (pb.bucket[1], pb.bucket[0]),
-               "is_reg": torch.tensor([dcfg.subsets[it.subset].is_reg for it in items]),
-               "network_multiplier": dcfg.network_multiplier, "dataset": pb.dataset, "flipped": flips}
+        out = {
+            "captions": captions,
+            "keys": [it.path for it in items],
+            "bucket": (pb.bucket[1], pb.bucket[0]),
+            "is_reg": torch.tensor([dcfg.subsets[it.subset].is_reg for it in items]),
+            "network_multiplier": dcfg.network_multiplier,
+            "dataset": pb.dataset,
+            "flipped": flips,
+        }
         if self.latent_cache is None:
             out["pixels"] = pixels(list(range(len(items))))
         else:
-            keys = [self.latent_cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, offsets[i],
-                                          flips[i]) for i, it in enumerate(items)]
+            keys = [
+                self.latent_cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, offsets[i], flips[i])
+                for i, it in enumerate(items)
+            ]
             out["latents"] = self.latent_cache.latents(keys, pixels)
         return out
 
@@ -162,31 +179,48 @@ class TrainDataset:
             for it in ds_items:
                 flips = (False, True) if self.config.datasets[d].subsets[it.subset].flip_aug else (False,)
                 for f in flips:
-                    key = cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized,
-                                    crop_offset(it.choice, False, None), f)
+                    key = cache.key(
+                        it.path, it.stamp, it.choice.bucket, it.choice.resized, crop_offset(it.choice, False, None), f
+                    )
                     if key not in cache:
                         todo.setdefault((d, it.choice.bucket), []).append((it, f))
         n = 0
         for (d, _), group in sorted(todo.items()):
             video = self.config.datasets[d].video_frames is not None
             for k in range(0, len(group), batch_size):
-                chunk = group[k:k + batch_size]
+                chunk = group[k : k + batch_size]
                 offs = [crop_offset(it.choice, False, None) for it, _ in chunk]
-                keys = [cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, o, f)
-                        for (it, f), o in zip(chunk, offs)]
-                cache.latents(keys, lambda which: torch.stack(
-                    [load_sample(chunk[i][0].frames, video, chunk[i][0].choice, offs[i], chunk[i][1]) for i in which]))
+                keys = [
+                    cache.key(it.path, it.stamp, it.choice.bucket, it.choice.resized, o, f)
+                    for (it, f), o in zip(chunk, offs)
+                ]
+                cache.latents(
+                    keys,
+                    lambda which: torch.stack(
+                        [
+                            load_sample(chunk[i][0].frames, video, chunk[i][0].choice, offs[i], chunk[i][1])  # noqa: B023
+                            for i in which
+                        ]
+                    ),
+                )
                 n += len(chunk)
         return n
 
     def static_captions(self) -> list[str]:
         """Every caption the text encoder will see, when config.captions_static (for TextEncoderCache.prepare)."""
         if not self.config.captions_static:
-            raise ValueError(f"{self.config.source}: captions change per step (shuffle_caption, caption dropout, "
-                             "tag dropout or wildcards), so text-encoder outputs cannot be cached")
+            raise ValueError(
+                f"{self.config.source}: captions change per step (shuffle_caption, caption dropout, "
+                "tag dropout or wildcards), so text-encoder outputs cannot be cached"
+            )
         rng = np.random.default_rng(0)  # unused by static processing
-        return sorted({process_caption(it.caption, self.config.datasets[d].subsets[it.subset], rng)
-                       for d, ds in enumerate(self.items) for it in ds})
+        return sorted(
+            {
+                process_caption(it.caption, self.config.datasets[d].subsets[it.subset], rng)
+                for d, ds in enumerate(self.items)
+                for it in ds
+            }
+        )
 
 
 class EpochBatches(Sequence):
@@ -204,8 +238,9 @@ class EpochBatches(Sequence):
         return self.dataset.batch(self.epoch, index % len(self))
 
 
-def indexed_batches(batches: Iterable[dict], start: int = 0,
-                    wanted: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, dict]]:
+def indexed_batches(
+    batches: Iterable[dict], start: int = 0, wanted: Callable[[int], bool] = lambda i: True
+) -> Iterator[tuple[int, dict]]:
     """(index, batch) for the batches at index >= ``start`` that are ``wanted`` (e.g. this process's
     share). A sequence (:class:`EpochBatches`) is indexed, so skipped batches are never loaded; any
     other iterable is consumed up to ``start``."""

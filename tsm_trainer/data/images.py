@@ -3,6 +3,7 @@
 Tensors: one image -> (3, H, W) float32 in [-1, 1]; a clip -> (F, 3, H, W). The same crop
 and flip apply to every frame of a clip.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,8 +53,9 @@ def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:
         grey = np.asarray(im).astype(np.float64)
         return Image.fromarray((np.clip(grey, 0, 65535) / 257.0 + 0.5).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
-        raise ImageModeError(f"{path}: 32-bit float pixels (mode F) are not supported; "
-                             "save it as an 8- or 16-bit image")
+        raise ImageModeError(
+            f"{path}: 32-bit float pixels (mode F) are not supported; save it as an 8- or 16-bit image"
+        )
     return im.convert("RGB")
 
 
@@ -83,7 +85,7 @@ def fit_to_bucket(image: np.ndarray, choice: BucketChoice, offset: tuple[int, in
         image = np.asarray(Image.fromarray(image).resize(choice.resized, Image.LANCZOS, reducing_gap=3.0))
     left, top = offset
     bw, bh = choice.bucket
-    image = image[top:top + bh, left:left + bw]
+    image = image[top : top + bh, left : left + bw]
     if flip:
         image = image[:, ::-1]
     return image
@@ -95,8 +97,9 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def load_sample(frames: tuple[str, ...], video: bool, choice: BucketChoice, offset: tuple[int, int],
-                flip: bool) -> torch.Tensor:
+def load_sample(
+    frames: tuple[str, ...], video: bool, choice: BucketChoice, offset: tuple[int, int], flip: bool
+) -> torch.Tensor:
     """Pixels of one sample: (3, H, W) for an image, (F, 3, H, W) for a clip (video=True)."""
     out = [to_tensor(fit_to_bucket(load_rgb(Path(f), choice.resized), choice, offset, flip)) for f in frames]
     return torch.stack(out) if video else out[0]

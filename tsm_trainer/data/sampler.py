@@ -6,6 +6,7 @@ batches hold one bucket only (the last batch of a bucket may be smaller); the ba
 datasets are then shuffled together. Because the plan depends only on (seed, epoch), a resumed
 run that skips to (epoch, position) sees exactly the batches the interrupted run would have.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tsm_trainer.data.scan import Item
 @dataclass(frozen=True)
 class PlannedBatch:
     """dataset: index into the config's datasets; bucket: (w, h); entries: indices into items[dataset]."""
+
     dataset: int
     bucket: tuple[int, int]
     entries: tuple[int, ...]
@@ -28,8 +30,14 @@ def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *more])
 
 
-def plan_epoch(items: list[list[Item]], batch_sizes: list[int], repeats: list[list[int]],
-               seed: int, epoch: int, shuffle: bool = True) -> list[PlannedBatch]:
+def plan_epoch(
+    items: list[list[Item]],
+    batch_sizes: list[int],
+    repeats: list[list[int]],
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[PlannedBatch]:
     """Batches of one epoch. repeats[d][i] = how often items[d][i] appears (0: not used)."""
     batches: list[PlannedBatch] = []
     for d, ds_items in enumerate(items):
@@ -42,7 +50,7 @@ def plan_epoch(items: list[list[Item]], batch_sizes: list[int], repeats: list[li
             if shuffle:
                 idx = [idx[k] for k in rng.permutation(len(idx))]
             bs = batch_sizes[d]
-            batches += [PlannedBatch(d, bucket, tuple(idx[k:k + bs])) for k in range(0, len(idx), bs)]
+            batches += [PlannedBatch(d, bucket, tuple(idx[k : k + bs])) for k in range(0, len(idx), bs)]
     if shuffle:
         order = epoch_rng(seed, epoch, 2).permutation(len(batches))
         batches = [batches[k] for k in order]

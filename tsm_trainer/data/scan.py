@@ -5,6 +5,7 @@ Captions: `<image stem><caption_extension>` next to the image; for a clip folder
 file `clip<caption_extension>` next to the folder. A missing caption uses `class_tokens`
 (DreamBooth style); without class_tokens it is a problem like an unreadable image.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,13 @@ from pathlib import Path
 from typing import Literal
 
 from tsm_trainer.data.buckets import BucketChoice, BucketSelector
-from tsm_trainer.data.captions import ESTIMATED_CLIP, CaptionFileError, CaptionLength, caption_too_long, read_caption_file
+from tsm_trainer.data.captions import (
+    ESTIMATED_CLIP,
+    CaptionFileError,
+    CaptionLength,
+    caption_too_long,
+    read_caption_file,
+)
 from tsm_trainer.data.config import DataConfig, DatasetConfig, SubsetConfig
 from tsm_trainer.data.errors import DatasetConfigError, DatasetError
 from tsm_trainer.data.images import IMAGE_EXTENSIONS, list_clips, list_images, verify_image
@@ -26,6 +33,7 @@ logger = logging.getLogger(__name__)
 class Item:
     """One sample source. path: the image file or clip folder; frames: its image files (1 for an image);
     caption: raw caption text (or class_tokens); size: (w, h) pixels; stamp: mtime/size fingerprint."""
+
     path: str
     frames: tuple[str, ...]
     caption: str
@@ -49,6 +57,7 @@ class Problem:
 class ScanResult:
     """items[d]: the usable items of dataset d, in a stable (sorted) order; problems: what was skipped;
     warnings: what is used but partly lost (over-long captions), one per file."""
+
     config: DataConfig
     items: list[list[Item]]
     problems: list[Problem] = field(default_factory=list)
@@ -61,6 +70,7 @@ class ImageLimits:
     ``max_upscale``: how much a side may be enlarged to fill its bucket (a 1x1 image would be
     blown up hundreds of times); ``max_aspect_ratio``: long side / short side (a 10000x10 strip is
     mostly cropped away after resizing it to gigabytes)."""
+
     max_upscale: float = 4.0
     max_aspect_ratio: float = 8.0
 
@@ -70,8 +80,9 @@ def _stamp(files: tuple[str, ...]) -> str:
     return f"{max(s.st_mtime_ns for s in stats)}-{sum(s.st_size for s in stats)}"
 
 
-def _check_item(path: Path, frames: tuple[str, ...], caption: str, selector: BucketSelector,
-                di: int, si: int, limits: ImageLimits) -> Item | Problem:
+def _check_item(
+    path: Path, frames: tuple[str, ...], caption: str, selector: BucketSelector, di: int, si: int, limits: ImageLimits
+) -> Item | Problem:
     sizes = set()
     for f in frames:
         try:
@@ -83,25 +94,33 @@ def _check_item(path: Path, frames: tuple[str, ...], caption: str, selector: Buc
     size = sizes.pop()
     w, h = size
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
-        return Problem(str(path), f"image of {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, beyond "
-                                  f"{limits.max_aspect_ratio:g}:1; crop it")
+        return Problem(
+            str(path),
+            f"image of {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, beyond "
+            f"{limits.max_aspect_ratio:g}:1; crop it",
+        )
     try:
         choice = selector.select(*size)
     except ValueError as e:
         return Problem(str(path), str(e))
     upscale = max(choice.resized[0] / w, choice.resized[1] / h)
     if upscale > limits.max_upscale:
-        return Problem(str(path), f"image of {w}x{h} would be enlarged {upscale:.1f}x to fill its "
-                                  f"{choice.bucket[0]}x{choice.bucket[1]} bucket, beyond {limits.max_upscale:g}x; "
-                                  "use a larger image or a lower resolution")
+        return Problem(
+            str(path),
+            f"image of {w}x{h} would be enlarged {upscale:.1f}x to fill its "
+            f"{choice.bucket[0]}x{choice.bucket[1]} bucket, beyond {limits.max_upscale:g}x; "
+            "use a larger image or a lower resolution",
+        )
     return Item(str(path), frames, caption, size, choice, _stamp(frames), di, si)
 
 
 def _candidates(subset: SubsetConfig) -> tuple[list[tuple[Path, tuple[str, ...], str]], list[Problem]]:
     """(path, frames, caption) of every sample in a subset, and caption problems."""
     if not subset.image_dir.is_dir():
-        raise DatasetConfigError(f"{subset.where}: key 'image_dir' = '{subset.image_dir}' is not a folder "
-                                 f"(relative paths are from the working directory {Path.cwd()})")
+        raise DatasetConfigError(
+            f"{subset.where}: key 'image_dir' = '{subset.image_dir}' is not a folder "
+            f"(relative paths are from the working directory {Path.cwd()})"
+        )
     out, problems = [], []
     n = subset.video_frames
     if n is None:
@@ -115,8 +134,11 @@ def _candidates(subset: SubsetConfig) -> tuple[list[tuple[Path, tuple[str, ...],
             else:
                 sources.append((clip, tuple(str(f) for f in frames[:n])))
     for path, frames in sources:
-        cap_path = path.with_name(path.stem + subset.caption_extension) if n is None else \
-            path.with_name(path.name + subset.caption_extension)
+        cap_path = (
+            path.with_name(path.stem + subset.caption_extension)
+            if n is None
+            else path.with_name(path.name + subset.caption_extension)
+        )
         try:
             caption = read_caption_file(cap_path, keep_all_lines=subset.enable_wildcard)
         except CaptionFileError as e:
@@ -132,13 +154,18 @@ def _candidates(subset: SubsetConfig) -> tuple[list[tuple[Path, tuple[str, ...],
 
 
 def _selector(d: DatasetConfig) -> BucketSelector:
-    return BucketSelector(d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso,
-                          d.bucket_reso_steps, d.bucket_no_upscale)
+    return BucketSelector(
+        d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps, d.bucket_no_upscale
+    )
 
 
-def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip", workers: int = 8,
-                 limits: ImageLimits = ImageLimits(),
-                 caption_length: CaptionLength | None = ESTIMATED_CLIP) -> ScanResult:
+def scan_dataset(
+    config: DataConfig,
+    on_error: Literal["skip", "raise"] = "skip",
+    workers: int = 8,
+    limits: ImageLimits = ImageLimits(),
+    caption_length: CaptionLength | None = ESTIMATED_CLIP,
+) -> ScanResult:
     """Find, caption and decode every sample of `config`.
 
     Problems (unreadable image, an image beyond `limits`, missing caption without class_tokens,
@@ -168,14 +195,20 @@ def scan_dataset(config: DataConfig, on_error: Literal["skip", "raise"] = "skip"
         logger.warning("%s: skipping %d bad input file(s):\n  %s", config.source, len(problems), listing)
     warnings = _long_captions(config, items, caption_length) if caption_length is not None else []
     if warnings:
-        logger.warning("%s: %d caption(s) longer than the text encoder reads:\n  %s", config.source, len(warnings),
-                       "\n  ".join(map(str, warnings)))
+        logger.warning(
+            "%s: %d caption(s) longer than the text encoder reads:\n  %s",
+            config.source,
+            len(warnings),
+            "\n  ".join(map(str, warnings)),
+        )
     for di, d in enumerate(config.datasets):
         if not items[di]:
             dirs = ", ".join(str(s.image_dir) for s in d.subsets)
             kind = "clip folders" if d.video_frames else "images (" + " ".join(IMAGE_EXTENSIONS) + ")"
-            raise DatasetError(f"{d.where}: no usable {kind} in {dirs}"
-                               + (f" ({len(problems)} skipped, see above)" if problems else ""))
+            raise DatasetError(
+                f"{d.where}: no usable {kind} in {dirs}"
+                + (f" ({len(problems)} skipped, see above)" if problems else "")
+            )
     return ScanResult(config, items, problems, warnings)
 
 

@@ -4,16 +4,16 @@ reproduction benchmark."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-from tsm_trainer.files.export import plain_lora_as_tsm
 from tsm_trainer.core.file_format import TSMFileError, load_file
 from tsm_trainer.core.metadata import tsm_metadata
 from tsm_trainer.core.network import TSMNetwork
 from tsm_trainer.families import detect_family
+from tsm_trainer.files.export import plain_lora_as_tsm
 from tsm_trainer.training.objective import denoising_loss, frozen_text_cache, loss_by_interval
 
 
@@ -30,10 +30,16 @@ def load_lora_file(path: str, components, num_train_timesteps: int, multiplier: 
             tensors = plain_lora_as_tsm(tensors)
         except ValueError as e:
             raise TSMFileError(f"{path}: neither a TSM file nor a plain kohya LoRA: {e}") from None
-        metadata = dict(metadata) | tsm_metadata([1], "foster", "asymmetric", num_train_timesteps,
-                                                 (getattr(components, "family", None) or detect_family(components.denoiser)).timestep_space)
-    network = TSMNetwork.from_file(path, components.denoiser, components.text_encoders, multiplier=multiplier,
-                                   tensors=tensors, metadata=metadata)
+        metadata = dict(metadata) | tsm_metadata(
+            [1],
+            "foster",
+            "asymmetric",
+            num_train_timesteps,
+            (getattr(components, "family", None) or detect_family(components.denoiser)).timestep_space,
+        )
+    network = TSMNetwork.from_file(
+        path, components.denoiser, components.text_encoders, multiplier=multiplier, tensors=tensors, metadata=metadata
+    )
     network.apply()
     network.attach(components.denoiser)
     network.to(next(components.denoiser.parameters()).device)
@@ -57,7 +63,7 @@ class Evaluation:
         if self.bins % n:
             raise ValueError(f"{self.bins} bins do not split into {n} intervals")
         k = self.bins // n
-        return [sum(values[i * k:(i + 1) * k]) / k for i in range(n)]
+        return [sum(values[i * k : (i + 1) * k]) / k for i in range(n)]
 
     def mean_loss(self, label: str) -> float:
         return sum(self.losses[label]) / len(self.losses[label])
@@ -70,10 +76,23 @@ def _label(path: str, taken: set) -> str:
     return label
 
 
-def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[str], labels: Sequence[str] | None = None,
-                   include_base: bool = True, bins: int = 32, seed: int = 1234, prompts: Sequence[str] = (),
-                   sample_steps: int = 20, guidance: float = 5.0, size: int = 64, sample_seed: int = 0,
-                   score=None, log=print) -> Evaluation:
+def evaluate_files(
+    family,
+    components,
+    batches: Sequence[dict],
+    files: Sequence[str],
+    labels: Sequence[str] | None = None,
+    include_base: bool = True,
+    bins: int = 32,
+    seed: int = 1234,
+    prompts: Sequence[str] = (),
+    sample_steps: int = 20,
+    guidance: float = 5.0,
+    size: int = 64,
+    sample_seed: int = 0,
+    score=None,
+    log=print,
+) -> Evaluation:
     """Held-out loss per t-bin (and samples of ``prompts``; ``score(generate) -> dict`` if given) of the
     base model and each file, one at a time on the same components. Every file sees the same draw of
     latents, noise and timesteps (:func:`loss_by_interval` with ``seed``).
@@ -111,6 +130,8 @@ def evaluate_files(family, components, batches: Sequence[dict], files: Sequence[
         finally:
             if network is not None:
                 network.remove()
-        log(f"{label}: mean held-out loss {result.mean_loss(label):.5f}"
-            + (f", scores {result.scores[label]}" if label in result.scores else ""))
+        log(
+            f"{label}: mean held-out loss {result.mean_loss(label):.5f}"
+            + (f", scores {result.scores[label]}" if label in result.scores else "")
+        )
     return result

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from tsm_trainer.core.atomic_write import atomic_file
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[float]], num_train_timesteps: int, path: str,
-                     reference: str | None = None, title: str = "held-out denoising loss",
-                     spread: Mapping[str, Sequence[float]] | None = None) -> str:
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[float]],
+    num_train_timesteps: int,
+    path: str,
+    reference: str | None = None,
+    title: str = "held-out denoising loss",
+    spread: Mapping[str, Sequence[float]] | None = None,
+) -> str:
     """Write a PNG: left, each curve's loss per equal t-bin (log scale) against the bin centre;
     right, each curve relative to ``reference`` (default: the first), where differences too small to
     see on the left show. ``spread[label]`` (optional, same length) is drawn as a +-band."""
@@ -25,16 +30,21 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]], num_train_timesteps:
     fig, (ax_abs, ax_rel) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label in labels:
         values = list(curves[label])
-        line, = ax_abs.plot(centres, values, label=label, linewidth=1.5)
+        (line,) = ax_abs.plot(centres, values, label=label, linewidth=1.5)
         rel = [100.0 * (v / r - 1.0) for v, r in zip(values, curves[reference])]
         ax_rel.plot(centres, rel, color=line.get_color(), linewidth=1.5)
         if spread and label in spread:
             lo = [v - s for v, s in zip(values, spread[label])]
             hi = [v + s for v, s in zip(values, spread[label])]
             ax_abs.fill_between(centres, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-            ax_rel.fill_between(centres, [100.0 * (v / r - 1.0) for v, r in zip(lo, curves[reference])],
-                                [100.0 * (v / r - 1.0) for v, r in zip(hi, curves[reference])],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+            ax_rel.fill_between(
+                centres,
+                [100.0 * (v / r - 1.0) for v, r in zip(lo, curves[reference])],
+                [100.0 * (v / r - 1.0) for v, r in zip(hi, curves[reference])],
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )
     ax_abs.set_yscale("log")
     ax_abs.set_xlabel("timestep t (0 = clean)")
     ax_abs.set_ylabel("loss")
@@ -56,8 +66,9 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]], num_train_timesteps:
     return path
 
 
-def labelled_grid(rows: Sequence[tuple[str, Sequence]], size: int = 64, label_width: int = 150,
-                  column_labels: Sequence[str] = ()):
+def labelled_grid(
+    rows: Sequence[tuple[str, Sequence]], size: int = 64, label_width: int = 150, column_labels: Sequence[str] = ()
+):
     """A PIL image: one row per (label, images), the label on the left, optional column labels on top."""
     from PIL import Image, ImageDraw
 

@@ -9,8 +9,10 @@ from tsm_trainer.evaluation.compare import Evaluation
 def loss_table(evaluation: Evaluation, intervals: int = 8, markdown: bool = False) -> str:
     """Mean held-out loss per timestep interval and overall, one row per model; the last column is
     the mean's change against the first row."""
-    heads = [f"[{lo},{hi})" for lo, hi in (interval_timestep_range(i, intervals, evaluation.num_train_timesteps)
-                                             for i in range(intervals))]
+    heads = [
+        f"[{lo},{hi})"
+        for lo, hi in (interval_timestep_range(i, intervals, evaluation.num_train_timesteps) for i in range(intervals))
+    ]
     labels = list(evaluation.losses)
     ref = evaluation.mean_loss(labels[0])
     rows = []

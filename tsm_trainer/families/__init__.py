@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -26,8 +27,14 @@ from tsm_trainer.families.sdxl import StableDiffusionXLFamily
 from tsm_trainer.families.video import TextToVideoFamily
 
 # Specific before general: metadata needles are tried in this order ("xl" before SD 1.x's "v1").
-FAMILY_CLASSES: tuple[type, ...] = (StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily, PixArtFamily,
-                                    TextToVideoFamily, StableDiffusionFamily)
+FAMILY_CLASSES: tuple[type, ...] = (
+    StableDiffusionXLFamily,
+    StableDiffusion3Family,
+    FluxFamily,
+    PixArtFamily,
+    TextToVideoFamily,
+    StableDiffusionFamily,
+)
 
 # Folders a diffusers model keeps its denoiser config in.
 DENOISER_FOLDERS = ("unet", "transformer")
@@ -63,8 +70,9 @@ def training_class(name: str, families: Iterable[type] | None = None) -> type:
     raise ValueError(f"unknown family {name!r}; valid: {list(family_names(families))}")
 
 
-def get_training_family(name: str, prediction_type: str = "auto",
-                        families: Iterable[type] | None = None) -> TrainingFamily:
+def get_training_family(
+    name: str, prediction_type: str = "auto", families: Iterable[type] | None = None
+) -> TrainingFamily:
     """A training family instance for family ``name``."""
     return training_class(name, families)(prediction_type)
 
@@ -115,8 +123,9 @@ def detect_folder_family(path: str, families: Iterable[type] | None = None) -> F
 
         return get_family(describe(path, "auto").family, families)
     if not os.path.isdir(path):
-        raise BaseModelError(f"{path}: no such file or folder (expected a diffusers folder or a single-file "
-                             ".safetensors checkpoint)")
+        raise BaseModelError(
+            f"{path}: no such file or folder (expected a diffusers folder or a single-file .safetensors checkpoint)"
+        )
     for sub in DENOISER_FOLDERS:
         config_path = os.path.join(path, sub, "config.json")
         if not os.path.isfile(config_path):
@@ -129,13 +138,31 @@ def detect_folder_family(path: str, families: Iterable[type] | None = None) -> F
         cls = str(config.get("_class_name", "")) if isinstance(config, dict) else ""
         spec = _claimant(cls, _config_getter(config if isinstance(config, dict) else None), None, families)
         if spec is None:
-            raise BaseModelError(f"{config_path}: unknown denoiser class {cls or '(no _class_name)'}: supported are "
-                                 f"{_supported_classes(families)}")
+            raise BaseModelError(
+                f"{config_path}: unknown denoiser class {cls or '(no _class_name)'}: supported are "
+                f"{_supported_classes(families)}"
+            )
         return spec
     raise BaseModelError(f"{path}: no unet/config.json or transformer/config.json: not a diffusers model folder")
 
 
-__all__ = ["Components", "FAMILY_CLASSES", "FamilySpec", "FluxFamily", "PixArtFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "TextToVideoFamily", "TrainingFamily",
-           "detect_family", "detect_folder_family", "family_names", "family_specs", "get_family",
-           "get_training_family", "training_class", "unwrap_denoiser"]
+__all__ = [
+    "Components",
+    "FAMILY_CLASSES",
+    "FamilySpec",
+    "FluxFamily",
+    "PixArtFamily",
+    "StableDiffusion3Family",
+    "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "TextToVideoFamily",
+    "TrainingFamily",
+    "detect_family",
+    "detect_folder_family",
+    "family_names",
+    "family_specs",
+    "get_family",
+    "get_training_family",
+    "training_class",
+    "unwrap_denoiser",
+]

@@ -7,8 +7,9 @@ so the core can read specs without loading any model library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -75,8 +76,11 @@ class FamilySpec:
         """Whether a denoiser of this class and config is this family."""
         if class_name in self.denoiser_classes:
             return True
-        return class_name in self.config_classes and self.accepts_config is not None and \
-            bool(self.accepts_config(get, denoiser))
+        return (
+            class_name in self.config_classes
+            and self.accepts_config is not None
+            and bool(self.accepts_config(get, denoiser))
+        )
 
 
 @dataclass
@@ -101,19 +105,26 @@ class TrainingFamily(Protocol):
     prediction_type: str
     num_train_timesteps: int
 
-    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        path: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """The base model of a diffusers folder (or a single file where the family reads one)."""
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """Keyword conditioning of :meth:`predict` (e.g. ``encoder_hidden_states`` (B, L, D))."""
 
-    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
+    def encode_images(
+        self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) as the denoiser reads them."""
 
-    def noisy_input_and_target(self, c: Components, latents: torch.Tensor, noise: torch.Tensor,
-                               timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_input_and_target(
+        self, c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy latents, regression target), both shaped like ``latents``; ``timesteps`` (B,)."""
 
     def predict(self, c: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -132,14 +143,26 @@ def load_kwargs(weight_dtype: torch.dtype | None) -> dict:
     return {"local_files_only": True, "torch_dtype": weight_dtype or torch.float32}
 
 
-def single_file_components(path: str, family_names: tuple[str, ...], prediction_type: str,
-                           weight_dtype: torch.dtype | None, vae_dtype: torch.dtype | None,
-                           tokenizer_cache_dir: str | None) -> tuple[Components, str]:
+def single_file_components(
+    path: str,
+    family_names: tuple[str, ...],
+    prediction_type: str,
+    weight_dtype: torch.dtype | None,
+    vae_dtype: torch.dtype | None,
+    tokenizer_cache_dir: str | None,
+) -> tuple[Components, str]:
     """(Components, prediction type) of a single-file SD 1.x / 2.x / SDXL checkpoint; the file's family
     must be one of ``family_names``."""
     from tsm_trainer.base_models.loading import BaseModelError
-    from tsm_trainer.base_models.single_file import (build_scheduler, build_text_encoder, build_tokenizers, build_unet, build_vae,
-                                describe, settle_prediction_type)
+    from tsm_trainer.base_models.single_file import (
+        build_scheduler,
+        build_text_encoder,
+        build_tokenizers,
+        build_unet,
+        build_vae,
+        describe,
+        settle_prediction_type,
+    )
 
     model = describe(path, prediction_type)
     if model.family not in family_names:
@@ -148,8 +171,13 @@ def single_file_components(path: str, family_names: tuple[str, ...], prediction_
     unet = build_unet(model, True, dtype)
     settle_prediction_type(model, unet)
     encoders = [build_text_encoder(model, i, True, dtype) for i in range(len(model.text_encoders))]
-    components = Components(unet, encoders, build_tokenizers(model, tokenizer_cache_dir),
-                            build_vae(model, True, vae_dtype or torch.float32), build_scheduler(model))
+    components = Components(
+        unet,
+        encoders,
+        build_tokenizers(model, tokenizer_cache_dir),
+        build_vae(model, True, vae_dtype or torch.float32),
+        build_scheduler(model),
+    )
     return components, model.prediction_type
 
 
@@ -160,8 +188,10 @@ def require_folder(path: str, family: str) -> None:
     if os.path.isfile(path):
         from tsm_trainer.base_models.loading import BaseModelError
 
-        raise BaseModelError(f"{path}: a single file; the {family} family is read from a diffusers folder only "
-                             "(model_index.json with transformer/ or unet/, text_encoder/, vae/, scheduler/ ...)")
+        raise BaseModelError(
+            f"{path}: a single file; the {family} family is read from a diffusers folder only "
+            "(model_index.json with transformer/ or unet/, text_encoder/, vae/, scheduler/ ...)"
+        )
 
 
 def note_folder_tokenizer(path: str, tokenizer_cache_dir: str | None) -> None:
@@ -169,5 +199,8 @@ def note_folder_tokenizer(path: str, tokenizer_cache_dir: str | None) -> None:
     if tokenizer_cache_dir:
         import logging
 
-        logging.getLogger(__name__).warning("--tokenizer_cache_dir %s is not used: %s is a diffusers folder with its "
-                                            "own tokenizer(s)", tokenizer_cache_dir, path)
+        logging.getLogger(__name__).warning(
+            "--tokenizer_cache_dir %s is not used: %s is a diffusers folder with its own tokenizer(s)",
+            tokenizer_cache_dir,
+            path,
+        )

@@ -9,12 +9,23 @@ from tsm_trainer.families.sd import ATTENTION, CLIP_QV
 from tsm_trainer.families.sd3 import T5_QV, StableDiffusion3Family
 
 FLUX = FamilySpec(
-    "flux", {"Flux": (r"(img|txt)_attn\.(qkv|proj)", r"single_blocks\.\d+\.linear[12]"),
-             "*": ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
-    {"clip": CLIP_QV, "t5": T5_QV}, "flow", "flux1", "flux-1-dev/lora", resolution=1024,
-    denoiser_classes=("FluxTransformer2DModel", "Flux"), transformer_classes=("FluxTransformer2DModel",),
-    sigma_input_classes=("FluxTransformer2DModel", "Flux"), forge_predictors=("PredictionFlux",),
-    metadata_needles=("flux",), single_file_refusal=("Flux", "double_blocks.0.img_attn"))
+    "flux",
+    {
+        "Flux": (r"(img|txt)_attn\.(qkv|proj)", r"single_blocks\.\d+\.linear[12]"),
+        "*": ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    },
+    {"clip": CLIP_QV, "t5": T5_QV},
+    "flow",
+    "flux1",
+    "flux-1-dev/lora",
+    resolution=1024,
+    denoiser_classes=("FluxTransformer2DModel", "Flux"),
+    transformer_classes=("FluxTransformer2DModel",),
+    sigma_input_classes=("FluxTransformer2DModel", "Flux"),
+    forge_predictors=("PredictionFlux",),
+    metadata_needles=("flux",),
+    single_file_refusal=("Flux", "double_blocks.0.img_attn"),
+)
 
 
 class FluxFamily(StableDiffusion3Family):
@@ -26,8 +37,13 @@ class FluxFamily(StableDiffusion3Family):
     names = ("flux",)
     guidance = 1.0
 
-    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        folder: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
         given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
         require_folder(folder, self.names[0])
@@ -38,10 +54,14 @@ class FluxFamily(StableDiffusion3Family):
         kw = load_kwargs(weight_dtype)
         tok = dict(local_files_only=True)
         transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-                    T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **kw)]
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok),
-                      T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **tok)]
+        encoders = [
+            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
+            T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **kw),
+        ]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok),
+            T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **tok),
+        ]
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
         return Components(transformer, encoders, tokenizers, vae, scheduler)
@@ -49,11 +69,17 @@ class FluxFamily(StableDiffusion3Family):
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L5, D5), "pooled_projections": (B, P)}"""
         clip_tok, t5_tok = c.tokenizers
-        ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(device)
+        ids = clip_tok(
+            captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         pooled = c.text_encoders[0](ids).pooler_output
-        ids = t5_tok(captions, padding="max_length", max_length=min(t5_tok.model_max_length, 512), truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+        ids = t5_tok(
+            captions,
+            padding="max_length",
+            max_length=min(t5_tok.model_max_length, 512),
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         return {"encoder_hidden_states": c.text_encoders[1](ids)[0], "pooled_projections": pooled}
 
     def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
@@ -67,20 +93,38 @@ class FluxFamily(StableDiffusion3Family):
         guidance = None
         if c.denoiser.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=noisy.dtype)
-        out = c.denoiser(hidden_states=tokens, timestep=timesteps.to(noisy.dtype) / self.num_train_timesteps,
-                         guidance=guidance, pooled_projections=cond["pooled_projections"],
-                         encoder_hidden_states=states, txt_ids=txt_ids, img_ids=img_ids).sample
+        out = c.denoiser(
+            hidden_states=tokens,
+            timestep=timesteps.to(noisy.dtype) / self.num_train_timesteps,
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+        ).sample
         # Unpack: (B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of _pack_latents.
         return out.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
 
     def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline(scheduler=c.noise_scheduler, vae=c.vae, text_encoder=c.text_encoders[0],
-                            tokenizer=c.tokenizers[0], text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1],
-                            transformer=c.denoiser)
+        pipe = FluxPipeline(
+            scheduler=c.noise_scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoders[0],
+            tokenizer=c.tokenizers[0],
+            text_encoder_2=c.text_encoders[1],
+            tokenizer_2=c.tokenizers[1],
+            transformer=c.denoiser,
+        )
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=torch.Generator().manual_seed(seed),
-                        max_sequence_length=min(c.tokenizers[1].model_max_length, 512)).images
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(seed),
+                max_sequence_length=min(c.tokenizers[1].model_max_length, 512),
+            ).images

@@ -9,10 +9,17 @@ from tsm_trainer.families.sd import ATTENTION, StableDiffusionFamily
 from tsm_trainer.families.sd3 import T5_QV
 
 PIXART = FamilySpec(
-    "pixart", {"*": ATTENTION}, {"t5": T5_QV}, "ddpm", "pixart_alpha", "pixart-alpha/lora", resolution=512,
+    "pixart",
+    {"*": ATTENTION},
+    {"t5": T5_QV},
+    "ddpm",
+    "pixart_alpha",
+    "pixart-alpha/lora",
+    resolution=512,
     denoiser_classes=("PixArtTransformer2DModel", "PixArtMS", "PixArt"),
     transformer_classes=("PixArtTransformer2DModel",),
-    metadata_needles=("pixart",))
+    metadata_needles=("pixart",),
+)
 
 
 class PixArtFamily(StableDiffusionFamily):
@@ -23,8 +30,13 @@ class PixArtFamily(StableDiffusionFamily):
     specs = (PIXART,)
     names = ("pixart",)
 
-    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        folder: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
         given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
         require_folder(folder, self.names[0])
@@ -46,25 +58,48 @@ class PixArtFamily(StableDiffusionFamily):
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}"""
         tokenizer = c.tokenizers[0]
-        tokens = tokenizer(captions, padding="max_length", max_length=min(tokenizer.model_max_length, 120),
-                           truncation=True, return_tensors="pt").to(device)
+        tokens = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=min(tokenizer.model_max_length, 120),
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
         mask = tokens.attention_mask
-        return {"encoder_hidden_states": c.text_encoders[0](tokens.input_ids, attention_mask=mask)[0],
-                "encoder_attention_mask": mask}
+        return {
+            "encoder_hidden_states": c.text_encoders[0](tokens.input_ids, attention_mask=mask)[0],
+            "encoder_attention_mask": mask,
+        }
 
     def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
-        out = c.denoiser(noisy, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timesteps,
-                         encoder_attention_mask=cond["encoder_attention_mask"],
-                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        out = c.denoiser(
+            noisy,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep=timesteps,
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         return out[:, : noisy.shape[1]] if out.shape[1] == 2 * noisy.shape[1] else out
 
     def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
         from diffusers import DDIMScheduler, PixArtAlphaPipeline
 
-        pipe = PixArtAlphaPipeline(tokenizer=c.tokenizers[0], text_encoder=c.text_encoders[0], vae=c.vae,
-                                   transformer=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe = PixArtAlphaPipeline(
+            tokenizer=c.tokenizers[0],
+            text_encoder=c.text_encoders[0],
+            vae=c.vae,
+            transformer=c.denoiser,
+            scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+        )
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=torch.Generator().manual_seed(seed), use_resolution_binning=False,
-                        max_sequence_length=min(c.tokenizers[0].model_max_length, 120)).images
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(seed),
+                use_resolution_binning=False,
+                max_sequence_length=min(c.tokenizers[0].model_max_length, 120),
+            ).images

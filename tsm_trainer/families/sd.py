@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 
 import torch
-
 from torch import nn
 
-from tsm_trainer.families.base import (Components, ConfigGetter, FamilySpec, load_kwargs, note_folder_tokenizer,
-                                       single_file_components)
+from tsm_trainer.families.base import (
+    Components,
+    ConfigGetter,
+    FamilySpec,
+    load_kwargs,
+    note_folder_tokenizer,
+    single_file_components,
+)
 
 ATTENTION = ("to_q", "to_k", "to_v", r"to_out\.0")
 CLIP_QV = ("q_proj", "v_proj")
@@ -34,16 +39,31 @@ def cross_attention_dim(get: ConfigGetter, denoiser: nn.Module | None) -> int | 
 
 
 SD1 = FamilySpec(
-    "sd1", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sd_v1", "stable-diffusion-v1/lora",
+    "sd1",
+    {"*": ATTENTION},
+    {"clip": CLIP_QV},
+    "ddpm",
+    "sd_v1",
+    "stable-diffusion-v1/lora",
     config_classes=(SD_UNET_CLASS,),
     accepts_config=lambda get, denoiser: not is_sdxl_config(get) and cross_attention_dim(get, denoiser) != 1024,
     metadata_needles=("v1", "sd_1"),
-    checkpoint_roots=(("cond_stage_model.transformer.", "lora_te"),))  # transformers CLIPTextModel
+    checkpoint_roots=(("cond_stage_model.transformer.", "lora_te"),),
+)  # transformers CLIPTextModel
 SD2 = FamilySpec(
-    "sd2", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sd_v2", "stable-diffusion-v2-768-v/lora", v2=True,
-    resolution=768, config_classes=(SD_UNET_CLASS,),
+    "sd2",
+    {"*": ATTENTION},
+    {"clip": CLIP_QV},
+    "ddpm",
+    "sd_v2",
+    "stable-diffusion-v2-768-v/lora",
+    v2=True,
+    resolution=768,
+    config_classes=(SD_UNET_CLASS,),
     accepts_config=lambda get, denoiser: not is_sdxl_config(get) and cross_attention_dim(get, denoiser) == 1024,
-    metadata_needles=("v2", "sd_2"), checkpoint_roots=(("cond_stage_model.model.", "lora_te"),))  # OpenCLIP
+    metadata_needles=("v2", "sd_2"),
+    checkpoint_roots=(("cond_stage_model.model.", "lora_te"),),
+)  # OpenCLIP
 
 
 class StableDiffusionFamily:
@@ -55,15 +75,21 @@ class StableDiffusionFamily:
     def __init__(self, prediction_type: str = "auto"):
         self.prediction_type = prediction_type
 
-    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        path: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """A diffusers folder or a single-file checkpoint. The frozen UNet and text encoder are loaded in
         ``weight_dtype`` and the VAE in ``vae_dtype`` (both float32 unless given, whatever the files
         store; see ``base_model.frozen_weight_dtype``). ``tokenizer_cache_dir``: kohya's option, for
         single files (a diffusers folder has its own tokenizer)."""
         if os.path.isfile(path):
             components, self.prediction_type = single_file_components(
-                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir
+            )
             return components
         note_folder_tokenizer(path, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -88,11 +114,14 @@ class StableDiffusionFamily:
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L, D)}"""
         tokenizer = c.tokenizers[0]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         return {"encoder_hidden_states": c.text_encoders[0](ids)[0]}
 
-    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f), sampled with ``generator``."""
         dist = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist
         latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
@@ -111,14 +140,27 @@ class StableDiffusionFamily:
         """PIL images of ``prompts`` with whatever network is applied to the UNet (DDIM, fixed seed)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
-                                       unet=c.denoiser, scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoders[0],
+            tokenizer=c.tokenizers[0],
+            unet=c.denoiser,
+            scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=generator).images
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=generator,
+            ).images
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma: float) -> torch.Tensor | None:
         """Per-sample min-SNR weights (Hang et al. 2023), or None when off."""

@@ -11,10 +11,18 @@ CLIP_QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
 T5_QV = (r"SelfAttention\.q", r"SelfAttention\.v")
 
 SD3 = FamilySpec(
-    "sd3", {"MMDiT": (r"attn\.qkv", r"attn\.proj"), "*": ATTENTION}, {"clip": CLIP_QKVO, "t5": T5_QV}, "flow", "sd3",
-    "stable-diffusion-3-medium/lora", resolution=1024, denoiser_classes=("SD3Transformer2DModel", "MMDiT"),
-    transformer_classes=("SD3Transformer2DModel",), metadata_needles=("sd3", "stable-diffusion-3"),
-    single_file_refusal=("SD3 / SD3.5 (MM-DiT)", "joint_blocks.0."))
+    "sd3",
+    {"MMDiT": (r"attn\.qkv", r"attn\.proj"), "*": ATTENTION},
+    {"clip": CLIP_QKVO, "t5": T5_QV},
+    "flow",
+    "sd3",
+    "stable-diffusion-3-medium/lora",
+    resolution=1024,
+    denoiser_classes=("SD3Transformer2DModel", "MMDiT"),
+    transformer_classes=("SD3Transformer2DModel",),
+    metadata_needles=("sd3", "stable-diffusion-3"),
+    single_file_refusal=("SD3 / SD3.5 (MM-DiT)", "joint_blocks.0."),
+)
 
 
 class StableDiffusion3Family:
@@ -33,8 +41,13 @@ class StableDiffusion3Family:
             raise ValueError(f"SD3 is a flow-matching model; --prediction_type {prediction_type} does not apply")
         self.normal = torch.distributions.Normal(logit_mean, logit_std)
 
-    def load(self, folder: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        folder: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
         given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
         require_folder(folder, self.names[0])
@@ -45,8 +58,10 @@ class StableDiffusion3Family:
         kw = load_kwargs(weight_dtype)
         tok = dict(local_files_only=True)
         transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        encoders = [CLIPTextModelWithProjection.from_pretrained(folder, subfolder=s, **kw)
-                    for s in ("text_encoder", "text_encoder_2")]
+        encoders = [
+            CLIPTextModelWithProjection.from_pretrained(folder, subfolder=s, **kw)
+            for s in ("text_encoder", "text_encoder_2")
+        ]
         encoders.append(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **kw))
         tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **tok) for s in ("tokenizer", "tokenizer_2")]
         tokenizers.append(T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_3", **tok))
@@ -58,20 +73,32 @@ class StableDiffusion3Family:
         """{"encoder_hidden_states": (B, 77 + L5, D5), "pooled_projections": (B, P1 + P2)}"""
         clip_states, pooled = [], []
         for tokenizer, encoder in zip(c.tokenizers[:2], c.text_encoders[:2]):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
             out = encoder(ids, output_hidden_states=True)
             clip_states.append(out.hidden_states[-2])
             pooled.append(out[0])
         t5_tokenizer = c.tokenizers[2]
-        ids = t5_tokenizer(captions, padding="max_length", max_length=min(t5_tokenizer.model_max_length, 256),
-                           truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = t5_tokenizer(
+            captions,
+            padding="max_length",
+            max_length=min(t5_tokenizer.model_max_length, 256),
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         t5 = c.text_encoders[2](ids)[0]
         clip = torch.cat(clip_states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
 
-    def encode_images(self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         dist = c.vae.encode(pixels.to(c.vae.dtype)).latent_dist
         latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
         shift = c.vae.config.shift_factor or 0.0
@@ -91,9 +118,12 @@ class StableDiffusion3Family:
         return (1 - s) * latents + s * noise, noise - latents
 
     def predict(self, c: Components, noisy, timesteps, cond: dict) -> torch.Tensor:
-        return c.denoiser(hidden_states=noisy, timestep=timesteps.to(noisy.dtype),
-                          encoder_hidden_states=cond["encoder_hidden_states"],
-                          pooled_projections=cond["pooled_projections"]).sample
+        return c.denoiser(
+            hidden_states=noisy,
+            timestep=timesteps.to(noisy.dtype),
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+        ).sample
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma: float):
         if min_snr_gamma:
@@ -103,11 +133,24 @@ class StableDiffusion3Family:
     def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline(transformer=c.denoiser, scheduler=c.noise_scheduler, vae=c.vae,
-                                        text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
-                                        text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1],
-                                        text_encoder_3=c.text_encoders[2], tokenizer_3=c.tokenizers[2])
+        pipe = StableDiffusion3Pipeline(
+            transformer=c.denoiser,
+            scheduler=c.noise_scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoders[0],
+            tokenizer=c.tokenizers[0],
+            text_encoder_2=c.text_encoders[1],
+            tokenizer_2=c.tokenizers[1],
+            text_encoder_3=c.text_encoders[2],
+            tokenizer_3=c.tokenizers[2],
+        )
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=torch.Generator().manual_seed(seed)).images
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(seed),
+            ).images

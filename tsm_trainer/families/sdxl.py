@@ -10,11 +10,23 @@ from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_
 from tsm_trainer.families.sd import ATTENTION, CLIP_QV, SD_UNET_CLASS, StableDiffusionFamily, is_sdxl_config
 
 SDXL = FamilySpec(
-    "sdxl", {"*": ATTENTION}, {"clip": CLIP_QV}, "ddpm", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
-    resolution=1024, denoiser_classes=("SdxlUNet2DConditionModel",), config_classes=(SD_UNET_CLASS,),
-    accepts_config=lambda get, denoiser: is_sdxl_config(get), sgm_unet_names=True, metadata_needles=("xl",),
-    checkpoint_roots=(("conditioner.embedders.0.transformer.", "lora_te1"),  # CLIP-L
-                      ("conditioner.embedders.1.model.", "lora_te2")))  # OpenCLIP bigG
+    "sdxl",
+    {"*": ATTENTION},
+    {"clip": CLIP_QV},
+    "ddpm",
+    "sdxl_base_v1-0",
+    "stable-diffusion-xl-v1-base/lora",
+    resolution=1024,
+    denoiser_classes=("SdxlUNet2DConditionModel",),
+    config_classes=(SD_UNET_CLASS,),
+    accepts_config=lambda get, denoiser: is_sdxl_config(get),
+    sgm_unet_names=True,
+    metadata_needles=("xl",),
+    checkpoint_roots=(
+        ("conditioner.embedders.0.transformer.", "lora_te1"),  # CLIP-L
+        ("conditioner.embedders.1.model.", "lora_te2"),
+    ),
+)  # OpenCLIP bigG
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
@@ -24,12 +36,18 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     specs = (SDXL,)
     names = ("sdxl",)
 
-    def load(self, path: str, weight_dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             tokenizer_cache_dir: str | None = None) -> Components:
+    def load(
+        self,
+        path: str,
+        weight_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype | None = None,
+        tokenizer_cache_dir: str | None = None,
+    ) -> Components:
         """As :meth:`StableDiffusionFamily.load`, with two text encoders and tokenizers."""
         if os.path.isfile(path):
             components, self.prediction_type = single_file_components(
-                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir)
+                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir
+            )
             return components
         note_folder_tokenizer(path, tokenizer_cache_dir)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -37,10 +55,14 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
         kw = load_kwargs(weight_dtype)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                    CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)]
-        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
-                      for s in ("tokenizer", "tokenizer_2")]
+        encoders = [
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+        ]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
+            for s in ("tokenizer", "tokenizer_2")
+        ]
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         if self.prediction_type == "auto":
@@ -51,8 +73,13 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         """{"encoder_hidden_states": (B, L, D1 + D2), "text_embeds": (B, P)}"""
         hidden, pooled = [], None
         for tokenizer, encoder in zip(c.tokenizers, c.text_encoders):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
@@ -68,10 +95,22 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def sample(self, c: Components, prompts: list[str], steps: int, guidance: float, size: int, seed: int) -> list:
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
-                                         tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.denoiser,
-                                         scheduler=DDIMScheduler.from_config(c.noise_scheduler.config))
+        pipe = StableDiffusionXLPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoders[0],
+            text_encoder_2=c.text_encoders[1],
+            tokenizer=c.tokenizers[0],
+            tokenizer_2=c.tokenizers[1],
+            unet=c.denoiser,
+            scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+        )
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                        generator=torch.Generator().manual_seed(seed)).images
+            return pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(seed),
+            ).images

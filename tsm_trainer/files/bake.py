@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,9 @@ class BakeError(ValueError):
 
 
 # -- LoRA tensors -> deltas -------------------------------------------------------------------
-def lora_pairs(tensors: Mapping[str, torch.Tensor], source: str = "LoRA") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def lora_pairs(
+    tensors: Mapping[str, torch.Tensor], source: str = "LoRA"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``{lora_name: (down, up, alpha/r)}`` of a plain kohya LoRA (alpha missing: alpha = r).
 
     Raises:
@@ -50,10 +52,15 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor], source: str = "LoRA") -> dic
     for key, value in tensors.items():
         m = PLAIN_KEY.match(key)
         if m is None:
-            hint = (" (a native TSM file: pick one expert with expert_lora, or merge the experts first)"
-                    if ".tsm." in key or ".router." in key else "")
-            raise BakeError(f"{source}: key {key!r} is not a plain kohya LoRA key (.lora_down.weight, "
-                            f".lora_up.weight, .alpha){hint}")
+            hint = (
+                " (a native TSM file: pick one expert with expert_lora, or merge the experts first)"
+                if ".tsm." in key or ".router." in key
+                else ""
+            )
+            raise BakeError(
+                f"{source}: key {key!r} is not a plain kohya LoRA key (.lora_down.weight, "
+                f".lora_up.weight, .alpha){hint}"
+            )
         parts.setdefault(m["name"], {})[m["part"]] = value
     pairs = {}
     for name, p in parts.items():
@@ -63,8 +70,10 @@ def lora_pairs(tensors: Mapping[str, torch.Tensor], source: str = "LoRA") -> dic
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         rank = down.shape[0]
         if up.dim() < 2 or up.shape[1] != rank or up.shape[2:] not in ((), (1, 1)) or down.dim() not in (2, 4):
-            raise BakeError(f"{source}: key {name + '.lora_up.weight'!r} has shape {tuple(up.shape)}, which does not "
-                            f"fit {name + '.lora_down.weight'!r} of shape {tuple(down.shape)}")
+            raise BakeError(
+                f"{source}: key {name + '.lora_up.weight'!r} has shape {tuple(up.shape)}, which does not "
+                f"fit {name + '.lora_down.weight'!r} of shape {tuple(down.shape)}"
+            )
         alpha = float(p["alpha"]) if "alpha" in p else float(rank)
         if alpha == 0:
             alpha = float(rank)  # kohya: alpha 0 / None means alpha = rank
@@ -81,12 +90,15 @@ def fit_delta(delta: torch.Tensor, shape: Sequence[int], name: str, target: str,
     squeeze = lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s  # noqa: E731
     if squeeze(tuple(delta.shape)) == squeeze(shape):
         return delta.reshape(shape)
-    raise BakeError(f"{source}: key {name + '.lora_down.weight'!r} gives a delta of shape {tuple(delta.shape)}, "
-                    f"but {target} has shape {shape} (a LoRA for another base model?)")
+    raise BakeError(
+        f"{source}: key {name + '.lora_down.weight'!r} gives a delta of shape {tuple(delta.shape)}, "
+        f"but {target} has shape {shape} (a LoRA for another base model?)"
+    )
 
 
-def lora_deltas(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module],
-                source: str = "LoRA") -> dict[str, torch.Tensor]:
+def lora_deltas(
+    tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Module], source: str = "LoRA"
+) -> dict[str, torch.Tensor]:
     """``{lora_name: (alpha/r) B A}`` (float32, shaped like the module's weight) of a plain kohya LoRA.
 
     Args:
@@ -101,16 +113,21 @@ def lora_deltas(tensors: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Mod
     pairs = lora_pairs(tensors, source)
     unknown = sorted(name for name in pairs if name not in layers)
     if unknown:
-        raise BakeError(f"{source}: {len(unknown)} module(s) are not in the base model (a LoRA for another base "
-                        f"model?), e.g. key {unknown[0] + '.lora_down.weight'!r}; others: {unknown[1:4]}")
+        raise BakeError(
+            f"{source}: {len(unknown)} module(s) are not in the base model (a LoRA for another base "
+            f"model?), e.g. key {unknown[0] + '.lora_down.weight'!r}; others: {unknown[1:4]}"
+        )
     for name, (down, up, scale) in pairs.items():
         weight = layers[name].weight
-        deltas[name] = fit_delta(pair_delta(down.float(), up.float(), scale), weight.shape, name, f"the model's {name}", source)
+        deltas[name] = fit_delta(
+            pair_delta(down.float(), up.float(), scale), weight.shape, name, f"the model's {name}", source
+        )
     return deltas
 
 
-def expert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], n: int, e: int,
-                source: str = "TSM file") -> dict[str, torch.Tensor]:
+def expert_lora(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], n: int, e: int, source: str = "TSM file"
+) -> dict[str, torch.Tensor]:
     """Expert e of scale n of a native TSM file as a plain kohya LoRA, with the file's (static)
     text-encoder LoRA. Routers are dropped: in an assembled file this is the core-only model.
 
@@ -119,14 +136,16 @@ def expert_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     Raises:
         TSMFileError: not a TSM file, or the expert is not in it (the message lists those it holds).
     """
-    from tsm_trainer.files.export import expert_lora as _expert_lora, experts_in, text_encoder_lora
+    from tsm_trainer.files.export import expert_lora as _expert_lora
+    from tsm_trainer.files.export import experts_in, text_encoder_lora
 
     check_tsm_metadata(metadata, source)
     try:
         plain = _expert_lora(tensors, n, e)
     except KeyError:
-        raise TSMFileError(f"{source}: expert {e} of scale {n} is not in the file; it holds "
-                           f"{describe_experts(experts_in(tensors))}") from None
+        raise TSMFileError(
+            f"{source}: expert {e} of scale {n} is not in the file; it holds {describe_experts(experts_in(tensors))}"
+        ) from None
     return {**text_encoder_lora(tensors), **plain}
 
 
@@ -150,9 +169,13 @@ def _add_deltas(deltas: Mapping[str, torch.Tensor], layers: Mapping[str, nn.Modu
             w.copy_((w.float() + multiplier * delta.to(w.device)).to(w.dtype))
 
 
-def bake_into_models(tensors: Mapping[str, torch.Tensor], denoiser: nn.Module | None,
-                     text_encoders: Sequence[nn.Module | None] = (), multiplier: float = 1.0,
-                     source: str = "LoRA") -> list[str]:
+def bake_into_models(
+    tensors: Mapping[str, torch.Tensor],
+    denoiser: nn.Module | None,
+    text_encoders: Sequence[nn.Module | None] = (),
+    multiplier: float = 1.0,
+    source: str = "LoRA",
+) -> list[str]:
     """Add ``multiplier * (alpha/r) B A`` of every module of a plain kohya LoRA to the models' weights,
     in place (accumulated in float32, stored in each weight's dtype). Returns the names baked.
 
@@ -166,9 +189,13 @@ def bake_into_models(tensors: Mapping[str, torch.Tensor], denoiser: nn.Module | 
     return sorted(deltas)
 
 
-def unbake_from_models(tensors: Mapping[str, torch.Tensor], denoiser: nn.Module | None,
-                       text_encoders: Sequence[nn.Module | None] = (), multiplier: float = 1.0,
-                       source: str = "LoRA") -> list[str]:
+def unbake_from_models(
+    tensors: Mapping[str, torch.Tensor],
+    denoiser: nn.Module | None,
+    text_encoders: Sequence[nn.Module | None] = (),
+    multiplier: float = 1.0,
+    source: str = "LoRA",
+) -> list[str]:
     """Subtract what :func:`bake_into_models` added (same LoRA, same multiplier).
 
     Restores the weights to within float rounding, not bit for bit: exact restoration needs the
@@ -219,9 +246,16 @@ def pipeline_models(pipe) -> tuple[nn.Module, list[nn.Module | None]]:
     return denoiser, encoders
 
 
-def bake_diffusers_folder(base_folder: str, lora_tensors: Mapping[str, torch.Tensor], out_folder: str,
-                          multiplier: float = 1.0, overwrite: bool = False, source: str = "LoRA",
-                          dtype: torch.dtype | None = None, variant: str | None = None) -> list[str]:
+def bake_diffusers_folder(
+    base_folder: str,
+    lora_tensors: Mapping[str, torch.Tensor],
+    out_folder: str,
+    multiplier: float = 1.0,
+    overwrite: bool = False,
+    source: str = "LoRA",
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> list[str]:
     """Bake a plain kohya LoRA into a local diffusers pipeline folder and write a new folder.
 
     Loads with ``DiffusionPipeline.from_pretrained(base_folder, local_files_only=True)`` (SD1/2,
@@ -250,8 +284,9 @@ def bake_diffusers_folder(base_folder: str, lora_tensors: Mapping[str, torch.Ten
 
 def _check_output(out: str, base: str, overwrite: bool, folder: bool) -> None:
     if os.path.realpath(out) == os.path.realpath(base):
-        raise BakeError(f"{out}: the output is the base model itself; write to a new path (the base is the "
-                        "only exact way back)")
+        raise BakeError(
+            f"{out}: the output is the base model itself; write to a new path (the base is the only exact way back)"
+        )
     if os.path.lexists(out):
         if not overwrite:
             raise BakeError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -263,10 +298,15 @@ def _check_output(out: str, base: str, overwrite: bool, folder: bool) -> None:
 
 # -- single-file (original layout) checkpoints ------------------------------------------------
 UNET_ROOT = "model.diffusion_model."
-_OPENCLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
-                             r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
-_OPENCLIP_NAMES = {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1",
-                   "mlp.c_proj.weight": "mlp_fc2"}
+_OPENCLIP_BLOCK = re.compile(
+    r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|"
+    r"mlp\.c_fc\.weight|mlp\.c_proj\.weight)$"
+)
+_OPENCLIP_NAMES = {
+    "attn.out_proj.weight": "self_attn_out_proj",
+    "mlp.c_fc.weight": "mlp_fc1",
+    "mlp.c_proj.weight": "mlp_fc2",
+}
 
 # (checkpoint key, which third of a fused q/k/v weight (0, 1, 2) or None for the whole weight)
 Target = tuple[str, "int | None"]
@@ -276,8 +316,10 @@ def checkpoint_family(keys: Sequence[str]) -> FamilySpec:
     """The family whose text-encoder roots (spec ``checkpoint_roots``) the keys use, in registry order; a
     checkpoint with none of them (UNet only) is taken as the last, most general, such family (SD 1.x)."""
     specs = [spec for spec in family_specs() if spec.checkpoint_roots]
-    return next((spec for spec in specs if any(k.startswith(root) for root, _ in spec.checkpoint_roots for k in keys)),
-                specs[-1])
+    return next(
+        (spec for spec in specs if any(k.startswith(root) for root, _ in spec.checkpoint_roots for k in keys)),
+        specs[-1],
+    )
 
 
 def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
@@ -301,12 +343,12 @@ def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
 
     for key in keys:
         if key.startswith(UNET_ROOT) and key.endswith(".weight"):
-            add("lora_unet_" + key[len(UNET_ROOT):-len(".weight")].replace(".", "_"), (key, None))
+            add("lora_unet_" + key[len(UNET_ROOT) : -len(".weight")].replace(".", "_"), (key, None))
             continue
         for root, prefix in roots:
             if not key.startswith(root):
                 continue
-            rel = key[len(root):]
+            rel = key[len(root) :]
             m = _OPENCLIP_BLOCK.match(rel)
             if m:
                 block = f"{prefix}_text_model_encoder_layers_{m[1]}_"
@@ -316,16 +358,22 @@ def checkpoint_index(keys: Sequence[str]) -> tuple[str, dict[str, Target]]:
                 else:
                     add(block + _OPENCLIP_NAMES[m[2]], (key, None))
             elif rel.endswith(".weight") and not root.endswith(".model."):
-                add(f"{prefix}_{rel[:-len('.weight')].replace('.', '_')}", (key, None))
+                add(f"{prefix}_{rel[: -len('.weight')].replace('.', '_')}", (key, None))
     for name in ambiguous:
         del index[name]
     return family, index
 
 
-def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tensor], out_path: str,
-                     multiplier: float = 1.0, overwrite: bool = False, source: str = "LoRA",
-                     layers_per_block: int | None = None,
-                     up_blocks_with_attention: frozenset[int] | None = None) -> list[str]:
+def bake_single_file(
+    checkpoint_path: str,
+    lora_tensors: Mapping[str, torch.Tensor],
+    out_path: str,
+    multiplier: float = 1.0,
+    overwrite: bool = False,
+    source: str = "LoRA",
+    layers_per_block: int | None = None,
+    up_blocks_with_attention: frozenset[int] | None = None,
+) -> list[str]:
     """Bake a plain kohya LoRA into an SD1/SD2/SDXL original-layout ``.safetensors`` checkpoint.
 
     UNet LoRA names may be SGM names (SDXL files) or diffusers names (SD1/SD2 files), which are
@@ -340,20 +388,27 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
             shape that does not fit, or an existing output without ``overwrite``.
     """
     if not str(checkpoint_path).endswith(".safetensors"):
-        raise TSMFileError(f"{checkpoint_path}: only .safetensors checkpoints are read (a .ckpt/.pt is a pickle, "
-                           "which can run code when loaded; convert it to .safetensors first)")
+        raise TSMFileError(
+            f"{checkpoint_path}: only .safetensors checkpoints are read (a .ckpt/.pt is a pickle, "
+            "which can run code when loaded; convert it to .safetensors first)"
+        )
     if not str(out_path).endswith(".safetensors"):
         raise BakeError(f"{out_path}: the output must be a .safetensors file")
     _check_output(os.path.abspath(out_path), os.path.abspath(checkpoint_path), overwrite, folder=False)
     tensors, metadata = load_file(checkpoint_path)
     family, index = checkpoint_index(tensors)
     if not any(k.startswith(UNET_ROOT) for k in tensors):
-        raise BakeError(f"{checkpoint_path}: no '{UNET_ROOT}*' keys: not an SD1/SD2/SDXL original-layout checkpoint "
-                        "(for a diffusers folder pass the folder)")
+        raise BakeError(
+            f"{checkpoint_path}: no '{UNET_ROOT}*' keys: not an SD1/SD2/SDXL original-layout checkpoint "
+            "(for a diffusers folder pass the folder)"
+        )
     sdxl = family == "sdxl"
     lpb = layers_per_block or 2
-    up_attn = up_blocks_with_attention if up_blocks_with_attention is not None else (
-        frozenset({0, 1}) if sdxl else frozenset({1, 2, 3}))
+    up_attn = (
+        up_blocks_with_attention
+        if up_blocks_with_attention is not None
+        else (frozenset({0, 1}) if sdxl else frozenset({1, 2, 3}))
+    )
 
     pairs = lora_pairs(lora_tensors, source)
     targets: dict[str, Target] = {}
@@ -371,9 +426,11 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
             targets[name] = target
     if unknown:
         unknown.sort()
-        raise BakeError(f"{source}: {len(unknown)} module(s) have no weight in {checkpoint_path} ({family} layout; a "
-                        f"LoRA for another base model?), e.g. key {unknown[0] + '.lora_down.weight'!r}; "
-                        f"others: {unknown[1:4]}")
+        raise BakeError(
+            f"{source}: {len(unknown)} module(s) have no weight in {checkpoint_path} ({family} layout; a "
+            f"LoRA for another base model?), e.g. key {unknown[0] + '.lora_down.weight'!r}; "
+            f"others: {unknown[1:4]}"
+        )
     deltas = {}
     for name, (key, part) in targets.items():
         down, up, scale = pairs[name]
@@ -385,9 +442,12 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
             shape = (third, *weight.shape[1:])
         else:
             shape = tuple(weight.shape)
-        deltas[name] = (key, rows, fit_delta(pair_delta(down.float(), up.float(), scale), shape, name, f"{checkpoint_path}:{key}",
-                                             source))
-    for name, (key, rows, delta) in deltas.items():
+        deltas[name] = (
+            key,
+            rows,
+            fit_delta(pair_delta(down.float(), up.float(), scale), shape, name, f"{checkpoint_path}:{key}", source),
+        )
+    for key, rows, delta in deltas.values():
         weight = tensors[key]
         new = weight.float()  # a copy for half weights; clone float32 ones so the input is never aliased
         if new.data_ptr() == weight.data_ptr():
@@ -402,16 +462,17 @@ def bake_single_file(checkpoint_path: str, lora_tensors: Mapping[str, torch.Tens
 
 
 # -- files ---------------------------------------------------------------------------------------
-def load_lora_for_bake(path: str, expert: int | None = None, scale: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def load_lora_for_bake(
+    path: str, expert: int | None = None, scale: int | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """(plain kohya LoRA tensors, description) of a LoRA file; for a native TSM file, of one expert.
 
     Raises:
         TSMFileError: a TSM file without ``expert`` (the message lists the experts), or ``expert``
             given for a plain LoRA.
     """
-    from tsm_trainer.files.export import experts_in
-
     from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
+    from tsm_trainer.files.export import experts_in
 
     tensors, metadata = load_file(path)
     if "tsm.format_version" not in metadata:
@@ -425,6 +486,7 @@ def load_lora_for_bake(path: str, expert: int | None = None, scale: int | None =
         raise TSMFileError(
             f"{path}: a native TSM file holds several timestep experts ({describe_experts(experts)}); pick one with "
             "--expert E [--scale N] (scale defaults to the core scale), or merge them into one LoRA first "
-            "(tools/merge_experts.py) and bake that")
+            "(tools/merge_experts.py) and bake that"
+        )
     n = info["scales"][0] if scale is None else scale
     return expert_lora(tensors, metadata, n, expert, path), f"{path} expert {expert} of scale {n}"

@@ -77,12 +77,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from tsm_trainer.runtime.discrete_sigmas import DiscreteSigmas
 from tsm_trainer.core.atomic_write import atomic_file
+from tsm_trainer.runtime.discrete_sigmas import DiscreteSigmas
 
 # ComfyUI's discrete model sampling hard-codes 999 (= len(sigmas) - 1) in percent_to_sigma.
 _DEFAULT_T = 1000
@@ -119,8 +119,15 @@ NODE_DEFS: dict[str, dict] = {
     },
     "CreateHookKeyframesInterpolated": {
         "inputs": [("prev_hook_kf", "HOOK_KEYFRAMES")],
-        "widgets": ["strength_start", "strength_end", "interpolation", "start_percent", "end_percent",
-                    "keyframes_count", "print_keyframes"],
+        "widgets": [
+            "strength_start",
+            "strength_end",
+            "interpolation",
+            "start_percent",
+            "end_percent",
+            "keyframes_count",
+            "print_keyframes",
+        ],
         "outputs": [("HOOK_KF", "HOOK_KEYFRAMES")],
     },
     "SetHookKeyframes": {
@@ -144,8 +151,13 @@ NODE_DEFS: dict[str, dict] = {
         "outputs": [("HOOKS", "HOOKS")],
     },
     "PairConditioningSetProperties": {
-        "inputs": [("positive_NEW", "CONDITIONING"), ("negative_NEW", "CONDITIONING"), ("mask", "MASK"),
-                   ("hooks", "HOOKS"), ("timesteps", "TIMESTEPS_RANGE")],
+        "inputs": [
+            ("positive_NEW", "CONDITIONING"),
+            ("negative_NEW", "CONDITIONING"),
+            ("mask", "MASK"),
+            ("hooks", "HOOKS"),
+            ("timesteps", "TIMESTEPS_RANGE"),
+        ],
         "widgets": ["strength", "set_cond_area"],
         "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
     },
@@ -155,8 +167,12 @@ NODE_DEFS: dict[str, dict] = {
         "outputs": [("LATENT", "LATENT")],
     },
     "KSampler": {
-        "inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                   ("latent_image", "LATENT")],
+        "inputs": [
+            ("model", "MODEL"),
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("latent_image", "LATENT"),
+        ],
         "widgets": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
         "outputs": [("LATENT", "LATENT")],
     },
@@ -178,6 +194,7 @@ _COMBINE_NODES = ((2, "CombineHooks2"), (4, "CombineHooks4"), (8, "CombineHooks8
 # ---------------------------------------------------------------------------------------------
 # Schedule math
 # ---------------------------------------------------------------------------------------------
+
 
 def _f32(x: float) -> float:
     """Round a float to float32 (round to nearest even), as ``torch.tensor(x)`` does."""
@@ -262,8 +279,9 @@ def _sd_sampling(T: int) -> DiscreteSigmas:
     return _SD_SAMPLING[T]
 
 
-def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T,
-                         sampling: DiscreteSigmas | None = None) -> list[tuple[float, float]]:
+def expert_hook_schedule(
+    lo: int, hi: int, T: int = _DEFAULT_T, sampling: DiscreteSigmas | None = None
+) -> list[tuple[float, float]]:
     """Hook keyframes ``[(start_percent, strength), ...]`` that make an expert active for t in [lo, hi).
 
     ``t`` is the integer timestep ComfyUI's ``ModelSamplingDiscrete.timestep(sigma)`` hands the
@@ -292,13 +310,20 @@ def expert_hook_schedule(lo: int, hi: int, T: int = _DEFAULT_T,
 # Graph building
 # ---------------------------------------------------------------------------------------------
 
+
 class _Graph:
     def __init__(self):
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
-    def add(self, node_type: str, widgets: list, pos: tuple[float, float], title: str | None = None,
-            size: tuple[float, float] = (315, 100)) -> dict:
+    def add(
+        self,
+        node_type: str,
+        widgets: list,
+        pos: tuple[float, float],
+        title: str | None = None,
+        size: tuple[float, float] = (315, 100),
+    ) -> dict:
         spec = NODE_DEFS[node_type]
         if len(widgets) != len(spec["widgets"]):
             raise AssertionError(f"{node_type}: {len(widgets)} widget values for {spec['widgets']}")
@@ -311,8 +336,9 @@ class _Graph:
             "order": 0,
             "mode": 0,
             "inputs": [{"name": n, "type": t, "link": None} for n, t in spec["inputs"]],
-            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
-                        for i, (n, t) in enumerate(spec["outputs"])],
+            "outputs": [
+                {"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(spec["outputs"])
+            ],
             "properties": {"Node name for S&R": node_type},
             "widgets_values": list(widgets),
         }
@@ -359,13 +385,18 @@ def _keyframe_nodes(g: _Graph, schedule: list[tuple[float, float]], x: float, y:
     the second gets guarantee_steps 0; a third (the last) comes from CreateHookKeyframe.
     """
     if len(schedule) == 1:
-        (p0, s0), = schedule
+        ((p0, s0),) = schedule
         return g.add("CreateHookKeyframe", [s0, p0], (x, y), title=f"{label} keyframe", size=(300, 82))
     if len(schedule) > 3:
         raise AssertionError("a schedule has at most 3 keyframes")
     (p0, s0), (p1, s1) = schedule[:2]
-    kf = g.add("CreateHookKeyframesInterpolated", [s0, s1, "linear", p0, p1, 2, False], (x, y),
-               title=f"{label} keyframes", size=(300, 210))
+    kf = g.add(
+        "CreateHookKeyframesInterpolated",
+        [s0, s1, "linear", p0, p1, 2, False],
+        (x, y),
+        title=f"{label} keyframes",
+        size=(300, 210),
+    )
     if len(schedule) == 3:
         p2, s2 = schedule[2]
         last = g.add("CreateHookKeyframe", [s2, p2], (x, y + 240), title=f"{label} off", size=(300, 82))
@@ -380,7 +411,7 @@ def _combine(g: _Graph, hooks: list[dict], x: float, y: float) -> dict:
     while len(hooks) > 1:
         merged = []
         for start in range(0, len(hooks), 8):
-            chunk = hooks[start:start + 8]
+            chunk = hooks[start : start + 8]
             if len(chunk) == 1:
                 merged.append(chunk[0])
                 continue
@@ -394,12 +425,26 @@ def _combine(g: _Graph, hooks: list[dict], x: float, y: float) -> dict:
     return hooks[0]
 
 
-def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name: str,
-                   text_encoder_lora: str | None, prompt: str, negative: str, steps: int, cfg: float,
-                   seed: int, width: int, height: int, strength: float = 1.0, *,
-                   text_encoder_strength: float | None = None, sampler_name: str = "euler",
-                   scheduler: str = "normal", filename_prefix: str = "tsm",
-                   num_train_timesteps: int = _DEFAULT_T, sampling: DiscreteSigmas | None = None) -> dict:
+def build_workflow(
+    expert_files: Sequence[tuple[str, int, int]],
+    checkpoint_name: str,
+    text_encoder_lora: str | None,
+    prompt: str,
+    negative: str,
+    steps: int,
+    cfg: float,
+    seed: int,
+    width: int,
+    height: int,
+    strength: float = 1.0,
+    *,
+    text_encoder_strength: float | None = None,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    filename_prefix: str = "tsm",
+    num_train_timesteps: int = _DEFAULT_T,
+    sampling: DiscreteSigmas | None = None,
+) -> dict:
     """A ComfyUI UI-format workflow (nodes/links/last_node_id/last_link_id/version) for txt2img.
 
     Args:
@@ -434,8 +479,13 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
     ckpt = g.add("CheckpointLoaderSimple", [checkpoint_name], (0, 200), size=(315, 98))
     clip_src, clip_slot = ckpt, 1
     if text_encoder_lora:
-        te = g.add("LoraLoader", [text_encoder_lora, 0.0, te_strength], (0, 380),
-                   title="TSM text-encoder LoRA (static)", size=(315, 126))
+        te = g.add(
+            "LoraLoader",
+            [text_encoder_lora, 0.0, te_strength],
+            (0, 380),
+            title="TSM text-encoder LoRA (static)",
+            size=(315, 126),
+        )
         g.link(ckpt, 0, te, "model")
         g.link(ckpt, 1, te, "clip")
         clip_src, clip_slot = te, 1
@@ -465,8 +515,12 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
     g.link(combined, 0, props, "hooks")
 
     latent = g.add("EmptyLatentImage", [int(width), int(height), 1], (900, 520), size=(315, 106))
-    sampler = g.add("KSampler", [int(seed), "fixed", int(steps), float(cfg), sampler_name, scheduler, 1.0],
-                    (1250, 200), size=(315, 262))
+    sampler = g.add(
+        "KSampler",
+        [int(seed), "fixed", int(steps), float(cfg), sampler_name, scheduler, 1.0],
+        (1250, 200),
+        size=(315, 262),
+    )
     g.link(ckpt, 0, sampler, "model")
     g.link(props, 0, sampler, "positive")
     g.link(props, 1, sampler, "negative")
@@ -489,11 +543,16 @@ def build_workflow(expert_files: Sequence[tuple[str, int, int]], checkpoint_name
             "ds": {"scale": 1.0, "offset": [0.0, 0.0]},
             "tsm": {
                 "note": "expert LoRAs switched by hook keyframes on the sampler's sigma: active iff "
-                        "lo <= model_sampling.timestep(sigma) < hi",
+                "lo <= model_sampling.timestep(sigma) < hi",
                 "num_train_timesteps": T,
-                "experts": [{"lora_name": n, "timestep_range": [lo, hi],
-                             "keyframes": [list(k) for k in expert_hook_schedule(lo, hi, T, sampling)]}
-                            for n, lo, hi in experts],
+                "experts": [
+                    {
+                        "lora_name": n,
+                        "timestep_range": [lo, hi],
+                        "keyframes": [list(k) for k in expert_hook_schedule(lo, hi, T, sampling)],
+                    }
+                    for n, lo, hi in experts
+                ],
             },
         },
         "version": 0.4,

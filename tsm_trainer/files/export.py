@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -79,8 +79,9 @@ def fold_alpha(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_weights(n: int, experts: Sequence[int], weighting: str | Sequence[float],
-                  num_train_timesteps: int = 1000) -> list[float]:
+def merge_weights(
+    n: int, experts: Sequence[int], weighting: str | Sequence[float], num_train_timesteps: int = 1000
+) -> list[float]:
     """Per-expert weights of a merge: ``uniform`` (1/k), ``interval`` (share of the integer
     timesteps each expert covers), or given numbers (used as they are)."""
     if not experts:
@@ -103,8 +104,9 @@ def merge_weights(n: int, experts: Sequence[int], weighting: str | Sequence[floa
     return weights
 
 
-def merge_experts(tensors: Mapping[str, torch.Tensor], n: int, weights: Sequence[float],
-                  experts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+def merge_experts(
+    tensors: Mapping[str, torch.Tensor], n: int, weights: Sequence[float], experts: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
     """One plain LoRA of the denoiser whose delta is exactly ``sum_e w_e * (alpha/r) B_e A_e``
     per module.
 
@@ -158,11 +160,12 @@ def svd_truncate(lora: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str,
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(r))
-    return out, (err2 ** 0.5) / max(total2 ** 0.5, 1e-30)
+    return out, (err2**0.5) / max(total2**0.5, 1e-30)
 
 
-def kohya_to_peft(lora: Mapping[str, torch.Tensor], index: Mapping[str, tuple[int, str, object]],
-                  component_names: Sequence[str]) -> dict[str, torch.Tensor]:
+def kohya_to_peft(
+    lora: Mapping[str, torch.Tensor], index: Mapping[str, tuple[int, str, object]], component_names: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """A plain kohya LoRA as a diffusers/PEFT state dict that ``pipe.load_lora_weights`` reads.
 
     Keys become ``{component}.{module path}.lora_A.weight`` / ``lora_B.weight`` with alpha/r
@@ -187,14 +190,21 @@ def kohya_to_peft(lora: Mapping[str, torch.Tensor], index: Mapping[str, tuple[in
     return out
 
 
-def peft_to_kohya(peft: Mapping[str, torch.Tensor], index: Mapping[str, tuple[int, str, object]],
-                  component_names: Sequence[str], alphas: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+def peft_to_kohya(
+    peft: Mapping[str, torch.Tensor],
+    index: Mapping[str, tuple[int, str, object]],
+    component_names: Sequence[str],
+    alphas: Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
     """The inverse of :func:`kohya_to_peft`: kohya names (alpha = rank unless ``alphas`` gives
     a PEFT ``lora_alpha`` per module path)."""
     by_path = {(component_names[0 if c < 0 else c + 1], path): name for name, (c, path, _) in index.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in peft.items():
-        m = re.match(r"^(?:base_model\.model\.)?(?P<component>[^.]+)\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$", key)
+        m = re.match(
+            r"^(?:base_model\.model\.)?(?P<component>[^.]+)\.(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$",
+            key,
+        )
         if not m:
             raise ValueError(f"key {key!r} is not a PEFT LoRA key (<component>.<module>.lora_A/lora_B.weight)")
         name = by_path.get((m["component"], m["path"]))
@@ -208,17 +218,29 @@ def peft_to_kohya(peft: Mapping[str, torch.Tensor], index: Mapping[str, tuple[in
     return out
 
 
-def plain_metadata(source: Mapping[str, str], title: str, output_name: str, lora: Mapping[str, torch.Tensor],
-                   alpha_folded: bool) -> dict[str, str]:
+def plain_metadata(
+    source: Mapping[str, str], title: str, output_name: str, lora: Mapping[str, torch.Tensor], alpha_folded: bool
+) -> dict[str, str]:
     """Metadata of a plain LoRA written from a TSM file: the source's ss_*/modelspec.* without
     TSM-only keys, ``ss_network_dim`` the largest rank, ``ss_network_alpha`` the alpha the
     tensors hold (the rank when alpha is folded) and ``tsm.alpha_folded``."""
-    keep = {k: v for k, v in source.items() if k.startswith(("ss_", "modelspec."))
-            and k not in ("ss_network_args", "modelspec.timestep_range")}
+    keep = {
+        k: v
+        for k, v in source.items()
+        if k.startswith(("ss_", "modelspec.")) and k not in ("ss_network_args", "modelspec.timestep_range")
+    }
     rank = max(v.shape[0] for k, v in lora.items() if k.endswith("lora_down.weight"))
     alphas = {float(v) for k, v in lora.items() if k.endswith(".alpha")}
-    keep.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_args": "{}",
-                 "ss_output_name": output_name, "modelspec.title": title, "tsm.alpha_folded": json.dumps(alpha_folded)})
+    keep.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_args": "{}",
+            "ss_output_name": output_name,
+            "modelspec.title": title,
+            "tsm.alpha_folded": json.dumps(alpha_folded),
+        }
+    )
     if alpha_folded:
         keep["ss_network_alpha"] = str(rank)
     elif len(alphas) == 1:
@@ -226,8 +248,9 @@ def plain_metadata(source: Mapping[str, str], title: str, output_name: str, lora
     return keep
 
 
-def write_expert_files(path: str, out_dir: str, scales: Sequence[int] | None = None, fold: bool = False,
-                       name: str | None = None) -> list[dict]:
+def write_expert_files(
+    path: str, out_dir: str, scales: Sequence[int] | None = None, fold: bool = False, name: str | None = None
+) -> list[dict]:
     """Write one plain kohya LoRA per expert (denoiser only) and one static text-encoder LoRA.
 
     Expert files carry ``modelspec.timestep_range = "lo,hi"`` (hi exclusive), ``tsm.expert =
@@ -259,8 +282,13 @@ def write_expert_files(path: str, out_dir: str, scales: Sequence[int] | None = N
             lo, hi = interval_timestep_range(e, n, info["num_train_timesteps"])
             stem = f"{name}_e{e}of{n}"
             meta = plain_metadata(metadata, f"{title} expert {e}/{n} t[{lo},{hi})", stem, lora, fold)
-            meta.update({"modelspec.timestep_range": f"{lo},{hi}", "tsm.expert": f"{e}/{n}",
-                         "tsm.source": os.path.basename(path)})
+            meta.update(
+                {
+                    "modelspec.timestep_range": f"{lo},{hi}",
+                    "tsm.expert": f"{e}/{n}",
+                    "tsm.source": os.path.basename(path),
+                }
+            )
             record = {"kind": "expert", "n": n, "e": e, "lo": lo, "hi": hi}
             files.append((os.path.join(out_dir, stem + ".safetensors"), lora, meta, record))
     te = text_encoder_lora(tensors)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from torch import nn
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, sshs_hashes, tensor_data_sha256
 from tsm_trainer.core.intervals import interval_timestep_range
 from tsm_trainer.core.lora_math import EXPERT_KEY
-from tsm_trainer.files.family_guess import guess_family
 from tsm_trainer.core.targets import layers_by_lora_name
+from tsm_trainer.files.family_guess import guess_family
 
 KIND_LABELS = {"tsm": "native TSM file", "kohya": "kohya LoRA", "peft": "diffusers/PEFT LoRA", "unknown": "unknown"}
 
@@ -32,8 +33,10 @@ KIND_LABELS = {"tsm": "native TSM file", "kohya": "kohya LoRA", "peft": "diffuse
 _KOHYA_KEY = re.compile(r"^(lora_[A-Za-z0-9_]+?)\.(.+)$")
 _KOHYA_PREFIX = re.compile(r"^(lora_(?:unet|transformer|te\d?|prior_unet))_")
 # PEFT / diffusers: "{module.path}.lora_A.weight" (also the older ".lora.down.weight" forms)
-_PEFT_KEY = re.compile(r"^(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
-                       r"(?:\.[A-Za-z0-9_]+)?\.weight$")
+_PEFT_KEY = re.compile(
+    r"^(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
+    r"(?:\.[A-Za-z0-9_]+)?\.weight$"
+)
 _PEFT_DOWN = ("lora_A", "lora.down", "lora_linear_layer.down")
 
 
@@ -71,8 +74,10 @@ def _summarize(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors.values()).most_common()),
     }
     if kind == "unknown":
-        problems.append(f"{path}: no LoRA key recognised (neither kohya 'lora_*.lora_down.weight', TSM "
-                        f"'.tsm.n.e.lora_down.weight' nor PEFT '.lora_A.weight'), e.g. {sorted(tensors)[:3]}")
+        problems.append(
+            f"{path}: no LoRA key recognised (neither kohya 'lora_*.lora_down.weight', TSM "
+            f"'.tsm.n.e.lora_down.weight' nor PEFT '.lora_A.weight'), e.g. {sorted(tensors)[:3]}"
+        )
 
     # modules, ranks, alphas
     per_prefix = Counter(m["prefix"] for m in modules.values())
@@ -100,10 +105,14 @@ def _summarize(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     # hashes
     s["hashes"] = _hashes(path, tensors, metadata)
     if s["hashes"]["model_hash_match"] is False:
-        problems.append(f"{path}: metadata 'sshs_model_hash' {s['hashes']['sshs_model_hash']} does not match the "
-                        f"tensor data (sha256 {s['hashes']['computed_model_hash']}): tensors changed after saving?")
+        problems.append(
+            f"{path}: metadata 'sshs_model_hash' {s['hashes']['sshs_model_hash']} does not match the "
+            f"tensor data (sha256 {s['hashes']['computed_model_hash']}): tensors changed after saving?"
+        )
 
-    s["non_finite"] = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()))
+    s["non_finite"] = sorted(
+        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t.float()).all())
+    )
     for k in s["non_finite"]:
         problems.append(f"{path}: key {k!r} holds non-finite values (NaN or inf)")
 
@@ -191,8 +200,10 @@ def _module_problems(path: str, name: str, m: dict[str, Any]) -> list[str]:
             continue
         down, up = m["shapes"][down_key], m["shapes"][up_key]
         if len(up) < 2 or len(down) < 1 or up[1] != down[0]:
-            problems.append(f"{path}: key {up_key!r} has shape {up}, which does not match the rank {down[0] if down else '?'} "
-                            f"of {down_key!r}")
+            problems.append(
+                f"{path}: key {up_key!r} has shape {up}, which does not match the rank {down[0] if down else '?'} "
+                f"of {down_key!r}"
+            )
     for expert, up_key in m["up"].items():
         if expert not in m["down"]:
             problems.append(f"{path}: key {up_key!r} has no matching down weight")
@@ -217,7 +228,9 @@ def _tsm_info(path: str, metadata: dict[str, str], modules: dict[str, dict[str, 
                 present.setdefault(expert[0], set()).add(expert[1])
     scales = info.get("scales") or sorted(present, reverse=True)
     experts = []
-    for n in sorted(set(scales) | set(present), key=lambda n: (n not in scales, scales.index(n) if n in scales else -n)):
+    for n in sorted(
+        set(scales) | set(present), key=lambda n: (n not in scales, scales.index(n) if n in scales else -n)
+    ):
         found = sorted(present.get(n, ()))
         rows = []
         for e in found:
@@ -245,8 +258,10 @@ def _tsm_info(path: str, metadata: dict[str, str], modules: dict[str, dict[str, 
         denoiser = [name for name, m in modules.items() if any(x is not None for x in m["down"])]
         missing = [name for name in denoiser if not modules[name]["router"]]
         if missing:
-            problems.append(f"{path}: tsm.stage=assemble but key {missing[0] + '.router.fc.weight'!r} is missing "
-                            f"({len(missing)} module(s) without router)")
+            problems.append(
+                f"{path}: tsm.stage=assemble but key {missing[0] + '.router.fc.weight'!r} is missing "
+                f"({len(missing)} module(s) without router)"
+            )
     return info
 
 
@@ -270,16 +285,21 @@ def _exported_expert(path: str, metadata: dict[str, str], problems: list[str]) -
         except ValueError as err:
             problems.append(f"{path}: metadata 'tsm.expert' {spec!r} is not 'e/n' ({err})")
     if "timestep_range" in out and "expected_range" in out and out["timestep_range"] != out["expected_range"]:
-        problems.append(f"{path}: metadata 'modelspec.timestep_range' {rng!r} is not the interval of expert "
-                        f"{spec} ({out['expected_range'][0]},{out['expected_range'][1]})")
+        problems.append(
+            f"{path}: metadata 'modelspec.timestep_range' {rng!r} is not the interval of expert "
+            f"{spec} ({out['expected_range'][0]},{out['expected_range'][1]})"
+        )
     return out
 
 
 def _hashes(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
     stored, stored_legacy = metadata.get("sshs_model_hash"), metadata.get("sshs_legacy_hash")
     computed = tensor_data_sha256(path)
-    h = {"sshs_model_hash": stored, "computed_model_hash": computed,
-         "model_hash_match": None if stored is None else stored.lower() == computed}
+    h = {
+        "sshs_model_hash": stored,
+        "computed_model_hash": computed,
+        "model_hash_match": None if stored is None else stored.lower() == computed,
+    }
     h["sshs_legacy_hash"] = stored_legacy
     if stored_legacy is not None:
         # The legacy hash depends on the ss_* metadata too; informative only.
@@ -307,22 +327,26 @@ def _counts(d: dict) -> str:
 def format_summary(summary: dict[str, Any], max_value_chars: int = 100) -> str:
     """A readable multi-line text of :func:`summarize`'s result."""
     s = summary
-    lines = [f"{s['path']}",
-             f"  kind:        {KIND_LABELS.get(s['kind'], s['kind'])}",
-             f"  family:      {s['family']['name']}   (from {s['family']['source']})",
-             f"  file:        {_size(s['file_size'])}, {s['num_tensors']} tensors, {s['num_parameters']:,} parameters, "
-             f"dtype {', '.join(s['dtypes']) or '-'}",
-             f"  modules:     {s['num_modules']}: " + (", ".join(f"{p} {c}" for p, c in s["modules"].items()) or "-"),
-             f"  ranks:       {_counts(s['ranks'])}",
-             f"  alphas:      {_counts(s['alphas'])}"]
+    lines = [
+        f"{s['path']}",
+        f"  kind:        {KIND_LABELS.get(s['kind'], s['kind'])}",
+        f"  family:      {s['family']['name']}   (from {s['family']['source']})",
+        f"  file:        {_size(s['file_size'])}, {s['num_tensors']} tensors, {s['num_parameters']:,} parameters, "
+        f"dtype {', '.join(s['dtypes']) or '-'}",
+        f"  modules:     {s['num_modules']}: " + (", ".join(f"{p} {c}" for p, c in s["modules"].items()) or "-"),
+        f"  ranks:       {_counts(s['ranks'])}",
+        f"  alphas:      {_counts(s['alphas'])}",
+    ]
     t = s.get("tsm")
     if t is not None:
-        lines.append(f"  TSM:         stage {t.get('stage', '?')}, scales {t.get('scales', '?')}, "
-                     + (f"mixture {t.get('mixture', '?')}, " if t.get("stage") != "foster" else "")
-                     + f"T={t.get('num_train_timesteps', '?')}, "
-                     f"timestep space {t.get('timestep_space', '?')}"
-                     + (f", interval {t['interval']}" if t.get("interval") is not None else "")
-                     + f", router {'yes (' + str(t['router_modules']) + ' modules)' if t['router'] else 'no'}")
+        lines.append(
+            f"  TSM:         stage {t.get('stage', '?')}, scales {t.get('scales', '?')}, "
+            + (f"mixture {t.get('mixture', '?')}, " if t.get("stage") != "foster" else "")
+            + f"T={t.get('num_train_timesteps', '?')}, "
+            f"timestep space {t.get('timestep_space', '?')}"
+            + (f", interval {t['interval']}" if t.get("interval") is not None else "")
+            + f", router {'yes (' + str(t['router_modules']) + ' modules)' if t['router'] else 'no'}"
+        )
         for sc in t["experts"]:
             intervals = "  ".join(f"{x['index']}:[{x['interval'][0]},{x['interval'][1]})" for x in sc["experts"])
             lines.append(f"    scale {sc['scale']}: {sc['count']} expert{'s' if sc['count'] != 1 else ''}  {intervals}")
@@ -335,15 +359,29 @@ def format_summary(summary: dict[str, Any], max_value_chars: int = 100) -> str:
     if h["sshs_model_hash"] is None:
         lines.append(f"  hash:        no sshs_model_hash stored; tensor data sha256 {h['computed_model_hash']}")
     else:
-        lines.append(f"  hash:        sshs_model_hash {h['sshs_model_hash'][:16]}... "
-                     + ("matches the tensor data" if h["model_hash_match"]
-                        else f"DOES NOT MATCH the tensor data ({h['computed_model_hash'][:16]}...)"))
+        lines.append(
+            f"  hash:        sshs_model_hash {h['sshs_model_hash'][:16]}... "
+            + (
+                "matches the tensor data"
+                if h["model_hash_match"]
+                else f"DOES NOT MATCH the tensor data ({h['computed_model_hash'][:16]}...)"
+            )
+        )
     if h.get("sshs_legacy_hash") is not None:
-        lines.append(f"               sshs_legacy_hash {h['sshs_legacy_hash']} "
-                     + ("matches" if h["legacy_hash_match"] else f"differs (recomputed {h['computed_legacy_hash']}; "
-                                                                  "it also covers ss_* metadata)"))
-    meta = [(k, v) for group in ("modelspec", "tsm", "ss", "other") for k, v in s["metadata"][group].items()
-            if not k.startswith("sshs_")]
+        lines.append(
+            f"               sshs_legacy_hash {h['sshs_legacy_hash']} "
+            + (
+                "matches"
+                if h["legacy_hash_match"]
+                else f"differs (recomputed {h['computed_legacy_hash']}; it also covers ss_* metadata)"
+            )
+        )
+    meta = [
+        (k, v)
+        for group in ("modelspec", "tsm", "ss", "other")
+        for k, v in s["metadata"][group].items()
+        if not k.startswith("sshs_")
+    ]
     lines.append("  metadata:" + ("" if meta else "    none"))
     for k, v in meta:
         v = v.replace("\n", " ")
@@ -361,7 +399,9 @@ def format_summary(summary: dict[str, Any], max_value_chars: int = 100) -> str:
 # ----------------------------------------------------------------------------------------
 # check against a base model
 # ----------------------------------------------------------------------------------------
-def check_against_model(path: str, denoiser: nn.Module | None, text_encoders: Sequence[nn.Module | None] = ()) -> list[str]:
+def check_against_model(
+    path: str, denoiser: nn.Module | None, text_encoders: Sequence[nn.Module | None] = ()
+) -> list[str]:
     """The reasons ``path`` does not fit the model (empty: it fits). Each reason names the file
     and, where there is one, the key.
 
@@ -408,17 +448,27 @@ def check_against_model(path: str, denoiser: nn.Module | None, text_encoders: Se
             reasons.extend(_shape_reasons(path, m, layer))
         no_te = [u for u in unknown if not text_encoders and u[2].startswith(("lora_te", "text_encoder"))]
         if no_te:
-            reasons.append(f"{path}: {len(no_te)} text-encoder module(s), e.g. key {no_te[0][1]!r}, cannot be checked: "
-                           "the base model has no text encoder")
+            reasons.append(
+                f"{path}: {len(no_te)} text-encoder module(s), e.g. key {no_te[0][1]!r}, cannot be checked: "
+                "the base model has no text encoder"
+            )
         for name, key, _ in unknown:
             if (name, key, _) not in no_te:
-                reasons.append(f"{path}: key {key!r}: this model has no layer {name!r} (a file for another base model?)")
+                reasons.append(
+                    f"{path}: key {key!r}: this model has no layer {name!r} (a file for another base model?)"
+                )
     return reasons
 
 
 def _shape_reasons(path: str, m: dict[str, Any], layer: nn.Module) -> list[str]:
     if isinstance(layer, nn.Linear):
-        k, d, tail_down, tail_up, what = layer.in_features, layer.out_features, (), (), f"Linear({layer.in_features}, {layer.out_features})"
+        k, d, tail_down, tail_up, what = (
+            layer.in_features,
+            layer.out_features,
+            (),
+            (),
+            f"Linear({layer.in_features}, {layer.out_features})",
+        )
     elif isinstance(layer, nn.Conv2d):
         k, d = layer.in_channels, layer.out_channels
         tail_down, tail_up = tuple(layer.kernel_size), (1, 1)
@@ -431,12 +481,16 @@ def _shape_reasons(path: str, m: dict[str, Any], layer: nn.Module) -> list[str]:
         shape = m["shapes"][key]
         r = shape[0] if shape else None
         if tuple(shape) != (r, k, *tail_down):
-            reasons.append(f"{path}: key {key!r} has shape {tuple(shape)}, the layer {what} needs {(r or 'r', k, *tail_down)}")
+            reasons.append(
+                f"{path}: key {key!r} has shape {tuple(shape)}, the layer {what} needs {(r or 'r', k, *tail_down)}"
+            )
         up_key = m["up"].get(expert)
         if up_key is not None:
             up = m["shapes"][up_key]
             if tuple(up) != (d, r, *tail_up):
-                reasons.append(f"{path}: key {up_key!r} has shape {tuple(up)}, the layer {what} needs {(d, r, *tail_up)}")
+                reasons.append(
+                    f"{path}: key {up_key!r} has shape {tuple(up)}, the layer {what} needs {(d, r, *tail_up)}"
+                )
     return reasons
 
 
@@ -457,11 +511,11 @@ def _peft_resolver(denoiser: nn.Module | None, text_encoders: list[nn.Module | N
             i = int(head.rsplit("_", 1)[1]) - 1 if head[-1].isdigit() else 0
             root = text_encoders[i] if i < len(text_encoders) else None
         else:
-            root, rest = denoiser, (name[len("base_model.model."):] if name.startswith("base_model.model.") else name)
+            root, rest = denoiser, (name[len("base_model.model.") :] if name.startswith("base_model.model.") else name)
         if root is None:
             return None
         t = table(root)
-        for candidate in (rest, rest[len("text_model."):] if rest.startswith("text_model.") else "text_model." + rest):
+        for candidate in (rest, rest[len("text_model.") :] if rest.startswith("text_model.") else "text_model." + rest):
             if candidate in t:
                 return t[candidate]
         return None

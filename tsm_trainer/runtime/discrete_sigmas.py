@@ -15,7 +15,7 @@ class DiscreteSigmas(nn.Module):
 
     def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.012, timesteps: int = 1000):
         super().__init__()
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.num_timesteps = timesteps

@@ -14,7 +14,7 @@ timestep the UNet receives (on the 0..T axis). Two paths:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -43,8 +43,11 @@ def cpu_timesteps(t: torch.Tensor | float) -> torch.Tensor:
 def sgm_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> dict[str, nn.Module]:
     """``{kohya name: layer}`` of a UNet in the original layout (A1111/Forge/ComfyUI hold
     ``input_blocks...``), for every Linear and Conv2d."""
-    return {f"{prefix}_{path.replace('.', '_')}": m for path, m in diffusion_model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {
+        f"{prefix}_{path.replace('.', '_')}": m
+        for path, m in diffusion_model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
 
 
 def resolve_layers(names: list[str], index: Mapping[str, nn.Module], path: str = "<file>") -> dict[str, nn.Module]:
@@ -63,8 +66,9 @@ def resolve_layers(names: list[str], index: Mapping[str, nn.Module], path: str =
         else:
             layers[name] = layer
     if missing:
-        raise TSMFileError(f"{path}: {len(missing)} module(s) not in this model (a file for another base model?), "
-                           f"e.g. {missing[:3]}")
+        raise TSMFileError(
+            f"{path}: {len(missing)} module(s) not in this model (a file for another base model?), e.g. {missing[:3]}"
+        )
     return layers
 
 
@@ -88,8 +92,14 @@ class ExpertSwitcher:
         multiplier: the user's strength.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                 layers: Mapping[str, nn.Module], multiplier: float = 1.0, path: str = "<file>"):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str],
+        layers: Mapping[str, nn.Module],
+        multiplier: float = 1.0,
+        path: str = "<file>",
+    ):
         info = check_tsm_metadata(metadata, path)
         if merge_blocker(info):
             raise TSMFileError(f"{path}: ExpertSwitcher takes fostered files (one scale, no router); use OnlineTSM")
@@ -115,18 +125,28 @@ class ExpertSwitcher:
             if name in self.layers and key.endswith("lora_down.weight"):
                 weight = self.layers[name].weight
                 if tuple(value.shape[1:]) != tuple(weight.shape[1:]):
-                    raise TSMFileError(f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
-                                       f"layer's weight {tuple(weight.shape)}")
-            elif name in self.layers and key.endswith("lora_up.weight") and value.shape[0] != self.layers[name].weight.shape[0]:
-                raise TSMFileError(f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
-                                   f"layer's weight {tuple(self.layers[name].weight.shape)}")
+                    raise TSMFileError(
+                        f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
+                        f"layer's weight {tuple(weight.shape)}"
+                    )
+            elif (
+                name in self.layers
+                and key.endswith("lora_up.weight")
+                and value.shape[0] != self.layers[name].weight.shape[0]
+            ):
+                raise TSMFileError(
+                    f"{path}: key {key!r} has shape {tuple(value.shape)}, which does not fit the "
+                    f"layer's weight {tuple(self.layers[name].weight.shape)}"
+                )
 
     def expert_for(self, t: torch.Tensor | float) -> int:
         """The expert of t (all samples of a call must share it: UIs pass one sigma per step)."""
         idx = expert_index(cpu_timesteps(t), self.n, self.num_train_timesteps)
         if bool((idx != idx[0]).any()):
-            raise MixedExpertsError(f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
-                             "use OnlineTSM for per-sample timesteps")
+            raise MixedExpertsError(
+                f"{self.path}: samples of one call fall in different experts {idx.tolist()}; "
+                "use OnlineTSM for per-sample timesteps"
+            )
         return int(idx[0])
 
     def set_timestep(self, t: torch.Tensor | float) -> int:
@@ -135,8 +155,10 @@ class ExpertSwitcher:
         e = self.expert_for(t)
         if e != self.active:
             if e not in self.experts:
-                raise TSMFileError(f"{self.path}: t={float(cpu_timesteps(t)[0])} needs expert {e} "
-                                   f"of scale {self.n}, which the file does not hold ({self.experts})")
+                raise TSMFileError(
+                    f"{self.path}: t={float(cpu_timesteps(t)[0])} needs expert {e} "
+                    f"of scale {self.n}, which the file does not hold ({self.experts})"
+                )
             self._merge(e)
         else:
             # per call only the cheap check (no device sync): a new Parameter object or storage
@@ -221,8 +243,14 @@ class OnlineTSM:
     module classes, ``check_state_dict``); only how layers are found and t is set differs.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                 layers: Mapping[str, nn.Module], multiplier: float = 1.0, path: str = "<file>"):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str],
+        layers: Mapping[str, nn.Module],
+        multiplier: float = 1.0,
+        path: str = "<file>",
+    ):
         info = check_tsm_metadata(metadata, path)
         self.context = TimestepContext(info["num_train_timesteps"])
         mixture = info["mixture"] if info["stage"] == "assemble" else None
@@ -240,12 +268,23 @@ class OnlineTSM:
             if name.startswith("lora_te"):
                 module = LoRAModule(name, layers[name], rank, None, multiplier=multiplier)
             else:
-                module = TSMLoRAModule(name, layers[name], self.context, info["scales"], rank, None, experts=held,
-                                       mixture=mixture, multiplier=multiplier)
+                module = TSMLoRAModule(
+                    name,
+                    layers[name],
+                    self.context,
+                    info["scales"],
+                    rank,
+                    None,
+                    experts=held,
+                    mixture=mixture,
+                    multiplier=multiplier,
+                )
             weight = layers[name].weight
             # fp8/quantized weights: the factors compute in float32 (the output is cast back to the layer's)
-            module.to(weight.device, weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                      else torch.float32)
+            module.to(
+                weight.device,
+                weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32,
+            )
             self.modules[name] = module
         expected = {f"{n}.{k}": v.shape for n, m in self.modules.items() for k, v in m.state_dict().items()}
         mine = {k: v for k, v in tensors.items() if split_key(k)[0] in self.modules}

@@ -7,7 +7,8 @@ Policy
   one weight write per expert crossed) only when it is a fostered file with one scale and no
   router, its weights are plain fp32/fp16/bf16 tensors (:func:`weights_writable`), ``mode`` is not
   ``online`` and no other file of the session already merges (two merges would overwrite each
-  other). A1111 asks the same function, but its Lora extension does the merging (``layers=None``). Everything else runs online (:class:`~tsm_trainer.runtime.online.OnlineTSM`, no weight write).
+  other). A1111 asks the same function, but its Lora extension does the merging (``layers=None``).
+  Everything else runs online (:class:`~tsm_trainer.runtime.online.OnlineTSM`, no weight write).
   ``mode=merge`` where merging is impossible is an error naming the reason.
 * **Mixed-interval batches**: when the samples of one call fall in different experts, the merged
   file is restored and re-applied online for the rest of the run (exact, slower); the switch is
@@ -25,8 +26,8 @@ Policy
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,12 +48,22 @@ def weights_writable(layer: nn.Module) -> bool:
     fp8 or any other non fp32/fp16/bf16 storage, or a layer without a weight. A slice of a fused layer
     (an adapter's object with ``fused_parent``) is judged by that layer."""
     w = getattr(getattr(layer, "fused_parent", layer), "weight", None)
-    return (isinstance(w, torch.Tensor) and not hasattr(w, "bnb_quantized")
-            and getattr(w, "gguf_cls", None) is None and w.dtype in WRITABLE_DTYPES)
+    return (
+        isinstance(w, torch.Tensor)
+        and not hasattr(w, "bnb_quantized")
+        and getattr(w, "gguf_cls", None) is None
+        and w.dtype in WRITABLE_DTYPES
+    )
 
 
-def choose_path(metadata: Mapping[str, str], layers: Mapping[str, nn.Module] | None, *, mode: str = "auto",
-                merge_taken: bool = False, path: str = "<file>") -> tuple[bool, str]:
+def choose_path(
+    metadata: Mapping[str, str],
+    layers: Mapping[str, nn.Module] | None,
+    *,
+    mode: str = "auto",
+    merge_taken: bool = False,
+    path: str = "<file>",
+) -> tuple[bool, str]:
     """Whether a file merges, and why not when it runs online.
 
     Args:
@@ -136,8 +147,14 @@ class SamplingSession:
     Iterating a session yields its :class:`FileRun` objects.
     """
 
-    def __init__(self, files: Sequence[SessionFile], *, make_online: Callable = _online,
-                 make_merged: Callable = _merged, weight_writes: Callable = contextlib.nullcontext):
+    def __init__(
+        self,
+        files: Sequence[SessionFile],
+        *,
+        make_online: Callable = _online,
+        make_merged: Callable = _merged,
+        weight_writes: Callable = contextlib.nullcontext,
+    ):
         self.make_online = make_online
         self.weight_writes = weight_writes
         self.runs: list[FileRun] = []
@@ -146,8 +163,9 @@ class SamplingSession:
         self.closed = False
         try:
             for f in files:
-                merge, reason = choose_path(f.metadata, f.layers, mode=f.mode,
-                                            merge_taken=any(r.merge for r in self.runs), path=f.path)
+                merge, reason = choose_path(
+                    f.metadata, f.layers, mode=f.mode, merge_taken=any(r.merge for r in self.runs), path=f.path
+                )
                 runtime = make_merged(f) if merge else make_online(f)
                 self.runs.append(FileRun(f, runtime, merge, reason))
         except BaseException:
@@ -168,8 +186,10 @@ class SamplingSession:
                 closed by an earlier failure.
         """
         if self.closed:
-            raise TSMSamplingError("[TSM] this sampling session was stopped by an earlier error; "
-                                   "the model runs without TSM until the next generation")
+            raise TSMSamplingError(
+                "[TSM] this sampling session was stopped by an earlier error; "
+                "the model runs without TSM until the next generation"
+            )
         if any(r.restored for r in self.runs):
             raise TSMSamplingError("[TSM] this sampling session already ended (weights restored); start a new one")
         self.calls += 1
@@ -193,7 +213,11 @@ class SamplingSession:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             at = f"t={t.tolist()[:4]}"
-            what = str(e) if run is not None and run.path in str(e) else f"{run.path if run else 'TSM'}: {type(e).__name__}: {e}"
+            what = (
+                str(e)
+                if run is not None and run.path in str(e)
+                else f"{run.path if run else 'TSM'}: {type(e).__name__}: {e}"
+            )
             raise TSMSamplingError(f"[TSM] {what} (at {at}; the base weights were restored; generation stopped)") from e
 
     def _go_online(self, run: FileRun) -> None:
@@ -201,8 +225,10 @@ class SamplingSession:
             run.runtime.restore()
         run.runtime, run.merge = self.make_online(run.file), False
         run.reason = "samples of one call fell in different experts"
-        self.notices.append(f"{run.path}: samples of one denoiser call fell in different experts; "
-                            "switched from merged weights to the online path (exact, slower) for the rest of the run")
+        self.notices.append(
+            f"{run.path}: samples of one denoiser call fell in different experts; "
+            "switched from merged weights to the online path (exact, slower) for the rest of the run"
+        )
 
     def restore(self) -> None:
         """Undo every file (weights bit for bit, forwards unwrapped); idempotent. Tries all files and
@@ -215,7 +241,7 @@ class SamplingSession:
             try:
                 with self.weight_writes():
                     run.runtime.restore()
-            except BaseException as e:  # noqa: BLE001 - restore the others first
+            except BaseException as e:
                 first = first or e
         if first is not None:
             raise first

@@ -13,8 +13,8 @@ import torch
 from tsm_trainer.base_models.loading import frozen_weight_dtype
 from tsm_trainer.data import LatentCache, ScanResult, TrainDataset, load_dataset_config, scan_dataset
 from tsm_trainer.data.captions import tokenizer_caption_length
-from tsm_trainer.training.checkpoint import latest_state
 from tsm_trainer.families import detect_folder_family, get_training_family, training_class
+from tsm_trainer.training.checkpoint import latest_state
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.loop import Trainer
 from tsm_trainer.training.output_dir import training_output
@@ -37,15 +37,45 @@ def split_validation(scan: ScanResult, fraction: float) -> tuple[ScanResult, Sca
 
 
 # Options the distillation loop does not implement (yet): refused rather than silently ignored.
-DISTILL_UNSUPPORTED = ("tsm_recipe", "tsm_interval", "timestep_sampling", "network_module", "network_args",
-                       "network_weights", "dim_from_weights", "network_train_text_encoder_only", "network_dropout",
-                       "unet_lr", "text_encoder_lr", "scale_weight_norms", "optimizer_type", "optimizer_args",
-                       "lr_scheduler", "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power",
-                       "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "min_snr_gamma",
-                       "noise_offset", "min_timestep", "max_timestep", "xformers", "save_every_n_steps",
-                       "save_every_n_epochs", "save_state", "save_precision", "sample_every_n_steps",
-                       "sample_every_n_epochs", "resume", "validation_split", "logging_dir", "max_train_epochs",
-                       "prior_loss_weight")
+DISTILL_UNSUPPORTED = (
+    "tsm_recipe",
+    "tsm_interval",
+    "timestep_sampling",
+    "network_module",
+    "network_args",
+    "network_weights",
+    "dim_from_weights",
+    "network_train_text_encoder_only",
+    "network_dropout",
+    "unet_lr",
+    "text_encoder_lr",
+    "scale_weight_norms",
+    "optimizer_type",
+    "optimizer_args",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "lr_scheduler_power",
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "min_snr_gamma",
+    "noise_offset",
+    "min_timestep",
+    "max_timestep",
+    "xformers",
+    "save_every_n_steps",
+    "save_every_n_epochs",
+    "save_state",
+    "save_precision",
+    "sample_every_n_steps",
+    "sample_every_n_epochs",
+    "resume",
+    "validation_split",
+    "logging_dir",
+    "max_train_epochs",
+    "prior_loss_weight",
+)
 
 
 def dataset_options(config: TrainConfig) -> dict:
@@ -96,12 +126,18 @@ def build(config: TrainConfig, log=print) -> Trainer:
         raise ValueError(f"--v_parameterization does not apply to {path} (a {name} model)")
     family = get_training_family(name, "v_prediction" if config.v_parameterization else "auto")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    components = family.load(path, weight_dtype=frozen_weight_dtype(config.mixed_precision, device),
-                              tokenizer_cache_dir=config.tokenizer_cache_dir or None)
+    components = family.load(
+        path,
+        weight_dtype=frozen_weight_dtype(config.mixed_precision, device),
+        tokenizer_cache_dir=config.tokenizer_cache_dir or None,
+    )
     components.family = spec
     data_config = load_data_config(config)
-    scan = scan_dataset(data_config, on_error="skip" if config.skip_bad_files else "raise",
-                        caption_length=tokenizer_caption_length(components.tokenizers[0]))
+    scan = scan_dataset(
+        data_config,
+        on_error="skip" if config.skip_bad_files else "raise",
+        caption_length=tokenizer_caption_length(components.tokenizers[0]),
+    )
     for problem in scan.problems:
         log(f"skipped: {problem}")
     for warning in scan.warnings:
@@ -109,12 +145,16 @@ def build(config: TrainConfig, log=print) -> Trainer:
     train_scan, held_scan = split_validation(scan, config.validation_split)
     cache = None
     if config.cache_latents or config.cache_latents_to_disk:
+
         def encode(pixels):
             with torch.no_grad():
                 return family.encode_images(components, pixels, torch.Generator().manual_seed(config.seed)).float()
 
-        cache_dir = (config.cache_dir or os.path.join(config.output_dir, "latent_cache")) \
-            if config.cache_latents_to_disk else None
+        cache_dir = (
+            (config.cache_dir or os.path.join(config.output_dir, "latent_cache"))
+            if config.cache_latents_to_disk
+            else None
+        )
         cache = LatentCache(encode, cache_dir=cache_dir, namespace=f"{path}:{name}")
     dataset = TrainDataset(train_scan, seed=config.seed, latent_cache=cache)
     if cache is not None:
@@ -137,8 +177,17 @@ def build(config: TrainConfig, log=print) -> Trainer:
 
         return DistillTrainer(config, family, components, make_batches, log=log)
     resolution = max((d.resolution for d in data_config.datasets), key=lambda r: r[0] * r[1])
-    trainer = Trainer(config, family, components, make_batches, batch_size, validation, log=log,
-                      batches_per_epoch=len(dataset), resolution=resolution)
+    trainer = Trainer(
+        config,
+        family,
+        components,
+        make_batches,
+        batch_size,
+        validation,
+        log=log,
+        batches_per_epoch=len(dataset),
+        resolution=resolution,
+    )
     trainer.data_identity = data_identity(dataset, config.dataset_config)
     return trainer
 
@@ -151,9 +200,15 @@ def paper_recipe(config: TrainConfig) -> list[TrainConfig]:
     return [
         dataclasses.replace(config, tsm_stage="foster", tsm_scales="8", output_dir=out("foster8"), **common),
         dataclasses.replace(config, tsm_stage="foster", tsm_scales="1", output_dir=out("foster1"), **common),
-        dataclasses.replace(config, tsm_stage="assemble", tsm_scales="8,1", output_dir=out("assembled"),
-                            tsm_experts=f"{out('foster8')}/{config.output_name}.safetensors,"
-                                        f"{out('foster1')}/{config.output_name}.safetensors", **common),
+        dataclasses.replace(
+            config,
+            tsm_stage="assemble",
+            tsm_scales="8,1",
+            output_dir=out("assembled"),
+            tsm_experts=f"{out('foster8')}/{config.output_name}.safetensors,"
+            f"{out('foster1')}/{config.output_name}.safetensors",
+            **common,
+        ),
     ]
 
 

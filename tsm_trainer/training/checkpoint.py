@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -77,8 +76,11 @@ def save_state(folder: str, network, optimizer, lr_scheduler, extra: dict) -> No
     with atomic_folder(folder) as tmp:
         network.save(os.path.join(tmp, "network.safetensors"))
         tensors, rest = _optimizer_tensors(optimizer)
-        save_file_atomic({**tensors, "rng.torch_cpu": torch.get_rng_state()},
-                         os.path.join(tmp, "optimizer.safetensors"), add_hashes=False)
+        save_file_atomic(
+            {**tensors, "rng.torch_cpu": torch.get_rng_state()},
+            os.path.join(tmp, "optimizer.safetensors"),
+            add_hashes=False,
+        )
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"optimizer": rest, "lr_scheduler": lr_scheduler.state_dict(), **extra}, f)
 
@@ -99,10 +101,17 @@ def read_state_json(folder: str) -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{path}: key '{key}' should be an integer >= 0, got {value!r}; {damaged}")
     opt = state.get("optimizer")
-    if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and opt["param_groups"]
-            and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars"), dict)):
-        raise ValueError(f"{path}: key 'optimizer' should hold 'param_groups' (a list of objects) and 'scalars' "
-                         f"(an object); {damaged}")
+    if not (
+        isinstance(opt, dict)
+        and isinstance(opt.get("param_groups"), list)
+        and opt["param_groups"]
+        and all(isinstance(g, dict) for g in opt["param_groups"])
+        and isinstance(opt.get("scalars"), dict)
+    ):
+        raise ValueError(
+            f"{path}: key 'optimizer' should hold 'param_groups' (a list of objects) and 'scalars' "
+            f"(an object); {damaged}"
+        )
     if not isinstance(state.get("lr_scheduler"), dict):
         raise ValueError(f"{path}: key 'lr_scheduler' should be an object; {damaged}")
     return state
@@ -116,12 +125,16 @@ def _check_optimizer(path: str, saved: dict, optimizer: torch.optim.Optimizer) -
     current_keys = set(optimizer.param_groups[0]) - {"params"}
     if (saved_class is not None and saved_class != current) or (saved_class is None and saved_keys != current_keys):
         name = saved_class or f"one with the settings {sorted(saved_keys)}"
-        raise ValueError(f"{path}: the state was saved with the optimizer {name}, this run uses {current}; resume "
-                         "with the optimizer the state was saved with, or start without --resume")
+        raise ValueError(
+            f"{path}: the state was saved with the optimizer {name}, this run uses {current}; resume "
+            "with the optimizer the state was saved with, or start without --resume"
+        )
     if len(saved["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(f"{path}: the state has {len(saved['param_groups'])} parameter group(s), this run "
-                         f"{len(optimizer.param_groups)} (a text-encoder LoRA was added or removed); resume with "
-                         "the same network options")
+        raise ValueError(
+            f"{path}: the state has {len(saved['param_groups'])} parameter group(s), this run "
+            f"{len(optimizer.param_groups)} (a text-encoder LoRA was added or removed); resume with "
+            "the same network options"
+        )
 
 
 def _apply_current_hyperparameters(optimizer, lr_scheduler, base_lrs: list[float], weight_decays: list) -> None:
@@ -139,8 +152,9 @@ def _apply_current_hyperparameters(optimizer, lr_scheduler, base_lrs: list[float
         lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def load_state(folder: str, network, optimizer, lr_scheduler, run: dict | None = None,
-               log: Callable[[str], None] = print) -> dict:
+def load_state(
+    folder: str, network, optimizer, lr_scheduler, run: dict | None = None, log: Callable[[str], None] = print
+) -> dict:
     """Restore what :func:`save_state` wrote; returns the ``extra`` dict (step, data position...).
 
     ``run`` is this run's :func:`.run_record.run_record`: an option that must not change stops
@@ -171,8 +185,10 @@ def load_state(folder: str, network, optimizer, lr_scheduler, run: dict | None =
         optimizer.load_state_dict({"state": per_param, "param_groups": opt["param_groups"]})
         lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
-        raise ValueError(f"{folder}: the optimizer or scheduler state does not fit this run ({type(e).__name__}: "
-                         f"{e}); the state is damaged or from another network") from None
+        raise ValueError(
+            f"{folder}: the optimizer or scheduler state does not fit this run ({type(e).__name__}: "
+            f"{e}); the state is damaged or from another network"
+        ) from None
     _apply_current_hyperparameters(optimizer, lr_scheduler, base_lrs, weight_decays)
     torch.set_rng_state(tensors["rng.torch_cpu"])  # dropout draws from the global generator
     return state

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         run(load_config(argv))
     except KeyboardInterrupt:
         raise
-    except Exception as e:  # noqa: BLE001 - the user sees one line; --debug shows where it came from
+    except Exception as e:
         if "--debug" in args:
             import traceback
 

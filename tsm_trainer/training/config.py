@@ -49,20 +49,41 @@ def _choices(f: dataclasses.Field) -> tuple | None:
     return choices() if callable(choices) else choices
 
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit",
-              "Lion", "SGDNesterov", "SGDNesterov8bit", "AdEMAMix8bit", "PagedAdEMAMix8bit", "Adafactor", "Prodigy")
+OPTIMIZERS = (
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "Lion8bit",
+    "PagedLion8bit",
+    "Lion",
+    "SGDNesterov",
+    "SGDNesterov8bit",
+    "AdEMAMix8bit",
+    "PagedAdEMAMix8bit",
+    "Adafactor",
+    "Prodigy",
+)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
 class TrainConfig:
     # -- model ------------------------------------------------------------------------------------
-    pretrained_model_name_or_path: str = _opt("", "base model: a local diffusers folder, or a single-file "
-                                              "checkpoint (.safetensors; SD 1.x, 2.x, SDXL)", "model")
+    pretrained_model_name_or_path: str = _opt(
+        "",
+        "base model: a local diffusers folder, or a single-file checkpoint (.safetensors; SD 1.x, 2.x, SDXL)",
+        "model",
+    )
     v2: bool = _opt(False, "the base model is SD 2.x (checked against the model)", "model")
     v_parameterization: bool = _opt(False, "v-prediction loss (SD 2.x 768-v); default: the model's scheduler", "model")
-    tokenizer_cache_dir: str = _opt("", "single-file checkpoints: a folder to keep the CLIP tokenizer in (filled on "
-                                    "first use); default: built from the installed CLIP vocabulary", "model")
+    tokenizer_cache_dir: str = _opt(
+        "",
+        "single-file checkpoints: a folder to keep the CLIP tokenizer in (filled on "
+        "first use); default: built from the installed CLIP vocabulary",
+        "model",
+    )
     # -- dataset ----------------------------------------------------------------------------------
     dataset_config: str = _opt("", "kohya dataset config TOML", "dataset")
     train_data_dir: str = _opt("", "kohya folder dataset: sub-folders named N_concept (N repeats)", "dataset")
@@ -89,30 +110,40 @@ class TrainConfig:
     max_bucket_reso: int = _opt(None, "largest bucket side (default 1024)", "dataset")
     bucket_reso_steps: int = _opt(None, "bucket side step (default 64)", "dataset")
     bucket_no_upscale: bool = _opt(None, "never upscale images into a bucket", "dataset")
-    cache_latents: bool = _opt(False, "encode every image once before training (needs random_crop and flip_aug off)",
-                               "dataset")
-    cache_latents_to_disk: bool = _opt(False, "cache latents as safetensors on disk (in --cache_dir, default "
-                                       "OUTPUT_DIR/latent_cache) instead of .npz next to the images", "dataset")
-    max_data_loader_n_workers: int = _opt(None, "accepted for compatibility; batches are built in-process (no effect)",
-                                          "dataset")
+    cache_latents: bool = _opt(
+        False, "encode every image once before training (needs random_crop and flip_aug off)", "dataset"
+    )
+    cache_latents_to_disk: bool = _opt(
+        False,
+        "cache latents as safetensors on disk (in --cache_dir, default "
+        "OUTPUT_DIR/latent_cache) instead of .npz next to the images",
+        "dataset",
+    )
+    max_data_loader_n_workers: int = _opt(
+        None, "accepted for compatibility; batches are built in-process (no effect)", "dataset"
+    )
     persistent_data_loader_workers: bool = _opt(False, "accepted for compatibility (no effect, see above)", "dataset")
     # -- training ---------------------------------------------------------------------------------
     output_dir: str = _opt("output", "where checkpoints and the final file go", "training")
     output_name: str = _opt("tsm", "file name stem of the saved network", "training")
-    save_model_as: str = _opt("safetensors", "file format; only safetensors", "training",
-                              ("safetensors", "ckpt", "pt"))
-    save_precision: str = _opt(None, "dtype of the saved weights (default float)", "training",
-                               ("float", "fp16", "bf16"))
+    save_model_as: str = _opt("safetensors", "file format; only safetensors", "training", ("safetensors", "ckpt", "pt"))
+    save_precision: str = _opt(
+        None, "dtype of the saved weights (default float)", "training", ("float", "fp16", "bf16")
+    )
     save_every_n_steps: int = _opt(None, "save OUTPUT_NAME-stepNNNNNNNN.safetensors every N steps", "training")
     save_every_n_epochs: int = _opt(None, "save OUTPUT_NAME-NNNNNN.safetensors every N epochs", "training")
     save_last_n_steps: int = _opt(None, "keep step saves (and states) of the last N steps only", "training")
     save_last_n_epochs: int = _opt(None, "keep the last N epoch saves (and states) only", "training")
     save_state: bool = _opt(False, "with each save, also a training state folder for --resume", "training")
-    resume: str = _opt("", "resume from a training-state folder (OUTPUT_DIR/OUTPUT_NAME-state-STEP), or 'latest' (this "
-                       "output name's newest state in output_dir, if any)",
-                       "training")
-    overwrite: bool = _opt(False, "replace a final file that holds more training steps than this run ends with",
-                           "training")
+    resume: str = _opt(
+        "",
+        "resume from a training-state folder (OUTPUT_DIR/OUTPUT_NAME-state-STEP), or 'latest' (this "
+        "output name's newest state in output_dir, if any)",
+        "training",
+    )
+    overwrite: bool = _opt(
+        False, "replace a final file that holds more training steps than this run ends with", "training"
+    )
     max_train_steps: int = _opt(1600, "optimizer steps", "training")
     max_train_epochs: int = _opt(None, "train this many epochs (overrides --max_train_steps)", "training")
     seed: int = _opt(42, "random seed (kohya: random when unset; here 42)", "training")
@@ -121,25 +152,29 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "autocast dtype", "training", ("no", "fp16", "bf16"))
     xformers: bool = _opt(False, "xformers attention (error at start when not installed)", "training")
     sdpa: bool = _opt(False, "PyTorch SDPA attention (the default anyway)", "training")
-    clip_skip: int = _opt(None, "use the output of the N-th last text-encoder layer (only 1 is implemented)",
-                          "training")
+    clip_skip: int = _opt(
+        None, "use the output of the N-th last text-encoder layer (only 1 is implemented)", "training"
+    )
     noise_offset: float = _opt(None, "noise offset", "training")
     min_timestep: int = _opt(None, "smallest timestep drawn (default 0)", "training")
     max_timestep: int = _opt(None, "largest timestep drawn, exclusive (default T)", "training")
-    lowram: bool = _opt(False, "accepted for compatibility (no effect: models load straight to the device)",
-                        "training")
+    lowram: bool = _opt(False, "accepted for compatibility (no effect: models load straight to the device)", "training")
     logging_dir: str = _opt("", "TensorBoard log folder; empty: off", "training")
     log_with: str = _opt(None, "tracker (tensorboard only)", "training", ("tensorboard", "wandb", "all"))
     log_prefix: str = _opt(None, "prefix of the run folder in logging_dir (LOG_PREFIX + timestamp)", "training")
     sample_every_n_steps: int = _opt(None, "write sample images every N steps", "training")
     sample_every_n_epochs: int = _opt(None, "write sample images every N epochs", "training")
-    sample_prompts: str = _opt("", "prompts file: one per line, kohya options '--w 512 --h 512 --d seed --l cfg "
-                               "--s steps'; or .toml/.json", "training")
+    sample_prompts: str = _opt(
+        "",
+        "prompts file: one per line, kohya options '--w 512 --h 512 --d seed --l cfg --s steps'; or .toml/.json",
+        "training",
+    )
     sample_sampler: str = _opt("ddim", "sampler of the sample images (only ddim)", "training")
     # -- optimizer --------------------------------------------------------------------------------
     optimizer_type: str = _opt("AdamW", f"optimizer: {', '.join(OPTIMIZERS)}, or module.Class", "optimizer")
-    optimizer_args: list[str] = _opt(None, "optimizer keyword arguments, key=value (e.g. weight_decay=0.1 "
-                                     "betas=0.9,0.99)", "optimizer")
+    optimizer_args: list[str] = _opt(
+        None, "optimizer keyword arguments, key=value (e.g. weight_decay=0.1 betas=0.9,0.99)", "optimizer"
+    )
     learning_rate: float = _opt(1e-4, "learning rate (kohya's default 2e-6; here 1e-4)", "optimizer")
     max_grad_norm: float = _opt(1.0, "clip gradients to this norm; 0: off", "optimizer")
     lr_scheduler: str = _opt("constant", "LR schedule", "optimizer", SCHEDULERS)
@@ -165,43 +200,69 @@ class TrainConfig:
     validation_split: float = _opt(0.0, "held-out fraction for per-interval validation loss", "network")
     validate_every_n_steps: int = _opt(None, "validation every N steps (default: at the end)", "network")
     # -- TimeStep Master and this trainer ---------------------------------------------------------
-    task: str = _opt("train", "train: fine-tune (fostering / assembling); distill: a few-step student with one expert "
-                     "per step (DMD2, paper section 4.3)", "tsm", ("train", "distill"))
+    task: str = _opt(
+        "train",
+        "train: fine-tune (fostering / assembling); distill: a few-step student with one expert "
+        "per step (DMD2, paper section 4.3)",
+        "tsm",
+        ("train", "distill"),
+    )
     family: str = _opt("auto", "model family", "tsm", family_choices)
-    tsm_recipe: str = _opt("none", "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
-                           "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume. 2.5x the steps of "
-                           "one run; on the demo world it did not beat vanilla LoRA trained max_train_steps (README, "
-                           "Which to train)", "tsm", ("none", "paper"))
-    tsm_stage: str = _opt("foster", "vanilla (n=1 LoRA), foster (experts) or assemble (routers)", "tsm",
-                          ("vanilla", "foster", "assemble"))
+    tsm_recipe: str = _opt(
+        "none",
+        "paper: foster 8, foster 1, assemble [8,1], each max_train_steps, into "
+        "output_dir/<output_name>-{foster8,foster1,assembled}; rerun to resume. 2.5x the steps of "
+        "one run; on the demo world it did not beat vanilla LoRA trained max_train_steps (README, "
+        "Which to train)",
+        "tsm",
+        ("none", "paper"),
+    )
+    tsm_stage: str = _opt(
+        "foster", "vanilla (n=1 LoRA), foster (experts) or assemble (routers)", "tsm", ("vanilla", "foster", "assemble")
+    )
     tsm_scales: str = _opt("8", "scales: '8' to foster, '8,1' to assemble (network_args tsm_scales)", "tsm")
     tsm_experts: str = _opt("", "assemble: fostered files, comma-separated, one per scale", "tsm")
     tsm_mixture: str = _opt("asymmetric", "assemble mixture", "tsm", ("asymmetric", "symmetric"))
     tsm_interval: int = _opt(-1, "train only this expert of the scale (timesteps restricted to it); -1: all", "tsm")
-    timestep_sampling: str = _opt("uniform", "per-sample uniform t, or stratified (each batch from one interval, "
-                                  "rotating)", "tsm", ("uniform", "stratified"))
+    timestep_sampling: str = _opt(
+        "uniform",
+        "per-sample uniform t, or stratified (each batch from one interval, rotating)",
+        "tsm",
+        ("uniform", "stratified"),
+    )
     deterministic: bool = _opt(False, "torch deterministic algorithms", "tsm")
     skip_bad_files: bool = _opt(True, "skip unreadable images / missing captions (reported) instead of failing", "tsm")
     cache_dir: str = _opt("", "with --cache_latents_to_disk: the folder of the latent files", "tsm")
     sample_steps: int = _opt(20, "sampler steps of a prompt without --s", "tsm")
     sample_guidance: float = _opt(5.0, "guidance scale of a prompt without --l", "tsm")
     sample_resolution: int = _opt(512, "image size of a prompt without --w/--h", "tsm")
-    weight_decay: float = _opt(1e-2, "weight decay of AdamW-style optimizers (same as --optimizer_args "
-                               "weight_decay=...)", "tsm")
+    weight_decay: float = _opt(
+        1e-2, "weight decay of AdamW-style optimizers (same as --optimizer_args weight_decay=...)", "tsm"
+    )
     debug: bool = _opt(False, "show the traceback of an error", "tsm")
     # -- distillation (--task distill) ------------------------------------------------------------
-    distill_timesteps: str = _opt("4", "student timesteps, descending ('999,749,499,249'), or a step count (evenly "
-                                  "spaced from T-1)", "distill")
+    distill_timesteps: str = _opt(
+        "4", "student timesteps, descending ('999,749,499,249'), or a step count (evenly spaced from T-1)", "distill"
+    )
     distill_fake_updates: int = _opt(5, "fake-score updates per student update (two time-scale update rule)", "distill")
     distill_fake_rank: int = _opt(16, "rank of the fake score model's LoRA", "distill")
     distill_fake_lr: float = _opt(0.0, "fake score / discriminator learning rate; 0: learning_rate", "distill")
-    distill_real_guidance: float = _opt(1.75, "classifier-free guidance of the teacher (real) score (DMD2: 1.75)",
-                                        "distill")
+    distill_real_guidance: float = _opt(
+        1.75, "classifier-free guidance of the teacher (real) score (DMD2: 1.75)", "distill"
+    )
     distill_gan_weight: float = _opt(0.01, "weight of the GAN terms; 0: distribution matching only", "distill")
-    distill_step_weights: str = _opt("", "how often each student step is trained, one weight per step; empty: the "
-                                     "paper's for a 4-step TSM student (25,25,25,45), else uniform", "distill")
-    distill_gan_start: str = _opt("", "fraction of training after which the GAN terms apply, one per student step "
-                                  "or one for all; empty: the paper's (appendix A.3)", "distill")
+    distill_step_weights: str = _opt(
+        "",
+        "how often each student step is trained, one weight per step; empty: the "
+        "paper's for a 4-step TSM student (25,25,25,45), else uniform",
+        "distill",
+    )
+    distill_gan_start: str = _opt(
+        "",
+        "fraction of training after which the GAN terms apply, one per student step "
+        "or one for all; empty: the paper's (appendix A.3)",
+        "distill",
+    )
 
     @property
     def scales(self) -> list[int]:
@@ -214,9 +275,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 # Earlier names of this trainer: accepted on the command line and in TOML files, hidden in --help.
-ALIASES = {"pretrained_model": "pretrained_model_name_or_path", "optimizer": "optimizer_type",
-           "prediction_type": None, "train_text_encoder": None, "save_last_n": None, "config": "config_file",
-           "caption_extention": "caption_extension"}  # the last one: kohya's own historical typo
+ALIASES = {
+    "pretrained_model": "pretrained_model_name_or_path",
+    "optimizer": "optimizer_type",
+    "prediction_type": None,
+    "train_text_encoder": None,
+    "save_last_n": None,
+    "config": "config_file",
+    "caption_extention": "caption_extension",
+}  # the last one: kohya's own historical typo
 
 
 def _base_type(name: str) -> tuple[type, bool]:
@@ -247,12 +314,18 @@ _finite_float.__name__ = "finite number"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="train_tsm.py", allow_abbrev=False, usage="%(prog)s [--config_file FILE] [options]",
-                     description="Train TimeStep Master LoRA experts (or any kohya network module) with sd-scripts' "
-                                 "train_network.py options.")
-    parser.add_argument("--config_file", default=None,
-                        help="kohya config TOML with any of the options below (sections are flattened; the command "
-                             "line wins)")
+    parser = _Parser(
+        prog="train_tsm.py",
+        allow_abbrev=False,
+        usage="%(prog)s [--config_file FILE] [options]",
+        description="Train TimeStep Master LoRA experts (or any kohya network module) with sd-scripts' "
+        "train_network.py options.",
+    )
+    parser.add_argument(
+        "--config_file",
+        default=None,
+        help="kohya config TOML with any of the options below (sections are flattened; the command line wins)",
+    )
     parser.add_argument("--config", dest="config_file", default=None, help=argparse.SUPPRESS)
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     for name, f in FIELDS.items():
@@ -270,14 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "optimizer_type":
             arg_type = str  # case-insensitive, checked later
         group.add_argument(f"--{name}", type=arg_type, choices=_choices(f), **kwargs)
-    parser.add_argument("--pretrained_model", dest="pretrained_model_name_or_path", default=None,
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pretrained_model", dest="pretrained_model_name_or_path", default=None, help=argparse.SUPPRESS
+    )
     parser.add_argument("--optimizer", dest="optimizer_type", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--caption_extention", dest="caption_extension", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--prediction_type", dest="prediction_type", default=None,
-                        choices=("auto", "epsilon", "v_prediction"), help=argparse.SUPPRESS)
-    parser.add_argument("--train_text_encoder", dest="train_text_encoder", action=argparse.BooleanOptionalAction,
-                        default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prediction_type",
+        dest="prediction_type",
+        default=None,
+        choices=("auto", "epsilon", "v_prediction"),
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--train_text_encoder",
+        dest="train_text_encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--save_last_n", dest="save_last_n", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -312,8 +396,11 @@ def _legacy(values: dict, source: str) -> dict:
         out["network_train_unet_only"] = not out.pop("train_text_encoder")
     if "save_last_n" in out:
         raise OptionError(f"{source}: save_last_n was replaced by kohya's --save_last_n_steps / --save_last_n_epochs")
-    for old, new in (("pretrained_model", "pretrained_model_name_or_path"), ("optimizer", "optimizer_type"),
-                     ("caption_extention", "caption_extension")):
+    for old, new in (
+        ("pretrained_model", "pretrained_model_name_or_path"),
+        ("optimizer", "optimizer_type"),
+        ("caption_extention", "caption_extension"),
+    ):
         if old in out:
             out.setdefault(new, out.pop(old))
     return out
@@ -355,7 +442,7 @@ def read_config_file(path: str) -> dict:
         raise OptionError(f"--config_file {path}: not valid TOML ({e})") from None
     flat: dict = {}
     for key, value in data.items():
-        for k, v in (value.items() if isinstance(value, dict) else [(key, value)]):
+        for k, v in value.items() if isinstance(value, dict) else [(key, value)]:
             if k in flat:
                 raise OptionError(f"{path}: {k} is set twice")
             flat[k] = v

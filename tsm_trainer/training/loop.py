@@ -13,23 +13,23 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 
 from tsm_trainer.core.atomic_write import atomic_file
 from tsm_trainer.core.intervals import expert_index, interval_timestep_range
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
-from tsm_trainer.data.dataset import indexed_batches
 from tsm_trainer.core.network import TSMNetwork
+from tsm_trainer.data.dataset import indexed_batches
 from tsm_trainer.training.checkpoint import kept_checkpoint_note, load_state, save_state, state_folder
-from tsm_trainer.training.output_dir import check_final_file
-from tsm_trainer.training.run_record import run_record
 from tsm_trainer.training.config import TrainConfig
 from tsm_trainer.training.network_plugin import build_network
 from tsm_trainer.training.objective import denoising_loss, draw_timesteps, frozen_text_cache, loss_by_interval
 from tsm_trainer.training.optimizers import build_optimizer, parse_optimizer_args
+from tsm_trainer.training.output_dir import check_final_file
+from tsm_trainer.training.run_record import run_record
 
 SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,13 +55,15 @@ def timestep_range(config: TrainConfig, step: int, T: int, tsm: bool = True) -> 
     else:
         return lo, hi
     if max(a, lo) >= min(b, hi):
-        raise ValueError(f"--min_timestep/--max_timestep [{lo}, {hi}) and the expert's interval [{a}, {b}) do not "
-                         "overlap")
+        raise ValueError(
+            f"--min_timestep/--max_timestep [{lo}, {hi}) and the expert's interval [{a}, {b}) do not overlap"
+        )
     return max(a, lo), min(b, hi)
 
 
-def sample_timesteps(config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int,
-                     family=None, tsm: bool = True) -> torch.Tensor:
+def sample_timesteps(
+    config: TrainConfig, batch: int, step: int, generator: torch.Generator, T: int, family=None, tsm: bool = True
+) -> torch.Tensor:
     """(B,) timesteps in :func:`timestep_range`, with the family's density (uniform integers for
     DDPM families; flow families draw floats)."""
     lo, hi = timestep_range(config, step, T, tsm)
@@ -77,16 +79,20 @@ def describe_budget(config: TrainConfig, batch_size: int, batches_per_epoch: int
         return f"training expert {config.tsm_interval} of {n} alone: it sees all {samples} samples"
     if config.tsm_stage == "assemble":
         return f"assembling {config.scales}: experts frozen, routers see all {samples} samples"
-    text = (f"{config.max_train_steps} steps x batch {batch_size * config.gradient_accumulation_steps}: "
-            f"{samples} samples, about {samples / n:.0f} per expert (1/{n} each)")
+    text = (
+        f"{config.max_train_steps} steps x batch {batch_size * config.gradient_accumulation_steps}: "
+        f"{samples} samples, about {samples / n:.0f} per expert (1/{n} each)"
+    )
     if batches_per_epoch and n > 1:
         epochs = config.max_train_steps * config.gradient_accumulation_steps / batches_per_epoch
         text += f", {epochs / n:.1f} epochs of the data per expert"
         if epochs / n < 10:
             fits = [k for k in (2, 4, 8, 16) if epochs / k >= 10]
-            text += ("; on the demo world TSM beat vanilla LoRA at equal steps only from ~10 epochs per expert "
-                     f"(README, Which to train): {f'--tsm_scales {fits[-1]}' if fits else '--tsm_stage vanilla'} "
-                     "fits this budget")
+            text += (
+                "; on the demo world TSM beat vanilla LoRA at equal steps only from ~10 epochs per expert "
+                f"(README, Which to train): {f'--tsm_scales {fits[-1]}' if fits else '--tsm_stage vanilla'} "
+                "fits this budget"
+            )
     return text
 
 
@@ -116,14 +122,24 @@ class Trainer:
     """Drives one training run. ``make_batches(epoch)`` yields {"pixels", "captions"} batches in a
     deterministic order for the epoch; ``validation`` is a fixed list of such batches."""
 
-    def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
-                 batch_size: int, validation: list[dict] | None = None, log: Callable[[str], None] = print,
-                 accelerator=None, batches_per_epoch: int | None = None,
-                 resolution: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        family,
+        components,
+        make_batches: Callable[[int], Iterable[dict]],
+        batch_size: int,
+        validation: list[dict] | None = None,
+        log: Callable[[str], None] = print,
+        accelerator=None,
+        batches_per_epoch: int | None = None,
+        resolution: tuple[int, int] | None = None,
+    ):
         from accelerate import Accelerator
 
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision,
-                                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
+        )
         self.device = self.accelerator.device
         self.config, self.family, self.c = config, family, components
         self.make_batches, self.batch_size, self.batches_per_epoch = make_batches, batch_size, batches_per_epoch
@@ -140,8 +156,10 @@ class Trainer:
             import importlib.util
 
             if importlib.util.find_spec("xformers") is None:
-                raise ValueError("--xformers: xformers is not installed (pip install xformers, CUDA only); "
-                                 "without the flag PyTorch's SDPA attention is used")
+                raise ValueError(
+                    "--xformers: xformers is not installed (pip install xformers, CUDA only); "
+                    "without the flag PyTorch's SDPA attention is used"
+                )
             components.denoiser.enable_xformers_memory_efficient_attention()
         if config.gradient_checkpointing and hasattr(components.denoiser, "enable_gradient_checkpointing"):
             components.denoiser.enable_gradient_checkpointing()
@@ -154,8 +172,13 @@ class Trainer:
         self._text_cache = None if built.train_text_encoder else frozen_text_cache(family, components, self.device)
         torch.manual_seed(config.seed + self.accelerator.process_index)  # dropout differs per process
         groups = built.param_groups
-        self.optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate,
-                                         parse_optimizer_args(config.optimizer_args), config.weight_decay)
+        self.optimizer = build_optimizer(
+            config.optimizer_type,
+            groups,
+            config.learning_rate,
+            parse_optimizer_args(config.optimizer_args),
+            config.weight_decay,
+        )
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         from diffusers.optimization import get_scheduler
 
@@ -164,8 +187,13 @@ class Trainer:
             extra["num_cycles"] = config.lr_scheduler_num_cycles
         if config.lr_scheduler_power is not None:
             extra["power"] = config.lr_scheduler_power
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.max_train_steps, **extra)
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
+            **extra,
+        )
         self.step, self.epoch, self.position = 0, 0, 0
         self.data_identity: dict = {}  # run_record.data_identity of the dataset, saved in states and checked on resume
         self.interval_loss = torch.zeros(LOG_INTERVALS)
@@ -181,8 +209,17 @@ class Trainer:
     def _loss(self, batch: dict, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B,) losses; latent sampling and noise from ``generator`` (CPU, so runs and resumes are
         reproducible on any device)."""
-        return denoising_loss(self.family, self.c, batch, timesteps, generator, self._encode_text, self.device,
-                              self.config.noise_offset or 0.0, self.accelerator.autocast)
+        return denoising_loss(
+            self.family,
+            self.c,
+            batch,
+            timesteps,
+            generator,
+            self._encode_text,
+            self.device,
+            self.config.noise_offset or 0.0,
+            self.accelerator.autocast,
+        )
 
     def _encode_text(self, captions: list[str]) -> dict:
         """Text conditioning; with a frozen text encoder each caption is encoded once and cached."""
@@ -199,8 +236,9 @@ class Trainer:
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             g = self._generator(micro)
-            timesteps = sample_timesteps(self.config, len(batch["captions"]), self.step, g, self.T, self.family,
-                                         self.is_tsm)
+            timesteps = sample_timesteps(
+                self.config, len(batch["captions"]), self.step, g, self.T, self.family, self.is_tsm
+            )
             with self._dataset_multiplier(batch):
                 per_sample = self._loss(batch, timesteps, g)
             weights = self.family.loss_weights(self.c, timesteps.to(self.device), self.config.min_snr_gamma or 0.0)
@@ -213,7 +251,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"non-finite loss {loss.item()} at step {self.step + 1} (t={timesteps.tolist()}); "
                     f"{kept_checkpoint_note(self.config.output_dir, self.config.output_name)}. "
-                    "Lower --learning_rate or use --mixed_precision bf16")
+                    "Lower --learning_rate or use --mixed_precision bf16"
+                )
             (loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
             if self.is_tsm:
@@ -230,8 +269,9 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.scale_weight_norms:
-            self.keys_scaled, _, _ = self.network.apply_max_norm_regularization(self.config.scale_weight_norms,
-                                                                                self.device)
+            self.keys_scaled, _, _ = self.network.apply_max_norm_regularization(
+                self.config.scale_weight_norms, self.device
+            )
         self.step += 1
         return total
 
@@ -244,9 +284,11 @@ class Trainer:
             yield
             return
         if not hasattr(self.network, "set_multiplier"):
-            raise ValueError(f"dataset config key 'network_multiplier' = {multiplier}: --network_module "
-                             f"{self.config.network_module} has no set_multiplier; remove the key or use a network "
-                             "module that has one")
+            raise ValueError(
+                f"dataset config key 'network_multiplier' = {multiplier}: --network_module "
+                f"{self.config.network_module} has no set_multiplier; remove the key or use a network "
+                "module that has one"
+            )
         self.network.set_multiplier(multiplier)
         try:
             yield
@@ -290,14 +332,29 @@ class Trainer:
 
     def save_state(self, folder: str | None = None) -> str:
         folder = folder or self.state_folder(self.step)
-        save_state(folder, self._state_network(), self.optimizer, self.lr_scheduler,
-                   {"step": self.step, "epoch": self.epoch, "position": self.position,
-                    "run": run_record(self.config, self.data_identity)})
+        save_state(
+            folder,
+            self._state_network(),
+            self.optimizer,
+            self.lr_scheduler,
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "position": self.position,
+                "run": run_record(self.config, self.data_identity),
+            },
+        )
         return folder
 
     def resume(self, folder: str) -> None:
-        extra = load_state(folder, self._state_network(), self.optimizer, self.lr_scheduler,
-                           run_record(self.config, self.data_identity), self.log)
+        extra = load_state(
+            folder,
+            self._state_network(),
+            self.optimizer,
+            self.lr_scheduler,
+            run_record(self.config, self.data_identity),
+            self.log,
+        )
         self.step, self.epoch, self.position = extra["step"], extra["epoch"], extra["position"]
         self.log(f"resumed from {folder} at step {self.step}")
 
@@ -305,14 +362,22 @@ class Trainer:
         """sd-scripts' training metadata (ss_*) and, for TSM files, the trainer stage."""
         config = self.config
         lr_te = config.text_encoder_lr
-        meta = {"ss_steps": str(self.step), "ss_epoch": str(self.epoch + 1),
-                "ss_learning_rate": str(config.learning_rate),
-                "ss_unet_lr": str(config.unet_lr), "ss_text_encoder_lr": str(lr_te[0] if lr_te else lr_te),
-                "ss_optimizer": config.optimizer_type, "ss_lr_scheduler": config.lr_scheduler,
-                "ss_lr_warmup_steps": str(config.lr_warmup_steps), "ss_seed": str(config.seed),
-                "ss_mixed_precision": config.mixed_precision, "ss_max_train_steps": str(config.max_train_steps),
-                "ss_network_dropout": str(config.network_dropout), "ss_min_snr_gamma": str(config.min_snr_gamma),
-                "ss_noise_offset": str(config.noise_offset)}
+        meta = {
+            "ss_steps": str(self.step),
+            "ss_epoch": str(self.epoch + 1),
+            "ss_learning_rate": str(config.learning_rate),
+            "ss_unet_lr": str(config.unet_lr),
+            "ss_text_encoder_lr": str(lr_te[0] if lr_te else lr_te),
+            "ss_optimizer": config.optimizer_type,
+            "ss_lr_scheduler": config.lr_scheduler,
+            "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+            "ss_seed": str(config.seed),
+            "ss_mixed_precision": config.mixed_precision,
+            "ss_max_train_steps": str(config.max_train_steps),
+            "ss_network_dropout": str(config.network_dropout),
+            "ss_min_snr_gamma": str(config.min_snr_gamma),
+            "ss_noise_offset": str(config.noise_offset),
+        }
         if config.training_comment:
             meta["ss_training_comment"] = config.training_comment
         prediction = "v" if self.family.prediction_type == "v_prediction" else None
@@ -324,10 +389,14 @@ class Trainer:
 
             family = detect_family(self.c.denoiser)
             dim = getattr(self.network, "lora_dim", config.network_dim)
-            meta.update(kohya_metadata(family, config.network_module, dim, config.network_alpha, self.network_args,
-                                       config.output_name))
-        meta.update(modelspec_metadata(family, config.output_name, prediction_type=prediction,
-                                       resolution=self.resolution))
+            meta.update(
+                kohya_metadata(
+                    family, config.network_module, dim, config.network_alpha, self.network_args, config.output_name
+                )
+            )
+        meta.update(
+            modelspec_metadata(family, config.output_name, prediction_type=prediction, resolution=self.resolution)
+        )
         return meta
 
     def save_network(self, name: str) -> str:
@@ -342,8 +411,10 @@ class Trainer:
         self.save_network(name)
         if self.config.save_state:
             self.save_state(state)
-        for path in (removed_name and os.path.join(self.config.output_dir, f"{removed_name}.safetensors"),
-                     removed_state):
+        for path in (
+            removed_name and os.path.join(self.config.output_dir, f"{removed_name}.safetensors"),
+            removed_state,
+        ):
             if path and os.path.isfile(path):
                 os.remove(path)
             elif path and os.path.isdir(path):
@@ -352,9 +423,12 @@ class Trainer:
     def _save_step(self) -> None:
         c = self.config
         old = removal_step(self.step, c.save_last_n_steps, c.save_every_n_steps)
-        self._save_and_prune(f"{c.output_name}-step{self.step:08d}", self.state_folder(self.step),
-                             None if old is None else f"{c.output_name}-step{old:08d}",
-                             None if old is None else self.state_folder(old))
+        self._save_and_prune(
+            f"{c.output_name}-step{self.step:08d}",
+            self.state_folder(self.step),
+            None if old is None else f"{c.output_name}-step{old:08d}",
+            None if old is None else self.state_folder(old),
+        )
 
     def _save_epoch(self, epoch: int) -> None:
         """sd-scripts: OUTPUT_NAME-NNNNNN (1-based epoch); save_last_n_epochs keeps that many epoch saves."""
@@ -364,8 +438,12 @@ class Trainer:
         if old > 0:
             old_state = self._epoch_states.pop(old, None)
         self._epoch_states[epoch] = self.state_folder(self.step)
-        self._save_and_prune(f"{c.output_name}-{epoch:06d}", self._epoch_states[epoch],
-                             f"{c.output_name}-{old:06d}" if old > 0 else None, old_state)
+        self._save_and_prune(
+            f"{c.output_name}-{epoch:06d}",
+            self._epoch_states[epoch],
+            f"{c.output_name}-{old:06d}" if old > 0 else None,
+            old_state,
+        )
 
     def run(self) -> str:
         from tqdm.auto import tqdm
@@ -398,8 +476,9 @@ class Trainer:
             every_epochs = config.save_every_n_epochs
             if main and epoch_end and every_epochs and (self.epoch + 1) % every_epochs == 0 and not last:
                 self._save_epoch(self.epoch + 1)
-            sample = (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0) or \
-                (epoch_end and config.sample_every_n_epochs and (self.epoch + 1) % config.sample_every_n_epochs == 0)
+            sample = (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0) or (
+                epoch_end and config.sample_every_n_epochs and (self.epoch + 1) % config.sample_every_n_epochs == 0
+            )
             if main and sample:
                 self.log(f"samples: {self.write_samples()}")
             if self.validation and config.validate_every_n_steps and self.step % config.validate_every_n_steps == 0:
@@ -432,9 +511,14 @@ class Trainer:
         self.network.eval()
         images = []
         for p in read_sample_prompts(config.sample_prompts):
-            images += self.family.sample(self.c, [p.prompt], p.steps or config.sample_steps,
-                                         config.sample_guidance if p.guidance is None else p.guidance,
-                                         p.size or config.sample_resolution, config.seed if p.seed is None else p.seed)
+            images += self.family.sample(
+                self.c,
+                [p.prompt],
+                p.steps or config.sample_steps,
+                config.sample_guidance if p.guidance is None else p.guidance,
+                p.size or config.sample_resolution,
+                config.seed if p.seed is None else p.seed,
+            )
         height = max(image.height for image in images)
         grid = Image.new("RGB", (sum(image.width for image in images), height))
         x = 0

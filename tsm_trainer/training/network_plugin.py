@@ -82,13 +82,22 @@ def build_network(config: TrainConfig, components, log=print) -> BuiltNetwork:
     text_encoder = encoders if len(encoders) > 1 else (encoders[0] if encoders else None)
     unet, vae = components.denoiser, components.vae
     if config.dim_from_weights:
-        network, _ = module.create_network_from_weights(1, config.network_weights, vae, text_encoder, unet,
-                                                        **net_kwargs)
+        network, _ = module.create_network_from_weights(
+            1, config.network_weights, vae, text_encoder, unet, **net_kwargs
+        )
     else:
         if "dropout" not in net_kwargs:
             net_kwargs["dropout"] = config.network_dropout  # kohya's workaround for LyCORIS
-        network = module.create_network(1.0, config.network_dim, config.network_alpha, vae, text_encoder, unet,
-                                        neuron_dropout=config.network_dropout, **net_kwargs)
+        network = module.create_network(
+            1.0,
+            config.network_dim,
+            config.network_alpha,
+            vae,
+            text_encoder,
+            unet,
+            neuron_dropout=config.network_dropout,
+            **net_kwargs,
+        )
     if network is None:
         raise ValueError(f"--network_module {config.network_module}: create_network returned no network")
     if hasattr(network, "prepare_network"):
@@ -112,7 +121,9 @@ def build_network(config: TrainConfig, components, log=print) -> BuiltNetwork:
     groups = results[0] if isinstance(results, tuple) else results
     groups = [g if isinstance(g, dict) else {"params": list(g)} for g in groups]
     if not any(list(g["params"]) for g in groups):
-        raise ValueError(f"--network_module {config.network_module}: the network has no trainable parameters "
-                         "(check --network_train_unet_only / --network_train_text_encoder_only and the lrs)")
+        raise ValueError(
+            f"--network_module {config.network_module}: the network has no trainable parameters "
+            "(check --network_train_unet_only / --network_train_text_encoder_only and the lrs)"
+        )
     network.prepare_grad_etc(text_encoder, unet)
     return BuiltNetwork(network, groups, net_kwargs, train_unet, train_text_encoder)

@@ -3,8 +3,8 @@ validation or evaluation loss is exactly the training loss at the same draw)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,17 @@ from tsm_trainer.core.intervals import interval_timestep_range
 from tsm_trainer.data.cache import TextEncoderCache
 
 
-def denoising_loss(family, components, batch: dict, timesteps: torch.Tensor, generator: torch.Generator,
-                   encode_text: Callable[[list[str]], dict], device, noise_offset: float = 0.0,
-                   autocast=nullcontext) -> torch.Tensor:
+def denoising_loss(
+    family,
+    components,
+    batch: dict,
+    timesteps: torch.Tensor,
+    generator: torch.Generator,
+    encode_text: Callable[[list[str]], dict],
+    device,
+    noise_offset: float = 0.0,
+    autocast=nullcontext,
+) -> torch.Tensor:
     """Per-sample loss (B,) of ``batch`` ({"latents" (B, C, h, w) or "pixels" (B, 3, H, W), "captions"}) at
     ``timesteps`` (B,). Latent sampling and noise come from ``generator`` (CPU) in a fixed order, so the
     same generator state gives the same draw on any device and for any network applied."""
@@ -49,8 +57,14 @@ def draw_timesteps(family, lo: int, hi: int, n: int, generator: torch.Generator)
 
 
 @torch.no_grad()
-def loss_by_interval(loss_fn: Callable[[dict, torch.Tensor, torch.Generator], torch.Tensor], batches: Iterable[dict],
-                     family, num_train_timesteps: int, bins: int, seed: int = 1234) -> list[float]:
+def loss_by_interval(
+    loss_fn: Callable[[dict, torch.Tensor, torch.Generator], torch.Tensor],
+    batches: Iterable[dict],
+    family,
+    num_train_timesteps: int,
+    bins: int,
+    seed: int = 1234,
+) -> list[float]:
     """Mean held-out loss in each of ``bins`` equal intervals of t: every batch is evaluated once per
     interval with t drawn inside it. The draw (latent sampling, noise, t) depends only on ``seed``, the
     batches and ``bins``, never on the network, so every model compared sees the same one."""

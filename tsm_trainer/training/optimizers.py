@@ -61,8 +61,9 @@ def resolve(optimizer_type: str):
         package, attr = optimizer_type.rsplit(".", 1)
         fixed, pip = {}, ""
     else:
-        raise ValueError(f"--optimizer_type {optimizer_type}: unknown; one of "
-                         f"{', '.join(_display_names())}, or a module.Class path")
+        raise ValueError(
+            f"--optimizer_type {optimizer_type}: unknown; one of {', '.join(_display_names())}, or a module.Class path"
+        )
     if importlib.util.find_spec(package.split(".")[0]) is None:
         raise ValueError(f"--optimizer_type {optimizer_type} needs {pip or package}: pip install {pip or package}")
     obj = importlib.import_module(package)
@@ -89,8 +90,11 @@ def build_optimizer(optimizer_type: str, groups, learning_rate: float, optimizer
         kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
     if key == "prodigy" and learning_rate <= 0.1:
         # Passed through as sd-scripts does (Prodigy's lr multiplies its adapted step size), with its warning.
-        logger.warning("--learning_rate %g is low for Prodigy, which adapts the step size itself and expects a "
-                       "learning rate around 1.0; it is used as given", learning_rate)
+        logger.warning(
+            "--learning_rate %g is low for Prodigy, which adapts the step size itself and expects a "
+            "learning rate around 1.0; it is used as given",
+            learning_rate,
+        )
     if key == "sgdnesterov":
         kwargs["momentum"] = 0.9  # kohya's default
     if key in ("adamw", "adamw8bit", "pagedadamw", "pagedadamw8bit", "pagedadamw32bit", "adafactor", "prodigy"):

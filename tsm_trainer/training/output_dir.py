@@ -19,8 +19,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from tsm_trainer.core.file_format import TSMFileError, read_metadata
 
@@ -123,7 +123,8 @@ def run_lock(output_dir: str, output_name: str, log: Callable[[str], None] = pri
                 raise OutputLockedError(
                     f"{path}: another training ({_describe(owner)}) is writing '{output_name}' into {output_dir}; "
                     "wait for it, or use another --output_name / --output_dir (delete the lock only if that run "
-                    "is gone)") from None
+                    "is gone)"
+                ) from None
             log(f"{path}: taking over the stale lock of {_describe(owner)}, which no longer runs")
             try:
                 os.unlink(path)
@@ -191,14 +192,17 @@ def remove_stale_temps(output_dir: str, output_name: str, lock: str, log: Callab
             continue  # gone meanwhile, or not ours to delete
         removed.append(path)
     if removed:
-        log(f"removed {len(removed)} temporary file(s) of earlier interrupted saves in {output_dir} "
-            f"({size / 2**20:.1f} MiB)")
+        log(
+            f"removed {len(removed)} temporary file(s) of earlier interrupted saves in {output_dir} "
+            f"({size / 2**20:.1f} MiB)"
+        )
     return removed
 
 
 @contextmanager
-def training_output(output_dir: str, output_name: str, steps: int, overwrite: bool,
-                    log: Callable[[str], None] = print) -> Iterator[str | None]:
+def training_output(
+    output_dir: str, output_name: str, steps: int, overwrite: bool, log: Callable[[str], None] = print
+) -> Iterator[str | None]:
     """Everything a training run needs of its output folder before it loads a model, held for the
     body: checked, locked, cleared of stale temps, and no final file with more than ``steps``
     steps in the way (unless ``overwrite``). Yields the lock path (None on non-main processes)."""
@@ -235,8 +239,12 @@ def check_final_file(path: str, steps: int, overwrite: bool) -> None:
         return
     held = saved_steps(path)
     if held is None:
-        raise ValueError(f"{path} exists and records no training steps (ss_steps); pass --overwrite to replace it "
-                         "or choose another --output_name")
+        raise ValueError(
+            f"{path} exists and records no training steps (ss_steps); pass --overwrite to replace it "
+            "or choose another --output_name"
+        )
     if held > steps:
-        raise ValueError(f"{path} holds {held} training steps and this run would replace it with {steps}; pass "
-                         "--overwrite to replace it or choose another --output_name")
+        raise ValueError(
+            f"{path} holds {held} training steps and this run would replace it with {steps}; pass "
+            "--overwrite to replace it or choose another --output_name"
+        )

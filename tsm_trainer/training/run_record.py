@@ -17,12 +17,30 @@ import hashlib
 import os
 
 # Option names, before and after the kohya renaming (a name the config lacks is skipped).
-FIXED = ("seed", "family", "prediction_type", "task", "tsm_stage", "tsm_scales", "tsm_experts", "tsm_mixture",
-         "tsm_interval", "network_dim", "network_alpha", "network_dropout", "network_module", "network_args",
-         "train_text_encoder", "optimizer", "optimizer_type")
+FIXED = (
+    "seed",
+    "family",
+    "prediction_type",
+    "task",
+    "tsm_stage",
+    "tsm_scales",
+    "tsm_experts",
+    "tsm_mixture",
+    "tsm_interval",
+    "network_dim",
+    "network_alpha",
+    "network_dropout",
+    "network_module",
+    "network_args",
+    "train_text_encoder",
+    "optimizer",
+    "optimizer_type",
+)
 IGNORED = ("resume", "overwrite", "tsm_recipe", "debug")  # how this run starts, not what it trains
-DATA = {"dataset_fingerprint": "the dataset (images, captions, repeats or buckets)",
-        "dataset_config_sha256": "the dataset config file's content"}
+DATA = {
+    "dataset_fingerprint": "the dataset (images, captions, repeats or buckets)",
+    "dataset_config_sha256": "the dataset config file's content",
+}
 
 
 def file_sha256(path: str) -> str:
@@ -51,17 +69,26 @@ def compare_runs(state_path: str, saved: dict | None, current: dict) -> list[str
     """Raise ValueError naming the first fixed option (or the data) that differs between the saved
     and the current record; return one line per changed option that takes effect."""
     if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
-        return [f"{state_path}: this state records no run options (saved by an older version): the options, seed "
-                "and dataset are not checked against it"]
+        return [
+            f"{state_path}: this state records no run options (saved by an older version): the options, seed "
+            "and dataset are not checked against it"
+        ]
     how = "resume with the saved value, or start a new run without --resume (another --output_name)"
     for key, what in DATA.items():
         if key in saved and key in current and saved[key] != current[key]:
-            raise ValueError(f"{state_path}: {what} changed since this state was saved; an exact resume is "
-                             f"impossible: restore it, or start without --resume")
+            raise ValueError(
+                f"{state_path}: {what} changed since this state was saved; an exact resume is "
+                f"impossible: restore it, or start without --resume"
+            )
     old, new = saved["options"], current["options"]
     for name in FIXED:
         if name in old and name in new and old[name] != new[name]:
-            raise ValueError(f"{state_path}: --{name} was {old[name]!r} when this state was saved, now "
-                             f"{new[name]!r}; it cannot change on resume: {how}")
-    return [f"resume: --{name} changed from {old[name]!r} to {new[name]!r} (takes effect)"
-            for name in sorted(new) if name in old and old[name] != new[name]]
+            raise ValueError(
+                f"{state_path}: --{name} was {old[name]!r} when this state was saved, now "
+                f"{new[name]!r}; it cannot change on resume: {how}"
+            )
+    return [
+        f"resume: --{name} changed from {old[name]!r} to {new[name]!r} (takes effect)"
+        for name in sorted(new)
+        if name in old and old[name] != new[name]
+    ]

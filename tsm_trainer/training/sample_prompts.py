@@ -16,15 +16,24 @@ class SamplePrompt:
 
 
 _OPTIONS = {"w": "size", "h": "size", "d": "seed", "l": "guidance", "s": "steps"}
-_NOT_YET = {"n": "negative prompts", "ss": "per-prompt samplers", "cn": "ControlNet images",
-            "am": "attention masks", "f": "frame counts", "c": "CFG rescale", "t": "timestep ranges"}
+_NOT_YET = {
+    "n": "negative prompts",
+    "ss": "per-prompt samplers",
+    "cn": "ControlNet images",
+    "am": "attention masks",
+    "f": "frame counts",
+    "c": "CFG rescale",
+    "t": "timestep ranges",
+}
 
 
 def read_sample_prompts(path: str) -> list[SamplePrompt]:
     """Parse the file; ValueError naming the file, line and option for anything not understood."""
     if path.endswith((".toml", ".json")):
-        raise ValueError(f"--sample_prompts {path}: only the text format (one prompt per line with "
-                         "--w/--h/--d/--l/--s) is implemented yet")
+        raise ValueError(
+            f"--sample_prompts {path}: only the text format (one prompt per line with "
+            "--w/--h/--d/--l/--s) is implemented yet"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()

@@ -16,17 +16,29 @@ from tsm_trainer.training.network_plugin import TSM_MODULE, TSM_OPTIONS, parse_n
 
 # dataset flags that become defaults of a --dataset_config (kohya's argparse fallback) or build a
 # --train_data_dir dataset; kohya's names -> the dataset TOML's
-DATASET_FLAGS = {"resolution": "resolution", "train_batch_size": "batch_size", "caption_extension": "caption_extension",
-                 "shuffle_caption": "shuffle_caption", "caption_separator": "caption_separator",
-                 "keep_tokens": "keep_tokens", "keep_tokens_separator": "keep_tokens_separator",
-                 "secondary_separator": "secondary_separator", "enable_wildcard": "enable_wildcard",
-                 "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix",
-                 "caption_dropout_rate": "caption_dropout_rate",
-                 "caption_dropout_every_n_epochs": "caption_dropout_every_n_epochs",
-                 "caption_tag_dropout_rate": "caption_tag_dropout_rate", "flip_aug": "flip_aug",
-                 "random_crop": "random_crop", "enable_bucket": "enable_bucket", "min_bucket_reso": "min_bucket_reso",
-                 "max_bucket_reso": "max_bucket_reso", "bucket_reso_steps": "bucket_reso_steps",
-                 "bucket_no_upscale": "bucket_no_upscale"}
+DATASET_FLAGS = {
+    "resolution": "resolution",
+    "train_batch_size": "batch_size",
+    "caption_extension": "caption_extension",
+    "shuffle_caption": "shuffle_caption",
+    "caption_separator": "caption_separator",
+    "keep_tokens": "keep_tokens",
+    "keep_tokens_separator": "keep_tokens_separator",
+    "secondary_separator": "secondary_separator",
+    "enable_wildcard": "enable_wildcard",
+    "caption_prefix": "caption_prefix",
+    "caption_suffix": "caption_suffix",
+    "caption_dropout_rate": "caption_dropout_rate",
+    "caption_dropout_every_n_epochs": "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate": "caption_tag_dropout_rate",
+    "flip_aug": "flip_aug",
+    "random_crop": "random_crop",
+    "enable_bucket": "enable_bucket",
+    "min_bucket_reso": "min_bucket_reso",
+    "max_bucket_reso": "max_bucket_reso",
+    "bucket_reso_steps": "bucket_reso_steps",
+    "bucket_no_upscale": "bucket_no_upscale",
+}
 
 
 def _given(config: TrainConfig, name: str) -> bool:
@@ -45,8 +57,9 @@ def _at_least(config: TrainConfig, name: str, low, optional: bool = True):
         _fail(f"--{name} {value} must be >= {low}")
 
 
-def _finite(config: TrainConfig, name: str, low: float | None = None, high: float | None = None,
-            high_open: bool = False):
+def _finite(
+    config: TrainConfig, name: str, low: float | None = None, high: float | None = None, high_open: bool = False
+):
     value = getattr(config, name)
     if value is None:
         return
@@ -82,19 +95,47 @@ def resolve_tsm_options(config: TrainConfig) -> TrainConfig:
 
 def _check_ranges(c: TrainConfig) -> None:
     _at_least(c, "max_train_steps", 1, optional=False)
-    for name in ("max_train_epochs", "gradient_accumulation_steps", "save_every_n_steps", "save_every_n_epochs",
-                 "save_last_n_steps", "save_last_n_epochs", "sample_every_n_steps", "sample_every_n_epochs",
-                 "validate_every_n_steps", "network_dim", "train_batch_size", "clip_skip", "lr_scheduler_num_cycles",
-                 "sample_steps", "min_bucket_reso", "max_bucket_reso", "distill_fake_updates", "distill_fake_rank",
-                 "caption_dropout_every_n_epochs"):
+    for name in (
+        "max_train_epochs",
+        "gradient_accumulation_steps",
+        "save_every_n_steps",
+        "save_every_n_epochs",
+        "save_last_n_steps",
+        "save_last_n_epochs",
+        "sample_every_n_steps",
+        "sample_every_n_epochs",
+        "validate_every_n_steps",
+        "network_dim",
+        "train_batch_size",
+        "clip_skip",
+        "lr_scheduler_num_cycles",
+        "sample_steps",
+        "min_bucket_reso",
+        "max_bucket_reso",
+        "distill_fake_updates",
+        "distill_fake_rank",
+        "caption_dropout_every_n_epochs",
+    ):
         _at_least(c, name, 1 if name != "caption_dropout_every_n_epochs" else 0)
     for name in ("lr_warmup_steps", "keep_tokens", "min_timestep", "max_timestep"):
         _at_least(c, name, 0)
     _at_least(c, "sample_resolution", 8)
     _at_least(c, "bucket_reso_steps", 8)
-    for name in ("learning_rate", "max_grad_norm", "noise_offset", "min_snr_gamma", "prior_loss_weight", "unet_lr",
-                 "text_encoder_lr", "network_alpha", "weight_decay", "sample_guidance", "distill_fake_lr",
-                 "distill_gan_weight", "distill_real_guidance"):
+    for name in (
+        "learning_rate",
+        "max_grad_norm",
+        "noise_offset",
+        "min_snr_gamma",
+        "prior_loss_weight",
+        "unet_lr",
+        "text_encoder_lr",
+        "network_alpha",
+        "weight_decay",
+        "sample_guidance",
+        "distill_fake_lr",
+        "distill_gan_weight",
+        "distill_real_guidance",
+    ):
         _finite(c, name, low=0.0)
     _finite(c, "lr_scheduler_power")
     _finite(c, "scale_weight_norms", low=0.0)
@@ -110,8 +151,14 @@ def _check_ranges(c: TrainConfig) -> None:
     if c.min_timestep is not None and c.max_timestep is not None and c.min_timestep >= c.max_timestep:
         _fail(f"--min_timestep {c.min_timestep} must be < --max_timestep {c.max_timestep}")
     name = c.output_name
-    if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name \
-            or (os.altsep and os.altsep in name):
+    if (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or os.sep in name
+        or (os.altsep and os.altsep in name)
+    ):
         _fail(f"--output_name {name!r}: a plain file name stem (not empty, no '/', not starting with '.')")
 
 
@@ -145,8 +192,11 @@ def _check_tsm(c: TrainConfig) -> None:
         if c.timestep_sampling == "stratified":
             _fail("--timestep_sampling stratified does not apply with --tsm_interval (one interval is trained)")
     if c.tsm_recipe == "paper":
-        bad = [f"--{n}" for n in ("tsm_stage", "tsm_scales", "tsm_experts", "tsm_interval", "network_weights")
-               if _given(c, n)]
+        bad = [
+            f"--{n}"
+            for n in ("tsm_stage", "tsm_scales", "tsm_experts", "tsm_interval", "network_weights")
+            if _given(c, n)
+        ]
         if bad:
             _fail(f"--tsm_recipe paper sets the stages itself: drop {', '.join(bad)}")
     from tsm_trainer.core.network_args import NETWORK_ARGS
@@ -222,19 +272,25 @@ def _check_unimplemented(c: TrainConfig) -> None:
     if c.log_with not in (None, "tensorboard"):
         _fail(f"--log_with {c.log_with}: only tensorboard is implemented")
     if c.logging_dir and importlib.util.find_spec("tensorboard") is None:
-        _fail("--logging_dir: TensorBoard logging needs the tensorboard package (pip install tensorboard, or "
-              "pip install 'tsm-trainer[train]'); without --logging_dir the loss goes to the console only")
+        _fail(
+            "--logging_dir: TensorBoard logging needs the tensorboard package (pip install tensorboard, or "
+            "pip install 'tsm-trainer[train]'); without --logging_dir the loss goes to the console only"
+        )
     if c.xformers and importlib.util.find_spec("xformers") is None:
-        _fail("--xformers: xformers is not installed (pip install xformers, CUDA only); without the flag PyTorch's "
-              "SDPA attention is used")
+        _fail(
+            "--xformers: xformers is not installed (pip install xformers, CUDA only); without the flag PyTorch's "
+            "SDPA attention is used"
+        )
     if c.xformers and c.sdpa:
         _fail("--xformers and --sdpa exclude each other")
     if c.train_data_dir:
         from tsm_trainer import data
 
         if not hasattr(data, "folder_dataset_config"):
-            _fail("--train_data_dir: folder datasets are not implemented yet; use --dataset_config with a kohya "
-                  "dataset TOML (examples in dataset_configs/)")
+            _fail(
+                "--train_data_dir: folder datasets are not implemented yet; use --dataset_config with a kohya "
+                "dataset TOML (examples in dataset_configs/)"
+            )
     from tsm_trainer.training.network_plugin import import_network_module
     from tsm_trainer.training.optimizers import parse_optimizer_args, resolve
 
@@ -276,10 +332,15 @@ def _check_paths(c: TrainConfig) -> None:
     if not c.pretrained_model_name_or_path:
         _fail("--pretrained_model_name_or_path is required (a local diffusers folder)")
     if not os.path.exists(c.pretrained_model_name_or_path):
-        _fail(f"--pretrained_model_name_or_path {c.pretrained_model_name_or_path}: no such file or folder "
-              "(models are read from disk only)")
-    files = [("dataset_config", c.dataset_config), ("sample_prompts", c.sample_prompts),
-             ("network_weights", c.network_weights)]
+        _fail(
+            f"--pretrained_model_name_or_path {c.pretrained_model_name_or_path}: no such file or folder "
+            "(models are read from disk only)"
+        )
+    files = [
+        ("dataset_config", c.dataset_config),
+        ("sample_prompts", c.sample_prompts),
+        ("network_weights", c.network_weights),
+    ]
     files += [("tsm_experts", p) for p in c.tsm_experts.split(",") if p] if c.tsm_recipe == "none" else []
     for flag, path in files:
         if path and not os.path.isfile(path):

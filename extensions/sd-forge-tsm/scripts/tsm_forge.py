@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from modules import extra_networks, paths, script_callbacks, scripts, shared
-
 import tsm_forge
+from modules import extra_networks, paths, script_callbacks, scripts, shared
 from tsm_forge.forge_keys import unet_key_map
 
 TSM_DIR = os.path.join(paths.models_path, "tsm")
@@ -48,7 +47,8 @@ class ExtraNetworkTSM(extra_networks.ExtraNetwork):
         if params_list:
             p.extra_generation_params["TSM"] = ", ".join(
                 f"{os.path.splitext(os.path.basename(r.path))[0]}:{r.te_multiplier}:{r.unet_multiplier}"
-                for r in getattr(p, controller.ATTR))
+                for r in getattr(p, controller.ATTR)
+            )
 
     def deactivate(self, p):
         controller.finish(p)

@@ -12,11 +12,12 @@ import sys
 
 def _ensure_tsm_trainer() -> None:
     try:
-        import tsm_trainer  # noqa: F401
+        import tsm_trainer
+
         return
     except ImportError:
         pass
-    here = os.path.dirname(os.path.realpath(__file__))          # .../extensions/sd-forge-tsm/tsm_forge
+    here = os.path.dirname(os.path.realpath(__file__))  # .../extensions/sd-forge-tsm/tsm_forge
     root = os.path.dirname(os.path.dirname(os.path.dirname(here)))  # the repo root
     if os.path.isdir(os.path.join(root, "tsm_trainer")) and root not in sys.path:
         sys.path.append(root)
@@ -47,6 +48,17 @@ from .adapter import (  # noqa: E402
     unet_input_to_t,
 )
 
-__all__ = ["Controller", "ForgeSession", "RowSlice", "TSMRequest", "apply_text_encoder", "apply_to_unet",
-           "diffusers_name_index", "forge_layer_index", "is_quantized", "parse_params", "timestep_from_sigma",
-           "unet_input_to_t"]
+__all__ = [
+    "Controller",
+    "ForgeSession",
+    "RowSlice",
+    "TSMRequest",
+    "apply_text_encoder",
+    "apply_to_unet",
+    "diffusers_name_index",
+    "forge_layer_index",
+    "is_quantized",
+    "parse_params",
+    "timestep_from_sigma",
+    "unet_input_to_t",
+]

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from tsm_trainer.families import family_specs
-from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file
 from tsm_trainer.core.lora_math import first_factor, module_names
+from tsm_trainer.families import family_specs
+from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 from tsm_trainer.runtime.sampling_session import MODES, SamplingSession, SessionFile, weights_writable
 
@@ -66,15 +66,17 @@ def timestep_from_sigma(predictor, sigma: torch.Tensor, num_train_timesteps: int
 
 
 def _is_linear_like(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (any(c.__name__ == "Linear" for c in type(m).__mro__)
-                                        and hasattr(m, "weight"))
+    return isinstance(m, nn.Linear) or (any(c.__name__ == "Linear" for c in type(m).__mro__) and hasattr(m, "weight"))
 
 
 def forge_layer_index(diffusion_model: nn.Module, prefix: str = "lora_unet") -> dict[str, nn.Module]:
     """``{kohya name: layer}`` of Forge's ``unet.model.diffusion_model`` (SGM names such as
     ``input_blocks.4.1...``), counting Forge's own Linear classes, which are not ``nn.Linear``."""
-    return {f"{prefix}_{path.replace('.', '_')}": m for path, m in diffusion_model.named_modules()
-            if path and (_is_linear_like(m) or (isinstance(m, nn.Conv2d) and m.groups == 1))}
+    return {
+        f"{prefix}_{path.replace('.', '_')}": m
+        for path, m in diffusion_model.named_modules()
+        if path and (_is_linear_like(m) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+    }
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -154,8 +156,18 @@ class _Conv2dView(nn.Conv2d):
 
     def __init__(self, layer: nn.Conv2d, device, dtype):
         nn.Module.__init__(self)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "output_padding", "transposed"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "output_padding",
+            "transposed",
+        ):
             setattr(self, attr, getattr(layer, attr))
         self.weight = torch.empty(0, device=device, dtype=dtype)
         self.bias = None
@@ -223,11 +235,16 @@ class _OnlineOnForge:
     @staticmethod
     def _fused_forward(parent, previous, pieces):
         def forward(x, *args, **kwargs):
-            out = previous(x, *args, **kwargs) if previous is not None else type(parent).forward(parent, x, *args, **kwargs)
+            out = (
+                previous(x, *args, **kwargs)
+                if previous is not None
+                else type(parent).forward(parent, x, *args, **kwargs)
+            )
             out = out.clone()
             for offset, size, view in pieces:
-                out[..., offset:offset + size] += view(x).to(out.dtype)
+                out[..., offset : offset + size] += view(x).to(out.dtype)
             return out
+
         return forward
 
     def set_timestep(self, t, batch_size=None):
@@ -266,8 +283,9 @@ class ForgeSession(SamplingSession):
         if len(Ts) > 1:
             raise TSMFileError(f"[TSM] files with different num_train_timesteps {sorted(Ts)} in one generation")
         self.T = Ts.pop() if Ts else 1000
-        super().__init__(files, make_online=lambda f: _OnlineOnForge(f, device, dtype),
-                         weight_writes=torch.inference_mode)
+        super().__init__(
+            files, make_online=lambda f: _OnlineOnForge(f, device, dtype), weight_writes=torch.inference_mode
+        )
         self.predictor = kmodel.predictor
         self.hook = kmodel.diffusion_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
@@ -329,9 +347,13 @@ def load_cached(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return _FILE_CACHE[key]
 
 
-def apply_to_unet(unet_patcher, requests: Iterable[TSMRequest], layer_index: Mapping[str, nn.Module] | None = None,
-                  loader: Callable[[str], tuple[dict, dict]] = load_cached,
-                  key_map: Mapping[str, object] | None = None) -> ForgeSession | None:
+def apply_to_unet(
+    unet_patcher,
+    requests: Iterable[TSMRequest],
+    layer_index: Mapping[str, nn.Module] | None = None,
+    loader: Callable[[str], tuple[dict, dict]] = load_cached,
+    key_map: Mapping[str, object] | None = None,
+) -> ForgeSession | None:
     """Start a :class:`ForgeSession` on Forge's UnetPatcher's diffusion model for one sampling run.
 
     The policy (``tsm_trainer.runtime.sampling_session``): the first fostered file on writable weights merges,
@@ -363,18 +385,26 @@ def apply_to_unet(unet_patcher, requests: Iterable[TSMRequest], layer_index: Map
         mode = req.mode
         if not storage_float:
             if mode == "merge":
-                raise TSMFileError(f"{req.path}: mode=merge is impossible: this model's weights are stored as "
-                                   f"{getattr(model, 'storage_dtype', '?')}; use mode=auto or mode=online")
+                raise TSMFileError(
+                    f"{req.path}: mode=merge is impossible: this model's weights are stored as "
+                    f"{getattr(model, 'storage_dtype', '?')}; use mode=auto or mode=online"
+                )
             mode = "online"
-        files.append(SessionFile(tensors, metadata, resolve_layers(names, index, req.path), req.unet_multiplier,
-                                 req.path, mode))
+        files.append(
+            SessionFile(tensors, metadata, resolve_layers(names, index, req.path), req.unet_multiplier, req.path, mode)
+        )
     if not files:
         return None
     return ForgeSession(files, model, device, dtype)
 
 
-def apply_text_encoder(clip, requests: Iterable[TSMRequest], key_map_fn: Callable, load_lora_fn: Callable,
-                       loader: Callable[[str], tuple[dict, dict]] = load_cached):
+def apply_text_encoder(
+    clip,
+    requests: Iterable[TSMRequest],
+    key_map_fn: Callable,
+    load_lora_fn: Callable,
+    loader: Callable[[str], tuple[dict, dict]] = load_cached,
+):
     """The shared text-encoder LoRA through Forge's own patching: ``clip.clone().add_patches``.
 
     ``key_map_fn`` / ``load_lora_fn`` are Forge's ``backend.patcher.lora.model_lora_keys_clip`` and
@@ -393,10 +423,17 @@ def apply_text_encoder(clip, requests: Iterable[TSMRequest], key_map_fn: Callabl
             patched = clip.clone()
         patches, unmatched = load_lora_fn(te, key_map_fn(patched.cond_stage_model))
         if unmatched:
-            warnings.warn(f"[TSM] {req.path}: {len(unmatched)} text-encoder key(s) not in this model, "
-                          f"e.g. {list(unmatched)[:3]}")
-        patched.add_patches(filename=f"tsm:{req.path}", patches=patches, strength_patch=req.te_multiplier,
-                            strength_model=1.0, online_mode=False)
+            warnings.warn(
+                f"[TSM] {req.path}: {len(unmatched)} text-encoder key(s) not in this model, e.g. {list(unmatched)[:3]}",
+                stacklevel=2,
+            )
+        patched.add_patches(
+            filename=f"tsm:{req.path}",
+            patches=patches,
+            strength_patch=req.te_multiplier,
+            strength_model=1.0,
+            online_mode=False,
+        )
     return clip if patched is None else patched
 
 
@@ -415,9 +452,14 @@ class Controller:
 
     ATTR = "tsm_requests"
 
-    def __init__(self, find_file: Callable[[str], str | None], key_map_fn: Callable | None = None,
-                 load_lora_fn: Callable | None = None, loader: Callable = load_cached,
-                 unet_key_map_fn: Callable | None = None):
+    def __init__(
+        self,
+        find_file: Callable[[str], str | None],
+        key_map_fn: Callable | None = None,
+        load_lora_fn: Callable | None = None,
+        loader: Callable = load_cached,
+        unet_key_map_fn: Callable | None = None,
+    ):
         self.find_file = find_file
         self.key_map_fn = key_map_fn
         self.load_lora_fn = load_lora_fn
@@ -472,6 +514,6 @@ class Controller:
         session = self.session
         self.restore()
         if session is not None and session.calls == 0:
-            warnings.warn("[TSM] the UNet was never called during sampling; no expert was applied")
+            warnings.warn("[TSM] the UNet was never called during sampling; no expert was applied", stacklevel=2)
         if p is not None and self.notices and hasattr(p, "extra_generation_params"):
             p.extra_generation_params["TSM notice"] = "; ".join(self.notices)

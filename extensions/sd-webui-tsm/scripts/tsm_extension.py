@@ -11,9 +11,9 @@ _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
 
+import tsm_a1111  # noqa: E402
 from modules import extra_networks, paths, script_callbacks, shared, ui_extra_networks  # noqa: E402
 
-import tsm_a1111  # noqa: E402
 from tsm_trainer.core.file_format import TSMFileError, read_metadata  # noqa: E402
 
 
@@ -25,10 +25,15 @@ def _lora():
     """The built-in Lora extension's ``network`` and ``networks`` modules (extensions-builtin/Lora),
     which host TSM's weights (see tsm_a1111/lora_network.py)."""
     network, networks = sys.modules.get("network"), sys.modules.get("networks")
-    if not (hasattr(network, "NetworkModule") and hasattr(networks, "network_apply_weights")
-            and hasattr(networks, "loaded_networks")):
-        raise RuntimeError("sd-webui-tsm applies TSM files through the built-in Lora extension "
-                           "(extensions-builtin/Lora), which is not loaded: enable it in Extensions > Installed")
+    if not (
+        hasattr(network, "NetworkModule")
+        and hasattr(networks, "network_apply_weights")
+        and hasattr(networks, "loaded_networks")
+    ):
+        raise RuntimeError(
+            "sd-webui-tsm applies TSM files through the built-in Lora extension "
+            "(extensions-builtin/Lora), which is not loaded: enable it in Extensions > Installed"
+        )
     return tsm_a1111.LoraHost(network, networks)
 
 
@@ -36,8 +41,12 @@ class ExtraNetworkTSM(extra_networks.ExtraNetwork, tsm_a1111.TSMExtraNetworkCore
     def __init__(self):
         extra_networks.ExtraNetwork.__init__(self, "tsm")
         tsm_a1111.TSMExtraNetworkCore.__init__(
-            self, _models_dir, lambda: shared.sd_model, _lora,
-            default_multiplier=lambda: float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0)))
+            self,
+            _models_dir,
+            lambda: shared.sd_model,
+            _lora,
+            default_multiplier=lambda: float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0)),
+        )
 
     def activate(self, p, params_list):
         tsm_a1111.TSMExtraNetworkCore.activate(self, p, params_list)
@@ -64,13 +73,15 @@ class ExtraNetworksPageTSM(ui_extra_networks.ExtraNetworksPage):
             return None
         base = os.path.splitext(path)[0]
         item = tsm_a1111.card_item_fields(name, metadata, path, "opts.extra_networks_default_multiplier")
-        item.update({
-            "preview": self.find_preview(base),
-            "search_term": self.search_terms_from_path(path),      # <= 1.7
-            "search_terms": [self.search_terms_from_path(path)],   # 1.8+
-            "local_preview": f"{base}.{shared.opts.samples_format}",
-            "sort_keys": {"default": index, **self.get_sort_keys(path)},
-        })
+        item.update(
+            {
+                "preview": self.find_preview(base),
+                "search_term": self.search_terms_from_path(path),  # <= 1.7
+                "search_terms": [self.search_terms_from_path(path)],  # 1.8+
+                "local_preview": f"{base}.{shared.opts.samples_format}",
+                "sort_keys": {"default": index, **self.get_sort_keys(path)},
+            }
+        )
         user_description = self.find_description(base)
         if user_description:
             item["description"] = user_description + "<br>" + item["description"]
@@ -79,8 +90,7 @@ class ExtraNetworksPageTSM(ui_extra_networks.ExtraNetworksPage):
     def list_items(self):
         if not self.network.available:
             self.network.refresh()
-        names = sorted({os.path.splitext(os.path.basename(p))[0]: None
-                        for p in self.network.available.values()})
+        names = sorted({os.path.splitext(os.path.basename(p))[0]: None for p in self.network.available.values()})
         for index, name in enumerate(names):
             item = self.create_item(name, index)
             if item is not None:

@@ -14,11 +14,12 @@ def _ensure_tsm_trainer() -> None:
     """Make ``tsm_trainer`` importable: installed into the webui venv, or this extension folder is
     a symlink into the tsm-trainer repo (``<repo>/extensions/sd-webui-tsm``): add the repo root."""
     try:
-        import tsm_trainer  # noqa: F401
+        import tsm_trainer
+
         return
     except ImportError:
         pass
-    here = os.path.dirname(os.path.realpath(__file__))          # <repo>/extensions/sd-webui-tsm/tsm_a1111
+    here = os.path.dirname(os.path.realpath(__file__))  # <repo>/extensions/sd-webui-tsm/tsm_a1111
     repo = os.path.dirname(os.path.dirname(os.path.dirname(here)))
     if os.path.isfile(os.path.join(repo, "tsm_trainer", "__init__.py")):
         # appended, not prepended: the repo's `networks/` namespace folder must never shadow
@@ -26,19 +27,38 @@ def _ensure_tsm_trainer() -> None:
         if repo not in sys.path:
             sys.path.append(repo)
         import tsm_trainer  # noqa: F401
+
         return
-    raise ImportError("sd-webui-tsm needs the tsm_trainer package: `pip install --no-deps /path/to/tsm-trainer` "
-                      "into the webui's venv, or symlink this folder from a tsm-trainer checkout")
+    raise ImportError(
+        "sd-webui-tsm needs the tsm_trainer package: `pip install --no-deps /path/to/tsm-trainer` "
+        "into the webui's venv, or symlink this folder from a tsm-trainer checkout"
+    )
 
 
 _ensure_tsm_trainer()
 
-from .adapter import (LoraHost, find_tsm_files, parse_params, text_encoder_layer_index,  # noqa: E402
-                      timestep_from_sigma, unet_layer_index)
+from .adapter import (  # noqa: E402
+    LoraHost,
+    find_tsm_files,
+    parse_params,
+    text_encoder_layer_index,
+    timestep_from_sigma,
+    unet_layer_index,
+)
 from .cards import card_description, card_item_fields  # noqa: E402
 from .lora_network import TSMSamplingError  # noqa: E402
 from .session import TSMExtraNetworkCore, TSMSession  # noqa: E402
 
-__all__ = ["LoraHost", "TSMExtraNetworkCore", "TSMSamplingError", "TSMSession", "find_tsm_files", "parse_params",
-           "text_encoder_layer_index", "timestep_from_sigma", "unet_layer_index", "card_description",
-           "card_item_fields"]
+__all__ = [
+    "LoraHost",
+    "TSMExtraNetworkCore",
+    "TSMSamplingError",
+    "TSMSession",
+    "find_tsm_files",
+    "parse_params",
+    "text_encoder_layer_index",
+    "timestep_from_sigma",
+    "unet_layer_index",
+    "card_description",
+    "card_item_fields",
+]

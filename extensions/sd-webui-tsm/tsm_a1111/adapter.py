@@ -17,20 +17,22 @@ How A1111 drives it (references are to AUTOMATIC1111/stable-diffusion-webui, mea
 from __future__ import annotations
 
 import os
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, read_metadata
-from tsm_trainer.runtime.online import sgm_layer_index
 from tsm_trainer.core.targets import text_encoder_key_path
+from tsm_trainer.runtime.online import sgm_layer_index
 
 from .lora_network import QKV
 
 
 class LoraHost(NamedTuple):
     """The built-in Lora extension's modules: ``network`` (classes) and ``networks`` (state)."""
+
     network: object
     networks: object
 
@@ -129,9 +131,9 @@ def _open_clip_index(model: nn.Module, prefix: str) -> dict[str, tuple[nn.Module
 
 def _encoder_index(embedder, prefix: str) -> dict[str, tuple[nn.Module, str | None]]:
     wrapped = getattr(embedder, "wrapped", embedder)
-    if isinstance(getattr(wrapped, "transformer", None), nn.Module):   # FrozenCLIPEmbedder: HF CLIPTextModel
+    if isinstance(getattr(wrapped, "transformer", None), nn.Module):  # FrozenCLIPEmbedder: HF CLIPTextModel
         return _hf_clip_index(wrapped.transformer, prefix)
-    model = getattr(wrapped, "model", None)                              # FrozenOpenCLIPEmbedder(2)
+    model = getattr(wrapped, "model", None)  # FrozenOpenCLIPEmbedder(2)
     if model is not None and hasattr(getattr(model, "transformer", None), "resblocks"):
         return _open_clip_index(model, prefix)
     return {}
@@ -157,8 +159,9 @@ def text_encoder_layer_index(sd_model) -> dict[str, tuple[nn.Module, str | None]
 
 
 # -- sigma -> t -------------------------------------------------------------------------------------
-def timestep_from_sigma(sigma: torch.Tensor, denoiser, timestep_space: str = "ddpm",
-                        num_train_timesteps: int = 1000) -> torch.Tensor:
+def timestep_from_sigma(
+    sigma: torch.Tensor, denoiser, timestep_space: str = "ddpm", num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """The t the UNet receives for ``CFGDenoiserParams.sigma`` (docs/design.md section 6).
 
     k-diffusion: ``denoiser.inner_model.sigma_to_t(sigma)`` (the same call, with the wrapper's own
@@ -174,5 +177,3 @@ def timestep_from_sigma(sigma: torch.Tensor, denoiser, timestep_space: str = "dd
     if to_t is None:
         return sigma
     return to_t(sigma)
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
 from tsm_trainer.core.intervals import interval_timestep_range

@@ -24,8 +24,8 @@ layer forward calls ``calc_updown``, which raises :class:`TSMSamplingError` (not
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -66,14 +66,18 @@ class ExpertState:
         t = torch.as_tensor(t).detach().to("cpu").reshape(-1)
         idx = expert_index(t.to(torch.float64), self.n, self.num_train_timesteps)
         if bool((idx != idx[0]).any()):
-            raise TSMSamplingError(f"<tsm:{self.label}>: the samples of one denoiser call fall in different "
-                                   f"experts {sorted(set(idx.tolist()))} (t = {t.tolist()}); a fostered file merges "
-                                   "one expert per call")
+            raise TSMSamplingError(
+                f"<tsm:{self.label}>: the samples of one denoiser call fall in different "
+                f"experts {sorted(set(idx.tolist()))} (t = {t.tolist()}); a fostered file merges "
+                "one expert per call"
+            )
         e = int(idx[0])
         if e not in self.experts:
-            raise TSMSamplingError(f"<tsm:{self.label}>: t = {float(t[0]):.1f} needs expert {e} of scale {self.n}, "
-                                   f"which the file does not hold (it holds {self.experts}); lower the denoising "
-                                   "strength or use a file with every expert")
+            raise TSMSamplingError(
+                f"<tsm:{self.label}>: t = {float(t[0]):.1f} needs expert {e} of scale {self.n}, "
+                f"which the file does not hold (it holds {self.experts}); lower the denoising "
+                "strength or use a file with every expert"
+            )
         self.expert, self.error = e, None
         return e
 
@@ -103,11 +107,14 @@ class _Pair:
 
 def _pair(tensors: Mapping[str, torch.Tensor], prefix: str, name: str) -> _Pair:
     alpha = tensors.get(f"{name}.alpha")
-    return _Pair(tensors[f"{prefix}.lora_down.weight"], tensors[f"{prefix}.lora_up.weight"],
-                 None if alpha is None else float(alpha))
+    return _Pair(
+        tensors[f"{prefix}.lora_down.weight"],
+        tensors[f"{prefix}.lora_up.weight"],
+        None if alpha is None else float(alpha),
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_classes(base: type):
     """Subclasses of the running webui's ``network.NetworkModule`` (one set per base class)."""
 
@@ -142,17 +149,22 @@ def _module_classes(base: type):
             if state.error is not None:
                 raise state.error
             if state.expert is None:
-                raise TSMSamplingError(f"<tsm:{state.label}>: the UNet ran before any denoiser step set its timestep "
-                                       "(called outside A1111's CFG denoiser?)")
+                raise TSMSamplingError(
+                    f"<tsm:{state.label}>: the UNet ran before any denoiser step set its timestep "
+                    "(called outside A1111's CFG denoiser?)"
+                )
             pair = self.pairs.get(state.expert)
             if pair is None:
-                raise TSMSamplingError(f"<tsm:{state.label}>: {self.network_key} has no expert {state.expert} "
-                                       f"(it has {sorted(self.pairs)}): the file is incomplete")
+                raise TSMSamplingError(
+                    f"<tsm:{state.label}>: {self.network_key} has no expert {state.expert} "
+                    f"(it has {sorted(self.pairs)}): the file is incomplete"
+                )
             try:
                 return self._finish(pair.delta(target.device), target)
             except torch.OutOfMemoryError as e:  # a half-merged model must not sample on
-                raise TSMSamplingError(f"<tsm:{state.label}>: out of memory merging expert {state.expert} "
-                                       f"into {self.sd_key}: {e}") from None
+                raise TSMSamplingError(
+                    f"<tsm:{state.label}>: out of memory merging expert {state.expert} into {self.sd_key}: {e}"
+                ) from None
 
     return StaticModule, ExpertModule
 
@@ -162,14 +174,23 @@ def lora_key(layer: nn.Module, part: str | None = None) -> str:
     plus ``_q_proj``/... for a row block of a ``MultiheadAttention``."""
     name = getattr(layer, "network_layer_name", None)
     if name is None:
-        raise TSMFileError(f"{type(layer).__name__} layer has no network_layer_name: the built-in Lora extension has "
-                           "not named this model's layers (was the checkpoint loaded with Lora disabled?)")
+        raise TSMFileError(
+            f"{type(layer).__name__} layer has no network_layer_name: the built-in Lora extension has "
+            "not named this model's layers (was the checkpoint loaded with Lora disabled?)"
+        )
     return name + (part or "")
 
 
-def build_network(network_mod, label: str, path: str, tensors: Mapping[str, torch.Tensor], info: dict,
-                  multiplier: float, unet_layers: Mapping[str, nn.Module] | None,
-                  te_layers: Mapping[str, tuple[nn.Module, str | None]]):
+def build_network(
+    network_mod,
+    label: str,
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    info: dict,
+    multiplier: float,
+    unet_layers: Mapping[str, nn.Module] | None,
+    te_layers: Mapping[str, tuple[nn.Module, str | None]],
+):
     """A Lora ``network.Network`` for a TSM file.
 
     Args:
@@ -201,15 +222,19 @@ def build_network(network_mod, label: str, path: str, tensors: Mapping[str, torc
         d = layer.embed_dim
         for part in (*QKV, "_out_proj"):
             if base + part not in net.modules:
-                net.modules[base + part] = StaticModule(net, weights(base + part, base + part, layer), None,
-                                                        d if part in QKV else None)
+                net.modules[base + part] = StaticModule(
+                    net, weights(base + part, base + part, layer), None, d if part in QKV else None
+                )
     if unet_layers:
         n = info["scales"][0]
         held = experts_in(tensors).get(n, [])
         state = net.tsm_state = ExpertState(label, n, info["num_train_timesteps"], held, info["timestep_space"])
         for kohya, layer in unet_layers.items():
-            pairs = {e: _pair(tensors, f"{kohya}.tsm.{n}.{e}", kohya) for e in held
-                     if f"{kohya}.tsm.{n}.{e}.lora_down.weight" in tensors}
+            pairs = {
+                e: _pair(tensors, f"{kohya}.tsm.{n}.{e}", kohya)
+                for e in held
+                if f"{kohya}.tsm.{n}.{e}.lora_down.weight" in tensors
+            }
             key = lora_key(layer)
             net.modules[key] = ExpertModule(net, weights(key, kohya, layer), pairs, state)
     return net

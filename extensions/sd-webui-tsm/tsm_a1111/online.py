@@ -28,8 +28,10 @@ class UNetTimestepHook:
     def _pre_hook(self, module, args, kwargs):
         t = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
         if t is None:
-            raise ValueError(f"{type(module).__name__} was called without `timesteps` (by keyword or second "
-                             "positional argument); sd-webui-tsm cannot route an assembled TSM file")
+            raise ValueError(
+                f"{type(module).__name__} was called without `timesteps` (by keyword or second "
+                "positional argument); sd-webui-tsm cannot route an assembled TSM file"
+            )
         x = kwargs.get("x", args[0] if args else None)
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         self.context.set(torch.as_tensor(t).detach().to("cpu"), batch)

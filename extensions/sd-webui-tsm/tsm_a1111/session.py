@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -13,8 +13,15 @@ from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata
 from tsm_trainer.runtime.online import OnlineTSM, resolve_layers
 from tsm_trainer.runtime.sampling_session import choose_path
 
-from .adapter import (FileCache, LoraHost, find_tsm_files, parse_params, text_encoder_layer_index,
-                      timestep_from_sigma, unet_layer_index)
+from .adapter import (
+    FileCache,
+    LoraHost,
+    find_tsm_files,
+    parse_params,
+    text_encoder_layer_index,
+    timestep_from_sigma,
+    unet_layer_index,
+)
 from .lora_network import TSMSamplingError, build_network, module_names, unet_module_names
 from .online import UNetTimestepHook
 
@@ -47,7 +54,7 @@ class TSMSession:
         self.lora = lora
         self.nets: list = []
         self.online: list[tuple[OnlineTSM, UNetTimestepHook | None]] = []
-        self.calls: list[tuple[float, int]] = []   # (t the UNet receives, merged expert), for logs/tests
+        self.calls: list[tuple[float, int]] = []  # (t the UNet receives, merged expert), for logs/tests
         self._touched: dict[int, nn.Module] = {}
         self._hook = None
         unet_index = te_index = None
@@ -64,14 +71,16 @@ class TSMSession:
                     te_index = text_encoder_layer_index(sd_model) if te_index is None else te_index
                     missing = [n for n in te_names if n not in te_index]
                     if missing:
-                        raise TSMFileError(f"{path}: {len(missing)} text-encoder module(s) not in this model, "
-                                           f"e.g. {missing[:3]}")
+                        raise TSMFileError(
+                            f"{path}: {len(missing)} text-encoder module(s) not in this model, e.g. {missing[:3]}"
+                        )
                     te_layers = {n: te_index[n] for n in te_names}
                 # Lora merges (layers=None): one decision for all adapters, but A1111 has no mode
                 # and a mixed-expert call is an error rather than a switch to online (Lora holds the merge)
                 fostered, _ = choose_path(metadata, None, path=path)
-                net = build_network(lora.network, label, path, tensors, info, multiplier,
-                                    layers if fostered else None, te_layers)
+                net = build_network(
+                    lora.network, label, path, tensors, info, multiplier, layers if fostered else None, te_layers
+                )
                 self.nets.append(net)
                 for layer in [*(layers.values() if fostered else ()), *(m for m, _ in te_layers.values())]:
                     self._touched[id(layer)] = layer
@@ -107,8 +116,9 @@ class TSMSession:
             if state is None:
                 continue
             try:
-                t = timestep_from_sigma(params.sigma, getattr(params, "denoiser", None), state.timestep_space,
-                                        state.num_train_timesteps)
+                t = timestep_from_sigma(
+                    params.sigma, getattr(params, "denoiser", None), state.timestep_space, state.num_train_timesteps
+                )
                 expert = state.set_timestep(t)
                 self.calls.append((float(torch.as_tensor(t).detach().to("cpu").reshape(-1)[0]), expert))
             except Exception as e:
@@ -147,8 +157,13 @@ class TSMExtraNetworkCore:
         default_multiplier: returns ``opts.extra_networks_default_multiplier``.
     """
 
-    def __init__(self, models_dir: Callable[[], str] | str, get_sd_model: Callable[[], object],
-                 lora: Callable[[], LoraHost], default_multiplier: Callable[[], float] = lambda: 1.0):
+    def __init__(
+        self,
+        models_dir: Callable[[], str] | str,
+        get_sd_model: Callable[[], object],
+        lora: Callable[[], LoraHost],
+        default_multiplier: Callable[[], float] = lambda: 1.0,
+    ):
         self._models_dir = models_dir if callable(models_dir) else (lambda: models_dir)
         self.get_sd_model = get_sd_model
         self.get_lora = lora
@@ -156,7 +171,7 @@ class TSMExtraNetworkCore:
         self.cache = FileCache()
         self.session: TSMSession | None = None
         self.available: dict[str, str] = {}
-        self._failure = None   # (p, error, hook handle): an activation that failed stops the generation
+        self._failure = None  # (p, error, hook handle): an activation that failed stops the generation
 
     @property
     def models_dir(self) -> str:
@@ -171,8 +186,9 @@ class TSMExtraNetworkCore:
         if path is None or not os.path.isfile(path):
             path = self.refresh().get(name)
         if path is None:
-            raise TSMFileError(f"<tsm:{name}>: no TSM file named {name!r} in {self.models_dir} "
-                               "(a .safetensors with tsm.* metadata)")
+            raise TSMFileError(
+                f"<tsm:{name}>: no TSM file named {name!r} in {self.models_dir} (a .safetensors with tsm.* metadata)"
+            )
         return path
 
     def activate(self, p, params_list) -> None:
@@ -202,6 +218,7 @@ class TSMExtraNetworkCore:
     def _fail(self, p, error: Exception) -> None:
         def stop(module, args):
             raise TSMSamplingError(f"sd-webui-tsm: {error}")
+
         try:
             unet = self.get_sd_model().model.diffusion_model
         except AttributeError:
@@ -225,4 +242,3 @@ class TSMExtraNetworkCore:
         The session ends; Lora's backups live on each model's own layers, so a cached model gets its
         base weights back from them (now, and again at its next forward)."""
         TSMExtraNetworkCore.deactivate(self)
-

@@ -16,11 +16,36 @@ Configs come from the checkpoint's tensor shapes over the shipped full-size sett
 """
 
 from tsm_trainer.base_models.single_file.layout import identify, recorded_prediction_type
-from tsm_trainer.base_models.single_file.loader import (SingleFileModel, a1111_v_prediction_test, build_scheduler, build_text_encoder, build_tokenizers,
-                     build_unet, build_vae, describe, describe_checkpoint, settle_prediction_type)
+from tsm_trainer.base_models.single_file.loader import (
+    SingleFileModel,
+    a1111_v_prediction_test,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizers,
+    build_unet,
+    build_vae,
+    describe,
+    describe_checkpoint,
+    settle_prediction_type,
+)
 from tsm_trainer.base_models.single_file.reader import CheckpointFile, is_single_file
 from tsm_trainer.base_models.single_file.tokenizers import clip_tokenizer, find_bpe_file
 
-__all__ = ["CheckpointFile", "SingleFileModel", "a1111_v_prediction_test", "build_scheduler", "build_text_encoder",
-           "build_tokenizers", "build_unet", "build_vae", "clip_tokenizer", "describe", "describe_checkpoint",
-           "find_bpe_file", "identify", "is_single_file", "recorded_prediction_type", "settle_prediction_type"]
+__all__ = [
+    "CheckpointFile",
+    "SingleFileModel",
+    "a1111_v_prediction_test",
+    "build_scheduler",
+    "build_text_encoder",
+    "build_tokenizers",
+    "build_unet",
+    "build_vae",
+    "clip_tokenizer",
+    "describe",
+    "describe_checkpoint",
+    "find_bpe_file",
+    "identify",
+    "is_single_file",
+    "recorded_prediction_type",
+    "settle_prediction_type",
+]

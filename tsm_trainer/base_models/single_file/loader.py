@@ -64,8 +64,9 @@ def describe_checkpoint(ckpt: CheckpointFile, prediction_type: str = "auto") -> 
     if prediction_type != "auto":
         source = "given"
         if recorded and recorded[0] != prediction_type:
-            logger.warning("%s: training as %s as given, but %s says %s", path, prediction_type, recorded[1],
-                           recorded[0])
+            logger.warning(
+                "%s: training as %s as given, but %s says %s", path, prediction_type, recorded[1], recorded[0]
+            )
     elif recorded:
         prediction_type, source = recorded
     else:
@@ -75,10 +76,13 @@ def describe_checkpoint(ckpt: CheckpointFile, prediction_type: str = "auto") -> 
     unet = unet_config(ckpt.shapes, cfg["unet"], path, pooled, prediction_type == "v_prediction")
     width = sum(e["hidden_size"] for e in encoders)
     if unet["cross_attention_dim"] != width:
-        raise BaseModelError(f"{path}: the UNet attends to {unet['cross_attention_dim']}-wide text, the text "
-                             f"encoder(s) give {width}: the file mixes parts of different models")
-    return SingleFileModel(path, family, prediction_type, source, unet, vae_config(ckpt.shapes, cfg["vae"], path),
-                           encoders, cfg, ckpt)
+        raise BaseModelError(
+            f"{path}: the UNet attends to {unet['cross_attention_dim']}-wide text, the text "
+            f"encoder(s) give {width}: the file mixes parts of different models"
+        )
+    return SingleFileModel(
+        path, family, prediction_type, source, unet, vae_config(ckpt.shapes, cfg["vae"], path), encoders, cfg, ckpt
+    )
 
 
 def _instantiate(cls, config, weights: bool):
@@ -183,11 +187,18 @@ def settle_prediction_type(model: SingleFileModel, unet: nn.Module) -> None:
     if (list(unet.config.block_out_channels), unet.config.cross_attention_dim) == FULL_SIZE_SD2:
         v = a1111_v_prediction_test(unet)
         model.prediction_type, model.prediction_source = ("v_prediction" if v else "epsilon"), "A1111's test run"
-        logger.warning("%s: an SD 2.x checkpoint that records no prediction type: A1111's test run says %s "
-                       "(give --v_parameterization if it is a v-prediction model)", model.path, model.prediction_type)
+        logger.warning(
+            "%s: an SD 2.x checkpoint that records no prediction type: A1111's test run says %s "
+            "(give --v_parameterization if it is a v-prediction model)",
+            model.path,
+            model.prediction_type,
+        )
     else:
-        logger.warning("%s: an SD 2.x checkpoint that records no prediction type: training it as epsilon. "
-                       "SD 2.x 768 models are v-prediction: pass --v_parameterization for those", model.path)
+        logger.warning(
+            "%s: an SD 2.x checkpoint that records no prediction type: training it as epsilon. "
+            "SD 2.x 768 models are v-prediction: pass --v_parameterization for those",
+            model.path,
+        )
 
 
 def build_scheduler(model: SingleFileModel):
@@ -201,5 +212,6 @@ def build_scheduler(model: SingleFileModel):
 def build_tokenizers(model: SingleFileModel, tokenizer_cache_dir: str | None = None) -> list:
     from tsm_trainer.base_models.single_file.tokenizers import clip_tokenizer
 
-    return [clip_tokenizer(t["pad_token"], t["kohya_cache_name"], tokenizer_cache_dir)
-            for t in model.settings["tokenizers"]]
+    return [
+        clip_tokenizer(t["pad_token"], t["kohya_cache_name"], tokenizer_cache_dir) for t in model.settings["tokenizers"]
+    ]

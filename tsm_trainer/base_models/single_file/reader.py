@@ -36,7 +36,7 @@ class CheckpointFile:
                 with safe_open(path, framework="pt") as f:
                     self.metadata = dict(f.metadata() or {})
                     self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            except Exception as e:  # noqa: BLE001 - any header problem is one message naming the file
+            except Exception as e:
                 raise BaseModelError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
         elif lower.endswith(TORCH_SUFFIXES):
             self.metadata = {}
@@ -62,10 +62,12 @@ def _torch_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         # mmap needs the zip format (torch >= 1.6 saves); older files are read whole
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # noqa: BLE001 - UnpicklingError and friends: never fall back to full pickle
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BaseModelError(f"{path}: refused by torch's weights_only loader ({first}); only plain tensors are "
-                             "loaded, never pickled code: convert the file to .safetensors") from None
+        raise BaseModelError(
+            f"{path}: refused by torch's weights_only loader ({first}); only plain tensors are "
+            "loaded, never pickled code: convert the file to .safetensors"
+        ) from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state:
         raise BaseModelError(f"{path}: holds no state dict of tensors")

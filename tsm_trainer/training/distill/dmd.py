@@ -40,8 +40,12 @@ class DiscriminatorHead(nn.Module):
         groups = max(1, min(groups, channels))
         while channels % groups:
             groups -= 1
-        self.net = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
-                                 nn.SiLU(), nn.Conv2d(channels, 1, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, 1, 1),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features.float()).mean(dim=(1, 2, 3))

@@ -19,7 +19,7 @@ last two mostly with it).
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,15 @@ from tsm_trainer.core.intervals import expert_index
 from tsm_trainer.core.metadata import kohya_metadata, modelspec_metadata
 from tsm_trainer.core.network import TSMConfig, TSMNetwork
 from tsm_trainer.training.config import TrainConfig
-from tsm_trainer.training.objective import frozen_text_cache
-from tsm_trainer.training.distill.dmd import DiscriminatorHead, FeatureTap, distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
+from tsm_trainer.training.distill.dmd import (
+    DiscriminatorHead,
+    FeatureTap,
+    distribution_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from tsm_trainer.training.distill.student import parse_student_timesteps, predict_x0, renoise, simulate_to
+from tsm_trainer.training.objective import frozen_text_cache
 
 # Appendix A.3, as the fraction of each expert's steps trained before the GAN term starts: 999 and 749
 # get 20K without + 5K with; 499 5K + 20K; 249 5K + 40K; vanilla LoRA 40K + 5K.
@@ -47,19 +53,29 @@ def refuse_unused_dataset_keys(batches) -> None:
     config = getattr(getattr(batches, "dataset", None), "config", None)
     for dataset in config.datasets if config is not None else ():
         if dataset.network_multiplier != 1.0:
-            raise ValueError(f"{dataset.where}: key 'network_multiplier' = {dataset.network_multiplier} is not "
-                             "applied by --task distill (the student trains at 1.0); remove the key")
+            raise ValueError(
+                f"{dataset.where}: key 'network_multiplier' = {dataset.network_multiplier} is not "
+                "applied by --task distill (the student trains at 1.0); remove the key"
+            )
         for subset in dataset.subsets:
             if subset.is_reg:
-                raise ValueError(f"{subset.where}: key 'is_reg' = true: --task distill has no prior loss, the "
-                                 "regularisation images would serve as real images; remove the subset")
+                raise ValueError(
+                    f"{subset.where}: key 'is_reg' = true: --task distill has no prior loss, the "
+                    "regularisation images would serve as real images; remove the subset"
+                )
 
 
 class DistillTrainer:
     """Student, fake score and discriminator on one base model; ``run()`` trains and saves the student."""
 
-    def __init__(self, config: TrainConfig, family, components, make_batches: Callable[[int], Iterable[dict]],
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        config: TrainConfig,
+        family,
+        components,
+        make_batches: Callable[[int], Iterable[dict]],
+        log: Callable[[str], None] = print,
+    ):
         if not hasattr(components.noise_scheduler, "alphas_cumprod") or family.num_train_timesteps != 1000:
             raise ValueError("--task distill supports the DDPM families (sd1, sd2, sdxl)")
         self.config, self.family, self.c, self.log = config, family, components, log
@@ -77,17 +93,27 @@ class DistillTrainer:
         if config.tsm_stage not in ("vanilla", "foster"):
             raise ValueError("--task distill trains a vanilla LoRA or fosters experts (--tsm_stage vanilla|foster)")
         n = 1 if vanilla else k
-        self.student = TSMNetwork(TSMConfig(scales=[n], rank=config.network_dim, alpha=config.network_alpha,
-                                            num_train_timesteps=self.T), denoiser, [])
+        self.student = TSMNetwork(
+            TSMConfig(scales=[n], rank=config.network_dim, alpha=config.network_alpha, num_train_timesteps=self.T),
+            denoiser,
+            [],
+        )
         if not vanilla:
             experts = [expert_index(t, n, self.T) for t in self.timesteps]
             if len(set(experts)) != k:
-                raise ValueError(f"--distill_timesteps {self.timesteps}: with n = {k} experts two student steps share "
-                                 f"an expert ({experts}); space them one per interval of T/{k}")
+                raise ValueError(
+                    f"--distill_timesteps {self.timesteps}: with n = {k} experts two student steps share "
+                    f"an expert ({experts}); space them one per interval of T/{k}"
+                )
         self.student.apply()
         self.student.attach(denoiser)
-        self.fake = TSMNetwork(TSMConfig(scales=[1], rank=config.distill_fake_rank, alpha=config.distill_fake_rank,
-                                         num_train_timesteps=self.T), denoiser, [])
+        self.fake = TSMNetwork(
+            TSMConfig(
+                scales=[1], rank=config.distill_fake_rank, alpha=config.distill_fake_rank, num_train_timesteps=self.T
+            ),
+            denoiser,
+            [],
+        )
         self.fake.apply()
         self.fake.attach(denoiser)
         self.tap = FeatureTap(denoiser.mid_block)
@@ -103,22 +129,27 @@ class DistillTrainer:
         else:
             starts = list(PAPER_GAN_START_4) if k == 4 else [0.5] * k
         if len(starts) != k or not all(0.0 <= s <= 1.0 for s in starts):
-            raise ValueError(f"--distill_gan_start {config.distill_gan_start!r}: one fraction in [0, 1] per student "
-                             f"step ({k}), or one for all")
+            raise ValueError(
+                f"--distill_gan_start {config.distill_gan_start!r}: one fraction in [0, 1] per student "
+                f"step ({k}), or one for all"
+            )
         self.gan_start = torch.tensor(starts)
         if config.distill_step_weights:
             weights = [float(v) for v in config.distill_step_weights.split(",")]
         else:
             weights = list(PAPER_STEP_WEIGHTS_4) if k == 4 and not vanilla else [1.0] * k
         if len(weights) != k or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"--distill_step_weights {config.distill_step_weights!r}: one non-negative weight per "
-                             f"student step ({k})")
+            raise ValueError(
+                f"--distill_step_weights {config.distill_step_weights!r}: one non-negative weight per "
+                f"student step ({k})"
+            )
         self.step_weights = torch.tensor(weights, dtype=torch.float64)
         gen_params = self.student.trainable_parameters()
         fake_params = self.fake.trainable_parameters() + list(self.head.parameters())
         self.gen_opt = torch.optim.AdamW(gen_params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.fake_opt = torch.optim.AdamW(fake_params, lr=config.distill_fake_lr or config.learning_rate,
-                                          weight_decay=config.weight_decay)
+        self.fake_opt = torch.optim.AdamW(
+            fake_params, lr=config.distill_fake_lr or config.learning_rate, weight_decay=config.weight_decay
+        )
         self.gen_params, self.fake_params = gen_params, fake_params
         self.step = 0
         self.text = frozen_text_cache(family, components, self.device)
@@ -146,12 +177,20 @@ class DistillTrainer:
         return predict_x0(self.family.prediction_type, self.c.noise_scheduler, noisy, t, out)
 
     # -- the losses -------------------------------------------------------------------------
-    def student_sample(self, cond: dict, step_index: torch.Tensor, generator: torch.Generator,
-                       shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def student_sample(
+        self, cond: dict, step_index: torch.Tensor, generator: torch.Generator, shape: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 with grad to the student, the student timestep of each sample)."""
         self.use("student")
-        z = simulate_to(lambda z_, t_: self.x0(z_, t_, cond), self.c.noise_scheduler, self.timesteps, step_index,
-                        shape, generator, self.device)
+        z = simulate_to(
+            lambda z_, t_: self.x0(z_, t_, cond),
+            self.c.noise_scheduler,
+            self.timesteps,
+            step_index,
+            shape,
+            generator,
+            self.device,
+        )
         t = torch.tensor(self.timesteps, device=self.device)[step_index.to(self.device)]
         return self.x0(z, t, cond), t
 
@@ -163,8 +202,9 @@ class DistillTrainer:
         hi = int(0.98 * self.T) if hi is None else hi
         return torch.randint(lo, hi, (n,), generator=generator).to(self.device)
 
-    def generator_loss(self, x0: torch.Tensor, cond: dict, uncond: dict, gan_mask: torch.Tensor,
-                       generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def generator_loss(
+        self, x0: torch.Tensor, cond: dict, uncond: dict, gan_mask: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         """Distribution matching (+ GAN on the samples whose step is past its GAN start)."""
         t = self._draw_t(len(x0), generator)
         noisy = renoise(self.c.noise_scheduler, x0.detach(), self._noise_like(x0, generator), t)
@@ -186,8 +226,9 @@ class DistillTrainer:
             parts["gan_g"] = float(gan.detach())
         return loss, parts
 
-    def fake_loss(self, x0: torch.Tensor, cond: dict, real_latents: torch.Tensor | None,
-                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def fake_loss(
+        self, x0: torch.Tensor, cond: dict, real_latents: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         """The fake score's denoising loss on student samples (+ the discriminator's loss)."""
         self.use("fake")
         t = torch.randint(0, self.T, (len(x0),), generator=generator).to(self.device)
@@ -198,7 +239,9 @@ class DistillTrainer:
             t_d = self._draw_t(len(x0), generator)
             with torch.no_grad():
                 noisy_fake = renoise(self.c.noise_scheduler, x0.detach(), self._noise_like(x0, generator), t_d)
-                noisy_real = renoise(self.c.noise_scheduler, real_latents, self._noise_like(real_latents, generator), t_d)
+                noisy_real = renoise(
+                    self.c.noise_scheduler, real_latents, self._noise_like(real_latents, generator), t_d
+                )
             self.family.predict(self.c, noisy_fake, t_d, cond)
             fake_logits = self.head(self.tap.features)
             self.family.predict(self.c, noisy_real, t_d, cond)
@@ -234,8 +277,9 @@ class DistillTrainer:
         loss.backward()
         return parts
 
-    def student_backward(self, batch: dict, generator: torch.Generator, progress: float,
-                         step_index: torch.Tensor | None = None) -> dict:
+    def student_backward(
+        self, batch: dict, generator: torch.Generator, progress: float, step_index: torch.Tensor | None = None
+    ) -> dict:
         """Gradients of the student's loss (distribution matching, + GAN where due); the fake score and
         the discriminator are held fixed, so nothing but the student receives a gradient."""
         real = self._latents(batch, generator)
@@ -291,11 +335,13 @@ class DistillTrainer:
         config = self.config
         os.makedirs(config.output_dir, exist_ok=True)
         n = 1 if config.tsm_stage == "vanilla" else len(self.timesteps)
-        self.log(f"distilling a {len(self.timesteps)}-step student at t = {self.timesteps}: "
-                 f"{'one LoRA' if n == 1 else f'{n} experts, one per step'}, {config.max_train_steps} student updates, "
-                 f"{config.distill_fake_updates} fake-score updates each; GAN from "
-                 f"{[round(float(s), 2) for s in self.gan_start]} of training per step, steps drawn with weights "
-                 f"{[round(float(w), 2) for w in self.step_weights / self.step_weights.sum()]}")
+        self.log(
+            f"distilling a {len(self.timesteps)}-step student at t = {self.timesteps}: "
+            f"{'one LoRA' if n == 1 else f'{n} experts, one per step'}, {config.max_train_steps} student updates, "
+            f"{config.distill_fake_updates} fake-score updates each; GAN from "
+            f"{[round(float(s), 2) for s in self.gan_start]} of training per step, steps drawn with weights "
+            f"{[round(float(w), 2) for w in self.step_weights / self.step_weights.sum()]}"
+        )
         batches = self._batches()
         bar = tqdm(total=config.max_train_steps, desc="distill", dynamic_ncols=True)
         while self.step < config.max_train_steps:
@@ -311,12 +357,18 @@ class DistillTrainer:
         config = self.config
         family = self.student.family
         args = {"task": "distill", "tsm_stage": config.tsm_stage, "distill_timesteps": config.distill_timesteps}
-        metadata = kohya_metadata(family, "networks.tsm_lora", config.network_dim, config.network_alpha, args,
-                                  config.output_name)
+        metadata = kohya_metadata(
+            family, "networks.tsm_lora", config.network_dim, config.network_alpha, args, config.output_name
+        )
         prediction = "v" if self.family.prediction_type == "v_prediction" else None
         metadata.update(modelspec_metadata(family, config.output_name, prediction_type=prediction))
-        metadata.update({"ss_steps": str(self.step), "tsm.trainer_stage": f"distill-{config.tsm_stage}",
-                         "tsm.student_timesteps": ",".join(str(t) for t in self.timesteps)})
+        metadata.update(
+            {
+                "ss_steps": str(self.step),
+                "tsm.trainer_stage": f"distill-{config.tsm_stage}",
+                "tsm.student_timesteps": ",".join(str(t) for t in self.timesteps),
+            }
+        )
         self.student.save(path, metadata=metadata)
         self.log(f"saved {path}")
         return path

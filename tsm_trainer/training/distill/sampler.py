@@ -7,7 +7,7 @@ same timesteps with the TSM extension switching the expert per step.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -15,8 +15,15 @@ from tsm_trainer.training.distill.student import predict_x0, sample_latents
 
 
 @torch.no_grad()
-def sample_student(family, components, prompts: Sequence[str], timesteps: Sequence[int], size: int, seed: int,
-                   latents_only: bool = False):
+def sample_student(
+    family,
+    components,
+    prompts: Sequence[str],
+    timesteps: Sequence[int],
+    size: int,
+    seed: int,
+    latents_only: bool = False,
+):
     """PIL images (or clean latents (B, C, size/f, size/f) with ``latents_only``) of ``prompts`` from
     whatever network is applied to the denoiser, run as a ``len(timesteps)``-step student."""
     device = next(components.denoiser.parameters()).device

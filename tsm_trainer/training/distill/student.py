@@ -8,7 +8,7 @@ the next timestep with fresh noise; the last x0 is the image (diffusers' ``LCMSc
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,9 +32,15 @@ def parse_student_timesteps(text: str, num_train_timesteps: int = 1000) -> list[
         raise ValueError(f"--distill_timesteps {text!r}: expected a step count or comma-separated timesteps") from None
     if len(values) == 1 and "," not in text:
         return default_student_timesteps(values[0], num_train_timesteps)
-    if not values or any(a <= b for a, b in zip(values, values[1:])) or values[0] >= num_train_timesteps or values[-1] < 0:
-        raise ValueError(f"--distill_timesteps {text!r}: timesteps must be strictly descending within "
-                         f"[0, {num_train_timesteps})")
+    if (
+        not values
+        or any(a <= b for a, b in zip(values, values[1:]))
+        or values[0] >= num_train_timesteps
+        or values[-1] < 0
+    ):
+        raise ValueError(
+            f"--distill_timesteps {text!r}: timesteps must be strictly descending within [0, {num_train_timesteps})"
+        )
     return values
 
 
@@ -44,8 +50,9 @@ def alphas_at(noise_scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
     return a.view(-1, *([1] * (like.dim() - 1)))
 
 
-def predict_x0(prediction_type: str, noise_scheduler, noisy: torch.Tensor, t: torch.Tensor,
-               output: torch.Tensor) -> torch.Tensor:
+def predict_x0(
+    prediction_type: str, noise_scheduler, noisy: torch.Tensor, t: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
     """Clean-latent estimate from a denoiser ``output`` (epsilon or v) at ``t``; shapes as ``noisy``."""
     a = alphas_at(noise_scheduler, t, noisy)
     if prediction_type == "v_prediction":
@@ -59,9 +66,15 @@ def renoise(noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
 
 
 @torch.no_grad()
-def simulate_to(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise_scheduler,
-                timesteps: Sequence[int], step_index: torch.Tensor, shape: tuple, generator: torch.Generator,
-                device) -> torch.Tensor:
+def simulate_to(
+    student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise_scheduler,
+    timesteps: Sequence[int],
+    step_index: torch.Tensor,
+    shape: tuple,
+    generator: torch.Generator,
+    device,
+) -> torch.Tensor:
     """Each sample's input at its student step (backward simulation, no grad): start from noise at
     ``timesteps[0]``, then for j < step_index[b] predict x0 and re-noise it to ``timesteps[j + 1]``.
 
@@ -76,15 +89,20 @@ def simulate_to(student_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         active = (step_index > j).to(device)
         t = torch.full((shape[0],), timesteps[j], dtype=torch.long, device=device)
         x0 = student_x0(z, t)
-        nxt = renoise(noise_scheduler, x0, torch.randn(shape, generator=generator).to(device),
-                      torch.full_like(t, timesteps[j + 1]))
+        nxt = renoise(
+            noise_scheduler,
+            x0,
+            torch.randn(shape, generator=generator).to(device),
+            torch.full_like(t, timesteps[j + 1]),
+        )
         z = torch.where(active.view(-1, *([1] * (z.dim() - 1))), nxt, z)
     return z
 
 
 @torch.no_grad()
-def sample_latents(student_x0, noise_scheduler, timesteps: Sequence[int], shape: tuple, generator: torch.Generator,
-                   device) -> torch.Tensor:
+def sample_latents(
+    student_x0, noise_scheduler, timesteps: Sequence[int], shape: tuple, generator: torch.Generator, device
+) -> torch.Tensor:
     """The student's k-step sample: clean latents (B, C, h, w)."""
     last = torch.full((shape[0],), len(timesteps) - 1, dtype=torch.long)
     z = simulate_to(student_x0, noise_scheduler, timesteps, last, shape, generator, device)
