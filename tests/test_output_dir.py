@@ -235,7 +235,7 @@ def test_the_temp_folder_of_a_killed_state_save_is_recognised_as_this_runs(tmp_p
         def save(self, path):
             raise Killed  # as if the process died here: the temp folder stays
 
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr("tsm_trainer.core.atomic_write.shutil.rmtree", lambda *a, **k: None)
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters())
     with pytest.raises(Killed):
