@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -119,7 +120,7 @@ def check_tsm_metadata(metadata: Mapping[str, str], path: str) -> dict:
         )
     try:
         scales = [int(n) for n in json.loads(metadata["tsm.scales"])]
-        info = {
+        info: dict[str, Any] = {
             "scales": scales,
             "stage": metadata["tsm.stage"],
             "mixture": metadata.get("tsm.mixture", "asymmetric"),

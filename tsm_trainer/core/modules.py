@@ -16,6 +16,8 @@ enter the graph, so their ``grad`` stays None and the optimizer skips them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +34,29 @@ MIXTURES = ("asymmetric", "symmetric")
 class LoRAPair(nn.Module):
     """One LoRA: ``lora_down`` A (r x k [x kh x kw]) and ``lora_up`` B (d x r [x 1 x 1]), B zero."""
 
+    lora_down: nn.Linear | nn.Conv2d
+    lora_up: nn.Linear | nn.Conv2d
+
     def __init__(self, org_module: nn.Module, rank: int):
         super().__init__()
         if isinstance(org_module, nn.Conv2d):
-            self.lora_down = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size, bias=False)
+            kernel = cast(tuple[int, int], org_module.kernel_size)
+            self.lora_down = nn.Conv2d(org_module.in_channels, rank, kernel, bias=False)
             self.lora_up = nn.Conv2d(rank, org_module.out_channels, (1, 1), bias=False)
         else:
-            self.lora_down = nn.Linear(org_module.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, org_module.out_features, bias=False)
+            linear = cast(nn.Linear, org_module)
+            self.lora_down = nn.Linear(linear.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, linear.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
 
 class _WrappedModule(nn.Module):
     """What both wrappers share: forward replacement, dropout, weight merging."""
+
+    alpha: torch.Tensor  # buffer: float(alpha), saved as ``<name>.alpha``
+    lora_down: nn.Linear | nn.Conv2d
+    lora_up: nn.Linear | nn.Conv2d
 
     def __init__(
         self,
@@ -73,12 +84,13 @@ class _WrappedModule(nn.Module):
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-        self._org = [org_module]  # a list, so the base module is not a submodule of the network
-        self._org_forward = None
+        self._org: list[nn.Linear | nn.Conv2d] = [org_module]  # a list: not a submodule of the network
+        self._org_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._previous_forward: Callable[..., torch.Tensor] | None = None
         self._backup: torch.Tensor | None = None
 
     @property
-    def org_module(self) -> nn.Module:
+    def org_module(self) -> nn.Linear | nn.Conv2d:
         return self._org[0]
 
     @property
@@ -92,7 +104,7 @@ class _WrappedModule(nn.Module):
         # An earlier wrapper (another network) may already sit on the instance: keep it.
         self._previous_forward = self.org_module.__dict__.get("forward")
         self._org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
+        self.org_module.forward = self.forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
         """Uninstall; wrappers stacked on one layer come off in reverse order."""
@@ -105,14 +117,18 @@ class _WrappedModule(nn.Module):
         if self._previous_forward is None:
             del self.org_module.forward  # back to the class method
         else:
-            self.org_module.forward = self._previous_forward
+            self.org_module.forward = self._previous_forward  # type: ignore[method-assign]
         self._org_forward = None
 
     # -- functional pieces ----------------------------------------------------------------
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._org_forward is not None, f"{self.lora_name}: forward before apply_to"
+        return self._org_forward(x)
+
     def _down(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.is_conv:
-            org = self.org_module
-            return F.conv2d(x, weight, None, org.stride, org.padding, org.dilation)
+        org = self.org_module
+        if isinstance(org, nn.Conv2d):
+            return F.conv2d(x, weight, None, org.stride, cast(tuple[int, int], org.padding), org.dilation)
         return F.linear(x, weight)
 
     def _up(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -170,7 +186,7 @@ class LoRAModule(_WrappedModule):
         self.lora_down, self.lora_up = pair.lora_down, pair.lora_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._org_forward(x)
+        out = self._base_forward(x)
         if self._skip():
             return out
         h = self._down(_match_dtype(x, self.lora_down.weight), self.lora_down.weight)
@@ -224,18 +240,28 @@ class TSMLoRAModule(_WrappedModule):
         self.tsm = nn.ModuleDict(
             {str(n): nn.ModuleDict({str(e): LoRAPair(org_module, rank) for e in experts[n]}) for n in scales}
         )
-        self._pairs = {(n, int(e)): pair for n in scales for e, pair in self.tsm[str(n)].items()}
+        self._pairs = {(n, int(e)): pair for n in scales for e, pair in self._scale(n).items()}
         self.router = None
         if mixture is not None:
             gates = len(scales) - 1 if mixture == "asymmetric" else len(scales)
-            k = org_module.in_channels if self.is_conv else org_module.in_features
+            org = self.org_module
+            k = org.in_channels if isinstance(org, nn.Conv2d) else org.in_features
             self.router = Router(k, gates, context.num_train_timesteps)
 
+    @property
+    def num_experts(self) -> int:
+        """Experts this module holds, all scales together."""
+        return len(self._pairs)
+
+    def _scale(self, n: int) -> dict[str, LoRAPair]:
+        """``{str(e): pair}`` of scale n (an nn.ModuleDict of LoRAPair)."""
+        return cast(dict[str, LoRAPair], self.tsm[str(n)])
+
     def expert(self, n: int, e: int) -> LoRAPair:
-        return self.tsm[str(n)][str(e)]
+        return self._scale(n)[str(e)]
 
     def _expert_or_error(self, n: int, e: int) -> LoRAPair:
-        experts = self.tsm[str(n)]
+        experts = self._scale(n)
         if str(e) not in experts:
             raise RuntimeError(
                 f"{self.lora_name}: a sample needs expert {e} of scale {n}, which this network does not hold "
@@ -244,7 +270,7 @@ class TSMLoRAModule(_WrappedModule):
         return experts[str(e)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._org_forward(x)
+        out = self._base_forward(x)
         if self._skip():
             return out
         ctx = self.context

@@ -158,11 +158,14 @@ class TSMNetwork(nn.Module):
         )
         experts = {config.scales[0]: [config.interval]} if config.interval is not None else None
 
-        def rank_alpha(name: str, module: nn.Module) -> tuple[int, float]:
+        def rank_alpha(name: str, module: nn.Module) -> tuple[int, float | None]:
             kxk = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
             if module_ranks is not None:
                 return module_ranks[name], config.alpha  # alpha is overwritten by the loaded buffer
-            return (config.conv_rank, config.conv_alpha) if kxk else (config.rank, config.alpha)
+            if kxk:
+                assert config.conv_rank is not None, "kxk convolutions are targeted only with a conv rank"
+                return config.conv_rank, config.conv_alpha
+            return config.rank, config.alpha
 
         self.denoiser_loras: list[TSMLoRAModule] = []
         prefix, translate = denoiser_naming(denoiser, self.family)
@@ -271,13 +274,13 @@ class TSMNetwork(nn.Module):
 
     # -- structure --------------------------------------------------------------------------
     @property
-    def all_loras(self) -> list[nn.Module]:
+    def all_loras(self) -> list[LoRAModule | TSMLoRAModule]:
         return [*self.text_encoder_loras, *self.denoiser_loras]
 
     @property
     def num_experts(self) -> int:
         """Experts per denoiser module (all scales)."""
-        return sum(len(d) for d in self.denoiser_loras[0].tsm.values())
+        return self.denoiser_loras[0].num_experts
 
     def is_static(self) -> bool:
         """True when the network doesn't depend on t (one expert per module, no router)."""
@@ -290,8 +293,8 @@ class TSMNetwork(nn.Module):
             lora.tsm.requires_grad_(not assemble)
             if lora.router is not None:
                 lora.router.requires_grad_(assemble)
-        for lora in self.text_encoder_loras:
-            lora.requires_grad_(not assemble)
+        for te_lora in self.text_encoder_loras:
+            te_lora.requires_grad_(not assemble)
 
     def trainable_parameters(self, text_encoder: bool = True, denoiser: bool = True) -> list[nn.Parameter]:
         loras = (self.text_encoder_loras if text_encoder else []) + (self.denoiser_loras if denoiser else [])
@@ -308,13 +311,13 @@ class TSMNetwork(nn.Module):
             self._capture.remove()
             self._capture = None
 
-    def apply(self, text_encoder: bool = True, denoiser: bool = True) -> None:
+    def apply(self, text_encoder: bool = True, denoiser: bool = True) -> None:  # type: ignore[override]  # kohya's name
         """Install the wrappers. Parts not applied are dropped from the network (as kohya does)."""
         if not text_encoder:
             self.drop_text_encoder_loras()
         if not denoiser:
-            for lora in self.denoiser_loras:
-                delattr(self, lora.lora_name)
+            for expert_lora in self.denoiser_loras:
+                delattr(self, expert_lora.lora_name)
             self.denoiser_loras = []
         for lora in self.all_loras:
             lora.apply_to()

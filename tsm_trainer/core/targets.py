@@ -12,8 +12,9 @@ A pattern is a regular expression that must match a whole trailing part of the m
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 from torch import nn
 
@@ -52,7 +53,7 @@ def denoiser_naming(denoiser: nn.Module, family: FamilySpec) -> tuple[str, Calla
     """
     cls = type(denoiser).__name__
     if family.sgm_unet_names and cls == "UNet2DConditionModel":
-        cfg = denoiser.config
+        cfg: Any = denoiser.config  # a diffusers FrozenDict
         with_attn = frozenset(i for i, t in enumerate(cfg.up_block_types) if "CrossAttn" in t)
         return PREFIX_UNET, partial(
             diffusers_unet_to_sgm, layers_per_block=cfg.layers_per_block, up_blocks_with_attention=with_attn
@@ -130,7 +131,7 @@ def all_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def lora_name_index(
-    denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (), family: FamilySpec | None = None
+    denoiser: nn.Module | None, text_encoders: Sequence[nn.Module | None] = (), family: FamilySpec | None = None
 ) -> dict[str, tuple[int, str, nn.Module]]:
     """``{lora_name: (component, module path, module)}`` for every layer of a model, named as
     this family's files name them; component is -1 for the denoiser, else the text encoder's
@@ -153,7 +154,7 @@ def lora_name_index(
 
 
 def layers_by_lora_name(
-    denoiser: nn.Module | None, text_encoders: list[nn.Module | None] = (), family: FamilySpec | None = None
+    denoiser: nn.Module | None, text_encoders: Sequence[nn.Module | None] = (), family: FamilySpec | None = None
 ) -> dict[str, nn.Module]:
     """``{lora_name: module}``: :func:`lora_name_index` without the paths."""
     return {name: module for name, (_, _, module) in lora_name_index(denoiser, text_encoders, family).items()}

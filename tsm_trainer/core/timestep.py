@@ -113,6 +113,7 @@ class TimestepContext:
         """Routing of the current samples at scale ``n`` (cached for this call)."""
         r = self._routing.get(n)
         if r is None:
+            assert self._t is not None, "routing before set(): modules call require() first"
             idx = expert_index(self._t, n, self.num_train_timesteps)
             experts, slot = torch.unique(idx, sorted=True, return_inverse=True)
             r = self._routing[n] = Routing(experts.tolist(), slot)
@@ -122,6 +123,7 @@ class TimestepContext:
         """(B,) long tensor ``floor(t)`` clamped to [0, T-1] on ``device`` (router embedding rows)."""
         idx = self._t_index.get(device)
         if idx is None:
+            assert self._t is not None, "t_index before set(): modules call require() first"
             idx = self._t.floor().long().clamp_(0, self.num_train_timesteps - 1)
             idx = self._t_index[device] = idx.to(device, non_blocking=True)
         return idx
