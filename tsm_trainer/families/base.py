@@ -181,6 +181,41 @@ def single_file_components(
     return components, model.prediction_type
 
 
+@dataclass(frozen=True)
+class FolderLayout:
+    """The parts of a diffusers folder a family loads, as (class, subfolder). The classes are diffusers /
+    transformers classes, imported by the family inside :meth:`folder_layout` (so specs load no library).
+    Every folder also has ``vae/`` (AutoencoderKL) and ``scheduler/`` (``scheduler``)."""
+
+    denoiser: tuple[Any, str]
+    text_encoders: tuple[tuple[Any, str], ...]
+    tokenizers: tuple[tuple[Any, str], ...]
+    scheduler: Any
+
+
+def load_folder(
+    folder: str,
+    layout: FolderLayout,
+    weight_dtype: torch.dtype | None,
+    vae_dtype: torch.dtype | None,
+    tokenizer_cache_dir: str | None,
+) -> Components:
+    """Components of a diffusers folder: the denoiser and text encoders in ``weight_dtype``, the VAE in
+    ``vae_dtype`` (float32 unless given, whatever the files store), local files only."""
+    from diffusers import AutoencoderKL
+
+    note_folder_tokenizer(folder, tokenizer_cache_dir)
+    kw = load_kwargs(weight_dtype)
+    denoiser_class, denoiser_folder = layout.denoiser
+    return Components(
+        denoiser_class.from_pretrained(folder, subfolder=denoiser_folder, **kw),
+        [cls.from_pretrained(folder, subfolder=sub, **kw) for cls, sub in layout.text_encoders],
+        [cls.from_pretrained(folder, subfolder=sub, local_files_only=True) for cls, sub in layout.tokenizers],
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype)),
+        layout.scheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+    )
+
+
 def require_folder(path: str, family: str) -> None:
     """Single files are read for SD 1.x / 2.x / SDXL only: stop early for the other families."""
     import os

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
 from tsm_trainer.families.sd import ATTENTION, CLIP_QV
 from tsm_trainer.families.sd3 import T5_QV, StableDiffusion3Family
 
@@ -37,34 +37,16 @@ class FluxFamily(StableDiffusion3Family):
     names = ("flux",)
     guidance = 1.0
 
-    def load(
-        self,
-        folder: str,
-        weight_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype | None = None,
-        tokenizer_cache_dir: str | None = None,
-    ) -> Components:
-        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
-        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
-        require_folder(folder, self.names[0])
-        note_folder_tokenizer(folder, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-        kw = load_kwargs(weight_dtype)
-        tok = dict(local_files_only=True)
-        transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        encoders = [
-            CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-            T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **kw),
-        ]
-        tokenizers = [
-            CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok),
-            T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_2", **tok),
-        ]
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
-        return Components(transformer, encoders, tokenizers, vae, scheduler)
+        return FolderLayout(
+            (FluxTransformer2DModel, "transformer"),
+            ((CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")),
+            ((CLIPTokenizer, "tokenizer"), (T5Tokenizer, "tokenizer_2")),
+            FlowMatchEulerDiscreteScheduler,
+        )
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L5, D5), "pooled_projections": (B, P)}"""

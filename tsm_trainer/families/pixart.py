@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
 from tsm_trainer.families.sd import ATTENTION, StableDiffusionFamily
 from tsm_trainer.families.sd3 import T5_QV
 
@@ -30,30 +30,18 @@ class PixArtFamily(StableDiffusionFamily):
     specs = (PIXART,)
     names = ("pixart",)
 
-    def load(
-        self,
-        folder: str,
-        weight_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype | None = None,
-        tokenizer_cache_dir: str | None = None,
-    ) -> Components:
-        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
-        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
-        require_folder(folder, self.names[0])
-        note_folder_tokenizer(folder, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+    reads_single_files = False
+
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import DDPMScheduler, PixArtTransformer2DModel
         from transformers import T5EncoderModel, T5Tokenizer
 
-        kw = load_kwargs(weight_dtype)
-        tok = dict(local_files_only=True)
-        transformer = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = T5Tokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler", **tok))
-        if self.prediction_type == "auto":
-            self.prediction_type = scheduler.config.prediction_type
-        return Components(transformer, [encoder], [tokenizer], vae, scheduler)
+        return FolderLayout(
+            (PixArtTransformer2DModel, "transformer"),
+            ((T5EncoderModel, "text_encoder"),),
+            ((T5Tokenizer, "tokenizer"),),
+            DDPMScheduler,
+        )
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L, D), "encoder_attention_mask": (B, L)}"""

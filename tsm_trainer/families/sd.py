@@ -11,8 +11,9 @@ from tsm_trainer.families.base import (
     Components,
     ConfigGetter,
     FamilySpec,
-    load_kwargs,
-    note_folder_tokenizer,
+    FolderLayout,
+    load_folder,
+    require_folder,
     single_file_components,
 )
 
@@ -75,6 +76,19 @@ class StableDiffusionFamily:
     def __init__(self, prediction_type: str = "auto"):
         self.prediction_type = prediction_type
 
+    reads_single_files = True  # SD 1.x / 2.x / SDXL checkpoints (base_models/single_file); else folders only
+
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return FolderLayout(
+            (UNet2DConditionModel, "unet"),
+            ((CLIPTextModel, "text_encoder"),),
+            ((CLIPTokenizer, "tokenizer"),),
+            DDPMScheduler,
+        )
+
     def load(
         self,
         path: str,
@@ -82,30 +96,23 @@ class StableDiffusionFamily:
         vae_dtype: torch.dtype | None = None,
         tokenizer_cache_dir: str | None = None,
     ) -> Components:
-        """A diffusers folder or a single-file checkpoint. The frozen UNet and text encoder are loaded in
-        ``weight_dtype`` and the VAE in ``vae_dtype`` (both float32 unless given, whatever the files
-        store; see ``base_model.frozen_weight_dtype``). ``tokenizer_cache_dir``: kohya's option, for
-        single files (a diffusers folder has its own tokenizer)."""
-        if os.path.isfile(path):
+        """A diffusers folder (:meth:`folder_layout`) or, where the family reads them, a single-file
+        checkpoint. The frozen denoiser and text encoders are loaded in ``weight_dtype`` and the VAE in
+        ``vae_dtype`` (both float32 unless given, whatever the files store; see
+        ``base_models.loading.frozen_weight_dtype``). ``tokenizer_cache_dir``: kohya's option, for single
+        files (a diffusers folder has its own tokenizer)."""
+        if os.path.isfile(path) and self.reads_single_files:
             components, self.prediction_type = single_file_components(
                 path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir
             )
             return components
-        note_folder_tokenizer(path, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        kw = load_kwargs(weight_dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+        require_folder(path, self.names[0])
+        components = load_folder(path, self.folder_layout(), weight_dtype, vae_dtype, tokenizer_cache_dir)
         if self.prediction_type == "auto":
-            self.prediction_type = scheduler.config.prediction_type
+            self.prediction_type = components.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{path}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
-        return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
+        return components
 
     @property
     def num_train_timesteps(self) -> int:

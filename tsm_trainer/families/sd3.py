@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, load_folder, require_folder
 from tsm_trainer.families.sd import ATTENTION
 
 CLIP_QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -41,6 +41,21 @@ class StableDiffusion3Family:
             raise ValueError(f"SD3 is a flow-matching model; --prediction_type {prediction_type} does not apply")
         self.normal = torch.distributions.Normal(logit_mean, logit_std)
 
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+        return FolderLayout(
+            (SD3Transformer2DModel, "transformer"),
+            (
+                (CLIPTextModelWithProjection, "text_encoder"),
+                (CLIPTextModelWithProjection, "text_encoder_2"),
+                (T5EncoderModel, "text_encoder_3"),
+            ),
+            ((CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2"), (T5Tokenizer, "tokenizer_3")),
+            FlowMatchEulerDiscreteScheduler,
+        )
+
     def load(
         self,
         folder: str,
@@ -48,26 +63,11 @@ class StableDiffusion3Family:
         vae_dtype: torch.dtype | None = None,
         tokenizer_cache_dir: str | None = None,
     ) -> Components:
-        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
-        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
+        """A diffusers folder (:meth:`folder_layout`); frozen weights in ``weight_dtype``, the VAE in
+        ``vae_dtype`` (float32 unless given). ``tokenizer_cache_dir`` applies to single files, which this
+        family does not read."""
         require_folder(folder, self.names[0])
-        note_folder_tokenizer(folder, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
-
-        kw = load_kwargs(weight_dtype)
-        tok = dict(local_files_only=True)
-        transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **kw)
-        encoders = [
-            CLIPTextModelWithProjection.from_pretrained(folder, subfolder=s, **kw)
-            for s in ("text_encoder", "text_encoder_2")
-        ]
-        encoders.append(T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **kw))
-        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=s, **tok) for s in ("tokenizer", "tokenizer_2")]
-        tokenizers.append(T5Tokenizer.from_pretrained(folder, subfolder="tokenizer_3", **tok))
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
-        return Components(transformer, encoders, tokenizers, vae, scheduler)
+        return load_folder(folder, self.folder_layout(), weight_dtype, vae_dtype, tokenizer_cache_dir)
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, 77 + L5, D5), "pooled_projections": (B, P1 + P2)}"""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, single_file_components
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
 from tsm_trainer.families.sd import ATTENTION, CLIP_QV, SD_UNET_CLASS, StableDiffusionFamily, is_sdxl_config
 
 SDXL = FamilySpec(
@@ -36,38 +34,16 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     specs = (SDXL,)
     names = ("sdxl",)
 
-    def load(
-        self,
-        path: str,
-        weight_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype | None = None,
-        tokenizer_cache_dir: str | None = None,
-    ) -> Components:
-        """As :meth:`StableDiffusionFamily.load`, with two text encoders and tokenizers."""
-        if os.path.isfile(path):
-            components, self.prediction_type = single_file_components(
-                path, self.names, self.prediction_type, weight_dtype, vae_dtype, tokenizer_cache_dir
-            )
-            return components
-        note_folder_tokenizer(path, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        kw = load_kwargs(weight_dtype)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        encoders = [
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
-        ]
-        tokenizers = [
-            CLIPTokenizer.from_pretrained(path, subfolder=s, local_files_only=True)
-            for s in ("tokenizer", "tokenizer_2")
-        ]
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        if self.prediction_type == "auto":
-            self.prediction_type = scheduler.config.prediction_type
-        return Components(unet, encoders, tokenizers, vae, scheduler)
+        return FolderLayout(
+            (UNet2DConditionModel, "unet"),
+            ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")),
+            ((CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")),
+            DDPMScheduler,
+        )
 
     def encode_text(self, c: Components, captions: list[str], device) -> dict:
         """{"encoder_hidden_states": (B, L, D1 + D2), "text_embeds": (B, P)}"""

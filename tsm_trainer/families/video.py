@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, load_kwargs, note_folder_tokenizer, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
 from tsm_trainer.families.sd import StableDiffusionFamily
 
 # VideoCrafter2 in the paper: k and v of spatial and temporal attention, OpenCLIP out_proj.
@@ -28,30 +28,18 @@ class TextToVideoFamily(StableDiffusionFamily):
     specs = (VIDEO,)
     names = ("video",)
 
-    def load(
-        self,
-        folder: str,
-        weight_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype | None = None,
-        tokenizer_cache_dir: str | None = None,
-    ) -> Components:
-        """A diffusers folder; frozen weights in ``weight_dtype``, the VAE in ``vae_dtype`` (float32 unless
-        given). ``tokenizer_cache_dir`` applies to single files, which this family does not read."""
-        require_folder(folder, self.names[0])
-        note_folder_tokenizer(folder, tokenizer_cache_dir)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+    reads_single_files = False
+
+    def folder_layout(self) -> FolderLayout:
+        from diffusers import DDPMScheduler, UNet3DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        kw = load_kwargs(weight_dtype)
-        tok = dict(local_files_only=True)
-        unet = UNet3DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **tok)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs(vae_dtype))
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **tok)
-        if self.prediction_type == "auto":
-            self.prediction_type = scheduler.config.prediction_type
-        return Components(unet, [text_encoder], [tokenizer], vae, scheduler)
+        return FolderLayout(
+            (UNet3DConditionModel, "unet"),
+            ((CLIPTextModel, "text_encoder"),),
+            ((CLIPTokenizer, "tokenizer"),),
+            DDPMScheduler,
+        )
 
     def encode_images(
         self, c: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
