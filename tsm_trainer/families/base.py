@@ -216,6 +216,22 @@ def load_folder(
     )
 
 
+def sample_images(pipe, prompts: list[str], steps: int, guidance: float, size: int, seed: int, **extra) -> list:
+    """PIL images of ``prompts`` from a diffusers pipeline: size x size, ``steps`` steps, a fixed seed,
+    no progress bar, no autograd; ``extra`` goes to the pipeline's call."""
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(seed),
+            **extra,
+        ).images
+
+
 def require_folder(path: str, family: str) -> None:
     """Single files are read for SD 1.x / 2.x / SDXL only: stop early for the other families."""
     import os

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, sample_images
 from tsm_trainer.families.sd import ATTENTION, CLIP_QV
 from tsm_trainer.families.sd3 import T5_QV, StableDiffusion3Family
 
@@ -99,14 +99,6 @@ class FluxFamily(StableDiffusion3Family):
             tokenizer_2=c.tokenizers[1],
             transformer=c.denoiser,
         )
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=torch.Generator().manual_seed(seed),
-                max_sequence_length=min(c.tokenizers[1].model_max_length, 512),
-            ).images
+        return sample_images(
+            pipe, prompts, steps, guidance, size, seed, max_sequence_length=min(c.tokenizers[1].model_max_length, 512)
+        )

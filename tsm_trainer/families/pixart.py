@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, sample_images
 from tsm_trainer.families.sd import ATTENTION, StableDiffusionFamily
 from tsm_trainer.families.sd3 import T5_QV
 
@@ -79,15 +79,13 @@ class PixArtFamily(StableDiffusionFamily):
             transformer=c.denoiser,
             scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
         )
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=torch.Generator().manual_seed(seed),
-                use_resolution_binning=False,
-                max_sequence_length=min(c.tokenizers[0].model_max_length, 120),
-            ).images
+        return sample_images(
+            pipe,
+            prompts,
+            steps,
+            guidance,
+            size,
+            seed,
+            use_resolution_binning=False,
+            max_sequence_length=min(c.tokenizers[0].model_max_length, 120),
+        )

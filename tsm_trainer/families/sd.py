@@ -14,6 +14,7 @@ from tsm_trainer.families.base import (
     FolderLayout,
     load_folder,
     require_folder,
+    sample_images,
     single_file_components,
 )
 
@@ -157,17 +158,7 @@ class StableDiffusionFamily:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=generator,
-            ).images
+        return sample_images(pipe, prompts, steps, guidance, size, seed)
 
     def loss_weights(self, c: Components, timesteps, min_snr_gamma: float) -> torch.Tensor | None:
         """Per-sample min-SNR weights (Hang et al. 2023), or None when off."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, load_folder, require_folder
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, load_folder, require_folder, sample_images
 from tsm_trainer.families.sd import ATTENTION
 
 CLIP_QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -144,13 +144,4 @@ class StableDiffusion3Family:
             text_encoder_3=c.text_encoders[2],
             tokenizer_3=c.tokenizers[2],
         )
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=torch.Generator().manual_seed(seed),
-            ).images
+        return sample_images(pipe, prompts, steps, guidance, size, seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_trainer.families.base import Components, FamilySpec, FolderLayout
+from tsm_trainer.families.base import Components, FamilySpec, FolderLayout, sample_images
 from tsm_trainer.families.sd import ATTENTION, CLIP_QV, SD_UNET_CLASS, StableDiffusionFamily, is_sdxl_config
 
 SDXL = FamilySpec(
@@ -80,13 +80,4 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             unet=c.denoiser,
             scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
         )
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=torch.Generator().manual_seed(seed),
-            ).images
+        return sample_images(pipe, prompts, steps, guidance, size, seed)
