@@ -111,9 +111,13 @@ def load(a1111_dir: str):
         lora_dir,
     ]
     sys.path.insert(0, a1111_dir)
+    # order matters: modules.paths puts ldm, sgm and k_diffusion on sys.path
+    # isort: off
+    import modules.paths  # noqa: F401
     import ldm.modules.encoders.modules  # noqa: F401  (modules/initialize.py imports() order)
-    import modules.paths  # noqa: F401  (puts ldm, sgm, k_diffusion on sys.path)
     import sgm.modules.encoders.modules  # noqa: F401
+
+    # isort: on
     from modules import shared_init
 
     shared_init.initialize()

@@ -55,7 +55,6 @@ sys.path.insert(
 )
 import tsm_forge  # noqa: E402
 from tsm_forge.forge_keys import unet_key_map  # noqa: E402
-
 from tsm_trainer.core.file_format import TSMFileError, load_file  # noqa: E402
 from tsm_trainer.core.intervals import expert_index  # noqa: E402
 from tsm_trainer.runtime.sampling_session import TSMSamplingError  # noqa: E402

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-import tsm_forge
 from modules import extra_networks, paths, script_callbacks, scripts, shared
+
+import tsm_forge
 from tsm_forge.forge_keys import unet_key_map
 
 TSM_DIR = os.path.join(paths.models_path, "tsm")

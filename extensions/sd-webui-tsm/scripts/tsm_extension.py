@@ -11,9 +11,9 @@ _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
 
-import tsm_a1111  # noqa: E402
 from modules import extra_networks, paths, script_callbacks, shared, ui_extra_networks  # noqa: E402
 
+import tsm_a1111  # noqa: E402
 from tsm_trainer.core.file_format import TSMFileError, read_metadata  # noqa: E402
 
 
