@@ -1,7 +1,7 @@
 """The model families, registered in one place: :data:`FAMILY_CLASSES`.
 
 Each family is one module (``sd.py`` holds SD 1.x and 2.x) declaring a :class:`FamilySpec` per
-family and the training class that uses it (docs/adding_a_family.md). Everything that asks "which
+family and the training class that uses it (docs/design.md section 9). Everything that asks "which
 family" asks this registry: the core (targets, key naming, sigma-input denoisers), ``--family``,
 folder and file detection, family guessing, bake, the Forge adapter.
 

@@ -473,14 +473,3 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config_file"}
     values.update(_legacy(given, "command line"))
     return TrainConfig(**values)
-
-
-def config_to_dict(config: TrainConfig) -> dict:
-    """Every canonical option and its value (JSON-serialisable), e.g. to save with a training state
-    and compare on resume."""
-    return {name: getattr(config, name) for name in FIELDS}
-
-
-def given_options(config: TrainConfig) -> list[str]:
-    """Names of the options that differ from their defaults."""
-    return [name for name, f in FIELDS.items() if getattr(config, name) != f.default]
