@@ -9,15 +9,14 @@ from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.core.file_format import load_file, tensor_data_sha256
 from tsm_trainer.core.intervals import interval_timestep_range
+from tsm_trainer.core.lora_math import lora_delta, module_names
 from tsm_trainer.core.targets import lora_name_index
 from tsm_trainer.files.export import (
     expert_lora,
     fold_alpha,
     kohya_to_peft,
-    lora_delta,
     merge_experts,
     merge_weights,
-    module_names,
     peft_to_kohya,
     svd_truncate,
     write_expert_files,

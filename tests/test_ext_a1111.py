@@ -96,7 +96,8 @@ KOHYA = "lora_unet_" + LAYER.replace(".", "_")
 
 def _delta(path, e, multiplier=1.0):
     from tsm_trainer.core.file_format import load_file
-    from tsm_trainer.files.export import expert_lora, lora_delta
+    from tsm_trainer.core.lora_math import lora_delta
+    from tsm_trainer.files.export import expert_lora
 
     tensors, _ = load_file(str(path))
     return multiplier * lora_delta(expert_lora(tensors, 8, e), KOHYA)
@@ -307,7 +308,8 @@ def test_text_encoder_lora_merged_for_the_generation(setup, tsm_dir):
         te(torch.tensor([[0, 5, 7, 1]]))
     h.remove()
     from tsm_trainer.core.file_format import load_file
-    from tsm_trainer.files.export import lora_delta, text_encoder_lora
+    from tsm_trainer.core.lora_math import lora_delta
+    from tsm_trainer.files.export import text_encoder_lora
 
     tensors, _ = load_file(str(tsm_dir / "f8.safetensors"))
     key = next(k for k, v in te.wrapped.transformer.named_modules() if v is q) + ".weight"

@@ -13,7 +13,8 @@ from tests.tool_scripts import tool_main as _tool
 from tsm_trainer import TSMConfig, TSMNetwork
 from tsm_trainer.base_models.loading import load_components
 from tsm_trainer.core.file_format import load_file
-from tsm_trainer.files.export import expert_lora, lora_delta, module_names
+from tsm_trainer.core.lora_math import lora_delta, module_names
+from tsm_trainer.files.export import expert_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -37,7 +37,8 @@ import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from tsm_trainer.core.file_format import check_tsm_metadata, load_file
-from tsm_trainer.files.export import module_names, text_encoder_lora
+from tsm_trainer.core.lora_math import module_names
+from tsm_trainer.files.export import text_encoder_lora
 from tsm_trainer.runtime.online import resolve_layers, sgm_layer_index
 from tsm_trainer.runtime.sampling_session import SamplingSession, SessionFile
 

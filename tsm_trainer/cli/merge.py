@@ -25,9 +25,9 @@ import sys
 from tsm_trainer.cli.errors import about_file, add_debug_flag, run_tool
 from tsm_trainer.cli.python_version import require_python_311
 from tsm_trainer.core.file_format import TSMFileError, check_not_an_input, load_file, save_file_atomic
+from tsm_trainer.core.lora_math import experts_in
 from tsm_trainer.core.tensor_checks import check_tsm_file
 from tsm_trainer.files.export import (
-    experts_in,
     fold_alpha,
     merge_experts,
     merge_weights,

@@ -28,7 +28,7 @@ from tsm_trainer.base_models.loading import DENOISER_COMPONENTS, TEXT_ENCODER_CO
 from tsm_trainer.core.atomic_write import atomic_folder
 from tsm_trainer.core.file_format import TSMFileError, check_tsm_metadata, load_file, save_file_atomic
 from tsm_trainer.core.key_names import diffusers_lora_name_to_sgm
-from tsm_trainer.core.lora_math import PLAIN_KEY, pair_delta
+from tsm_trainer.core.lora_math import PLAIN_KEY, experts_in, pair_delta
 from tsm_trainer.core.targets import layers_by_lora_name
 from tsm_trainer.families import family_specs
 from tsm_trainer.families.base import FamilySpec
@@ -137,7 +137,7 @@ def expert_lora(
         TSMFileError: not a TSM file, or the expert is not in it (the message lists those it holds).
     """
     from tsm_trainer.files.export import expert_lora as _expert_lora
-    from tsm_trainer.files.export import experts_in, text_encoder_lora
+    from tsm_trainer.files.export import text_encoder_lora
 
     check_tsm_metadata(metadata, source)
     try:
@@ -472,7 +472,6 @@ def load_lora_for_bake(
             given for a plain LoRA.
     """
     from tsm_trainer.core.tensor_checks import check_lora_tensors, check_tsm_file
-    from tsm_trainer.files.export import experts_in
 
     tensors, metadata = load_file(path)
     if "tsm.format_version" not in metadata:
