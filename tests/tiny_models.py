@@ -164,16 +164,11 @@ def tiny_t5(d_model: int = 16, seed: int = 0):
     return T5EncoderModel(config).eval()
 
 
-def tiny_sd_pipeline_folder(folder, seed: int = 0):
-    """Write a tiny SD1-shaped diffusers pipeline (UNet, CLIP, VAE, scheduler) to ``folder``."""
-    import json
-    import os
+def tiny_vae(**overrides):
+    """A one-block AutoencoderKL (4 latent channels); seed torch's generator first for fixed weights."""
+    from diffusers import AutoencoderKL
 
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    unet, te = tiny_unet(seed=seed), tiny_clip(seed=seed)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -183,27 +178,42 @@ def tiny_sd_pipeline_folder(folder, seed: int = 0):
         norm_num_groups=4,
         sample_size=8,
     )
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def save_pipeline_folder(folder, pipeline_class: str, parts: dict, **index_extra) -> str:
+    """Save each part (model, scheduler, tokenizer) to ``folder/<name>`` and write model_index.json
+    naming each part's (library, class), as diffusers' ``save_pretrained`` of a pipeline does."""
+    import json
+
     os.makedirs(folder, exist_ok=True)
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    te.save_pretrained(os.path.join(folder, "text_encoder"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
-    tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
+    index = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
+    for name, part in parts.items():
+        part.save_pretrained(os.path.join(folder, name))
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    index.update(index_extra)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f)
     return folder
+
+
+def tiny_sd_pipeline_folder(folder, seed: int = 0):
+    """Write a tiny SD1-shaped diffusers pipeline (UNet, CLIP, VAE, scheduler) to ``folder``."""
+    from diffusers import DDPMScheduler
+
+    unet, te = tiny_unet(seed=seed), tiny_clip(seed=seed)
+    torch.manual_seed(seed)
+    parts = dict(unet=unet, text_encoder=te, vae=tiny_vae())
+    parts.update(scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False), tokenizer=tiny_tokenizer())
+    return save_pipeline_folder(
+        folder,
+        "StableDiffusionPipeline",
+        parts,
+        safety_checker=[None, None],
+        feature_extractor=[None, None],
+        requires_safety_checker=False,
+    )
 
 
 def tiny_tokenizer():
@@ -263,10 +273,7 @@ def write_assembled_file(folder, name: str = "a81.safetensors") -> str:
 
 def tiny_sdxl_pipeline_folder(folder, seed: int = 0):
     """Write a tiny SDXL-shaped diffusers pipeline: two CLIP encoders (8 + 8 wide, pooled 16)."""
-    import json
-    import os
-
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     unet = tiny_sdxl_unet(seed=seed)  # cross_attention_dim 16 = 8 + 8; pooled 16 + 6 * 4 time ids
@@ -284,36 +291,13 @@ def tiny_sdxl_pipeline_folder(folder, seed: int = 0):
     )
     te1 = CLIPTextModel(CLIPTextConfig(**common)).eval()
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=16, **common)).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4,
-        sample_size=8,
+    parts = dict(unet=unet, text_encoder=te1, text_encoder_2=te2, vae=tiny_vae())
+    parts.update(
+        scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
     )
-    os.makedirs(folder, exist_ok=True)
-    for name, module in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2), ("vae", vae)):
-        module.save_pretrained(os.path.join(folder, name))
-    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
-    for name in ("tokenizer", "tokenizer_2"):
-        tiny_tokenizer().save_pretrained(os.path.join(folder, name))
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return folder
+    return save_pipeline_folder(folder, "StableDiffusionXLPipeline", parts)
 
 
 def tiny_video_pipeline_folder(folder, seed: int = 0):
@@ -346,10 +330,7 @@ def tiny_t5_tokenizer():
 def tiny_sd3_pipeline_folder(folder, seed: int = 0):
     """A tiny SD3-shaped pipeline: MM-DiT, two CLIP-with-projection encoders (8 wide, pooled 8 + 8),
     a T5 encoder (16 wide), VAE, flow-matching scheduler."""
-    import json
-    import os
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     transformer = tiny_sd3(seed=seed)  # joint_attention_dim 16, pooled_projection_dim 16
@@ -368,132 +349,52 @@ def tiny_sd3_pipeline_folder(folder, seed: int = 0):
     )
     te1, te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**common)).eval() for _ in range(2))
     te3 = tiny_t5(d_model=16, seed=seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4,
-        sample_size=8,
-        shift_factor=0.1,
-        scaling_factor=1.5,
+    parts = dict(
+        transformer=transformer,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        text_encoder_3=te3,
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
     )
-    os.makedirs(folder, exist_ok=True)
-    for name, module in (
-        ("transformer", transformer),
-        ("text_encoder", te1),
-        ("text_encoder_2", te2),
-        ("text_encoder_3", te3),
-        ("vae", vae),
-    ):
-        module.save_pretrained(os.path.join(folder, name))
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
-    for name in ("tokenizer", "tokenizer_2"):
-        tiny_tokenizer().save_pretrained(os.path.join(folder, name))
-    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_3"))
-    index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", "T5Tokenizer"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return folder
+    parts.update(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+    return save_pipeline_folder(folder, "StableDiffusion3Pipeline", parts)
 
 
 def tiny_pixart_pipeline_folder(folder, seed: int = 0):
     """A tiny PixArt-alpha pipeline: DiT (learned sigma), T5 (16 wide), VAE, DDPM scheduler."""
-    import json
-    import os
-
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4,
-        sample_size=8,
-    )
-    os.makedirs(folder, exist_ok=True)
-    for name, module in (("transformer", tiny_pixart(seed=seed)), ("text_encoder", tiny_t5(16, seed)), ("vae", vae)):
-        module.save_pretrained(os.path.join(folder, name))
-    DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(os.path.join(folder, "scheduler"))
-    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
-    index = {
-        "_class_name": "PixArtAlphaPipeline",
-        "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return folder
+    vae = tiny_vae()
+    parts = dict(transformer=tiny_pixart(seed=seed), text_encoder=tiny_t5(16, seed), vae=vae)
+    parts.update(scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False), tokenizer=tiny_t5_tokenizer())
+    return save_pipeline_folder(folder, "PixArtAlphaPipeline", parts)
 
 
 def tiny_flux_pipeline_folder(folder, seed: int = 0):
     """A tiny Flux pipeline: transformer on 2x2-packed 4-channel latents, CLIP (pooled 16), T5 (16 wide)."""
-    import json
-    import os
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     transformer = tiny_flux(seed=seed, in_channels=16)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        norm_num_groups=4,
-        sample_size=8,
-        shift_factor=0.1,
-        scaling_factor=1.5,
+    vae = tiny_vae(shift_factor=0.1, scaling_factor=1.5)
+    parts = dict(
+        transformer=transformer,
+        text_encoder=tiny_clip(hidden_size=16, seed=seed),
+        text_encoder_2=tiny_t5(16, seed),
+        vae=vae,
     )
-    os.makedirs(folder, exist_ok=True)
-    for name, module in (
-        ("transformer", transformer),
-        ("text_encoder", tiny_clip(hidden_size=16, seed=seed)),
-        ("text_encoder_2", tiny_t5(16, seed)),
-        ("vae", vae),
-    ):
-        module.save_pretrained(os.path.join(folder, name))
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(folder, "scheduler"))
-    tiny_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
-    tiny_t5_tokenizer().save_pretrained(os.path.join(folder, "tokenizer_2"))
-    index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": "0.42.1",
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5Tokenizer"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return folder
+    parts.update(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_t5_tokenizer(),
+    )
+    return save_pipeline_folder(folder, "FluxPipeline", parts)
 
 
 def write_colour_squares(root, colours, size: int = 16, batch_size: int = 4) -> str:
